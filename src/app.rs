@@ -1,0 +1,125 @@
+//! The only module that knows every component: builds them, spawns the task tree, and
+//! orders shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Cli, Command, KvstoreArgs, StoreArgs};
+use crate::etcd::auth::AuthStore;
+use crate::etcd::embedded::{self, EmbeddedConfig};
+use crate::etcd::server::ServerOptions;
+use crate::etcd::service::cluster::MemberInfo;
+use crate::etcd::service::watch::WatchConfig;
+use crate::etcd::store::Limits;
+use crate::etcd::tls::TlsFiles;
+use crate::{pki, shutdown};
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli { log: _, command } = cli;
+    match command {
+        Command::Kvstore(args) => run_kvstore(args).await,
+    }
+}
+
+async fn run_kvstore(args: KvstoreArgs) -> anyhow::Result<()> {
+    let KvstoreArgs { store, cluster_name } = args;
+    let auth = match &cluster_name {
+        Some(name) => AuthStore::cilium(name),
+        None => AuthStore::default(),
+    };
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
+    let tracker = TaskTracker::new();
+    start_store(&store, auth, &tracker, &token).await?;
+    token.cancelled().await;
+    tracker.close();
+    if tokio::time::timeout(shutdown::GRACE_PERIOD, tracker.wait()).await.is_err() {
+        anyhow::bail!("tasks still running {:?} after the shutdown signal", shutdown::GRACE_PERIOD);
+    }
+    Ok(())
+}
+
+async fn start_store(
+    args: &StoreArgs,
+    auth: AuthStore,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) -> anyhow::Result<Arc<crate::etcd::store::Store>> {
+    let StoreArgs {
+        listen_client_urls: _,
+        advertise_client_urls,
+        name,
+        cert_file,
+        key_file,
+        trusted_ca_file,
+        client_cert_auth,
+        auto_tls,
+        tls_reload_interval,
+        auto_compaction_retention,
+        max_request_bytes,
+        max_txn_ops,
+        watch_progress_notify_interval,
+    } = args;
+    args.validate()?;
+    let urls = args.listen_urls()?;
+    let tls = if *auto_tls {
+        auto_tls_files(*client_cert_auth)?
+    } else {
+        // clap enforces these three unless --auto-tls.
+        let path = |p: &Option<PathBuf>, flag: &str| p.clone().with_context(|| format!("{flag} is required"));
+        TlsFiles {
+            cert: path(cert_file, "--cert-file")?,
+            key: path(key_file, "--key-file")?,
+            trusted_ca: path(trusted_ca_file, "--trusted-ca-file")?,
+            client_cert_auth: *client_cert_auth,
+        }
+    };
+    let addrs: Vec<_> = urls.iter().map(|u| u.addr).collect();
+    let listeners = embedded::bind_all(&addrs).await.with_context(|| format!("binding {addrs:?}"))?;
+    let client_urls = if advertise_client_urls.is_empty() {
+        urls.iter().map(|u| u.url.clone()).collect()
+    } else {
+        advertise_client_urls.clone()
+    };
+    let config = EmbeddedConfig {
+        tls,
+        tls_reload_interval: *tls_reload_interval,
+        limits: Limits { max_txn_ops: *max_txn_ops, max_request_bytes: *max_request_bytes },
+        server: ServerOptions {
+            member: MemberInfo { name: name.clone(), client_urls },
+            watch: WatchConfig { progress_notify_interval: *watch_progress_notify_interval },
+        },
+        auto_compaction_retention: *auto_compaction_retention,
+    };
+    let store = embedded::spawn(listeners, config, auth, tracker, token).context("starting the embedded store")?;
+    Ok(store)
+}
+
+/// `--auto-tls`: a throw-away CA, server certificate and `root` client certificate in a
+/// fresh directory, announced in the log with the etcdctl line that uses them.
+fn auto_tls_files(client_cert_auth: bool) -> anyhow::Result<TlsFiles> {
+    let dir = std::env::temp_dir().join(format!("clustermesh-apiserver-tls-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = pki::Authority::new("clustermesh-apiserver auto-tls CA")?;
+    let server =
+        ca.server("clustermesh-apiserver.cilium.io", &[pki::CILIUM_SERVER_NAMES, &["127.0.0.1", "::1"]].concat())?;
+    let client = ca.client("root")?;
+    let files = TlsFiles {
+        trusted_ca: pki::write(&dir, "ca.crt", &ca.cert_pem())?,
+        cert: pki::write(&dir, "tls.crt", &server.cert_pem)?,
+        key: pki::write(&dir, "tls.key", &server.key_pem)?,
+        client_cert_auth,
+    };
+    pki::write(&dir, "root.crt", &client.cert_pem)?;
+    pki::write(&dir, "root.key", &client.key_pem)?;
+    tracing::info!(
+        dir = %dir.display(),
+        "auto-tls: try `etcdctl --endpoints=https://127.0.0.1:2379 --cacert={0}/ca.crt --cert={0}/root.crt --key={0}/root.key member list`",
+        dir.display()
+    );
+    Ok(files)
+}

@@ -1,0 +1,216 @@
+//! Command line: subcommands and flags (etcd's and Cilium's names where they exist),
+//! validated into the configuration the app runs with.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "clustermesh-apiserver",
+    version,
+    about = "Cilium ClusterMesh API server with an embedded etcd-v3-compatible store"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The embedded store alone, as an etcd for this workload (mTLS on 2379).
+    Kvstore(KvstoreArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+}
+
+/// The embedded store's listener and limits, with etcd's own flag names.
+#[derive(Debug, Args, Clone)]
+pub struct StoreArgs {
+    /// Comma-separated `https://host:port` URLs to serve the etcd API on.
+    #[arg(long, value_delimiter = ',', default_value = "https://127.0.0.1:2379")]
+    pub listen_client_urls: Vec<String>,
+    /// Client URLs this member reports in `member list` (default: the listen URLs).
+    #[arg(long, value_delimiter = ',')]
+    pub advertise_client_urls: Vec<String>,
+    /// Member name reported in `member list`.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Server certificate (PEM).
+    #[arg(long, required_unless_present = "auto_tls")]
+    pub cert_file: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, required_unless_present = "auto_tls")]
+    pub key_file: Option<PathBuf>,
+    /// CA bundle that client certificates must chain to (PEM).
+    #[arg(long, required_unless_present = "auto_tls")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require and verify client certificates. On by default, unlike etcd: this store is
+    /// meant to face other clusters, and the certificate is the only credential.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: bool,
+    /// Generate a CA, a server certificate and an admin client certificate at start-up
+    /// (into a fresh temporary directory) instead of reading certificate files.
+    #[arg(long)]
+    pub auto_tls: bool,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, value_parser = humantime_secs, default_value = "10s")]
+    pub tls_reload_interval: Duration,
+    /// History to keep: hours as a number (etcd's periodic mode), or a duration like `30m`;
+    /// 0 disables automatic compaction. Cilium's chart runs its etcd with 1.
+    #[arg(long, value_parser = retention, default_value = "1")]
+    pub auto_compaction_retention: Duration,
+    /// Largest request accepted, in bytes (etcd's default: 1.5 MiB).
+    #[arg(long, default_value_t = 1536 * 1024)]
+    pub max_request_bytes: usize,
+    /// Most operations in each part of a transaction (etcd's default: 128).
+    #[arg(long, default_value_t = 128)]
+    pub max_txn_ops: usize,
+    /// Interval of progress notifications to watchers that asked for them.
+    #[arg(long = "experimental-watch-progress-notify-interval", value_parser = humantime_secs, default_value = "10m")]
+    pub watch_progress_notify_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct KvstoreArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Start with Cilium's users and roles for this cluster (root, admin-<name>,
+    /// local-<name>, remote) and auth enabled, as Cilium's etcdinit leaves its etcd.
+    /// Without it the store starts with auth disabled, as a fresh etcd does.
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+}
+
+/// A listen URL reduced to what we bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenUrl {
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("listen URL {0:?}: only https:// is served (the store always speaks TLS)")]
+    NotHttps(String),
+    #[error("listen URL {url:?}: expected https://IP:PORT")]
+    BadAddress {
+        url: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("--max-request-bytes must be at least 1 KiB, got {0}")]
+    TinyRequestLimit(usize),
+    #[error("--max-txn-ops must be at least 1")]
+    NoTxnOps,
+}
+
+impl StoreArgs {
+    pub fn listen_urls(&self) -> Result<Vec<ListenUrl>, ConfigError> {
+        self.listen_client_urls.iter().map(|url| parse_listen_url(url)).collect()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_urls()?;
+        if self.max_request_bytes < 1024 {
+            return Err(ConfigError::TinyRequestLimit(self.max_request_bytes));
+        }
+        if self.max_txn_ops == 0 {
+            return Err(ConfigError::NoTxnOps);
+        }
+        Ok(())
+    }
+}
+
+/// `https://127.0.0.1:2379`, `https://[::1]:2379`; Cilium's chart brackets IPv4 too
+/// (`https://[10.0.0.1]:2379`), so brackets around an IPv4 address are accepted.
+fn parse_listen_url(url: &str) -> Result<ListenUrl, ConfigError> {
+    let rest = url.strip_prefix("https://").ok_or_else(|| ConfigError::NotHttps(url.to_owned()))?;
+    let hostport = rest.trim_end_matches('/');
+    let addr = hostport.parse::<SocketAddr>().or_else(|error| {
+        let unbracketed = hostport.strip_prefix('[').and_then(|h| h.split_once("]:")).map(|(h, p)| format!("{h}:{p}"));
+        unbracketed.and_then(|h| h.parse().ok()).ok_or(ConfigError::BadAddress { url: url.to_owned(), source: error })
+    })?;
+    Ok(ListenUrl { url: url.to_owned(), addr })
+}
+
+fn humantime_secs(text: &str) -> Result<Duration, String> {
+    parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration like 10s, 5m or 1h"))
+}
+
+fn retention(text: &str) -> Result<Duration, String> {
+    if let Ok(hours) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(hours * 3600));
+    }
+    humantime_secs(text)
+}
+
+/// Durations as Go and etcd print them: a number and one unit of ms, s, m or h.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => Some(Duration::from_secs(number)),
+        "m" => Some(Duration::from_secs(number * 60)),
+        "h" => Some(Duration::from_secs(number * 3600)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_urls_accept_ciliums_bracketed_ipv4_and_plain_ipv6() {
+        assert_eq!(parse_listen_url("https://[10.0.0.1]:2379").unwrap().addr, "10.0.0.1:2379".parse().unwrap());
+        assert_eq!(parse_listen_url("https://[::1]:2379").unwrap().addr, "[::1]:2379".parse().unwrap());
+        assert!(matches!(parse_listen_url("http://127.0.0.1:2379"), Err(ConfigError::NotHttps(_))));
+    }
+
+    #[test]
+    fn compaction_retention_is_hours_when_a_bare_number_as_in_etcd() {
+        assert_eq!(retention("1").unwrap(), Duration::from_secs(3600));
+        assert_eq!(retention("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(retention("0").unwrap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_kvstore_command_parses_etcds_flag_spelling() {
+        let cli = Cli::try_parse_from([
+            "clustermesh-apiserver",
+            "kvstore",
+            "--listen-client-urls=https://127.0.0.1:2379,https://[::1]:2379",
+            "--cert-file=s.pem",
+            "--key-file=k.pem",
+            "--trusted-ca-file=ca.pem",
+            "--client-cert-auth",
+            "--max-txn-ops=64",
+        ])
+        .expect("parses");
+        let Command::Kvstore(args) = cli.command;
+        assert_eq!(args.store.listen_urls().unwrap().len(), 2);
+        assert!(args.store.client_cert_auth);
+        assert_eq!(args.store.max_txn_ops, 64);
+    }
+}

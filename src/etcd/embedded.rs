@@ -1,0 +1,87 @@
+//! Wiring of one embedded store: its listeners, TLS reloader and background tasks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::auth::AuthStore;
+use super::server::{self, ServerOptions};
+use super::store::{Identity, Limits, Store};
+use super::tls::{self, ReloadingConfig, TlsFiles};
+
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    pub tls: TlsFiles,
+    pub tls_reload_interval: Duration,
+    pub limits: Limits,
+    pub server: ServerOptions,
+    /// Zero disables automatic compaction.
+    pub auto_compaction_retention: Duration,
+}
+
+/// Starts serving the store on every listener, with lease expiry, automatic compaction and
+/// certificate reloading beside it; all of it stops on `shutdown` and is tracked by `tracker`.
+pub fn spawn(
+    listeners: Vec<TcpListener>,
+    config: EmbeddedConfig,
+    auth: AuthStore,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Store>, tls::Error> {
+    let tls = ReloadingConfig::load(config.tls.clone())?;
+    let store = Store::new(Identity::random(), config.limits, auth);
+    tracing::info!(
+        cluster_id = format_args!("{:x}", store.identity().cluster_id),
+        member_id = format_args!("{:x}", store.identity().member_id),
+        "embedded store started"
+    );
+
+    tracker.spawn(
+        Arc::clone(&store).run_lease_expiry(shutdown.child_token()).instrument(tracing::info_span!("lease_expiry")),
+    );
+    if !config.auto_compaction_retention.is_zero() {
+        tracker.spawn(
+            Arc::clone(&store)
+                .run_auto_compaction(config.auto_compaction_retention, shutdown.child_token())
+                .instrument(tracing::info_span!("auto_compaction")),
+        );
+    }
+    tracker.spawn(
+        Arc::clone(&tls)
+            .run_reloader(config.tls_reload_interval, shutdown.child_token())
+            .instrument(tracing::info_span!("tls_reloader")),
+    );
+    for listener in listeners {
+        let addr = listener.local_addr().ok();
+        let span = tracing::info_span!("etcd_server", addr = ?addr);
+        let (tls, store, options, shutdown) =
+            (Arc::clone(&tls), Arc::clone(&store), config.server.clone(), shutdown.clone());
+        tracker.spawn(
+            async move {
+                tracing::info!("serving the etcd v3 API over mutual TLS");
+                if let Err(error) = server::serve(listener, tls, store, options, shutdown.child_token()).await {
+                    tracing::error!(error = %tls::error_chain(&error), "etcd API server failed");
+                    // One listener failing takes the process down: a half-served store
+                    // would look healthy to some clients and dead to others.
+                    shutdown.cancel();
+                }
+            }
+            .instrument(span),
+        );
+    }
+    Ok(store)
+}
+
+/// Binds every address before anything is spawned, so a port in use fails start-up cleanly.
+pub async fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        listeners.push(TcpListener::bind(addr).await?);
+    }
+    Ok(listeners)
+}

@@ -1,0 +1,65 @@
+//! The embedded store's gRPC server: every etcd service on one mTLS listener.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::pb::etcdserverpb::{
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use super::service::auth::AuthService;
+use super::service::cluster::{ClusterService, MemberInfo};
+use super::service::kv::KvService;
+use super::service::lease::LeaseService;
+use super::service::maintenance::MaintenanceService;
+use super::service::watch::{WatchConfig, WatchService};
+use super::store::Store;
+use super::tls::{self, ReloadingConfig};
+
+/// gRPC framing on top of `--max-request-bytes`, as etcd allows (`grpcOverheadBytes`), so
+/// that an oversized put is answered with etcd's "request is too large" and not a transport
+/// error.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub member: MemberInfo,
+    pub watch: WatchConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("serving the etcd API")]
+pub struct ServeError(#[source] tonic::transport::Error);
+
+/// Serves the etcd v3 API on `listener` until `shutdown`; returns once in-flight requests
+/// have finished and every watch and keep-alive stream has been closed.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ReloadingConfig>,
+    store: Arc<Store>,
+    options: ServerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let max_message = store.limits().max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let incoming = tls::incoming(listener, tls, shutdown.clone());
+    tonic::transport::Server::builder()
+        // etcd's server keepalive defaults: clients behind a LoadBalancer are told about a
+        // dead peer within a few seconds of these.
+        .http2_keepalive_interval(Some(Duration::from_secs(7200)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(KvServer::new(KvService::new(Arc::clone(&store))).max_decoding_message_size(max_message))
+        .add_service(
+            WatchServer::new(WatchService::new(Arc::clone(&store), options.watch, shutdown.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(LeaseServer::new(LeaseService::new(Arc::clone(&store), shutdown.clone())))
+        .add_service(MaintenanceServer::new(MaintenanceService::new(Arc::clone(&store))))
+        .add_service(ClusterServer::new(ClusterService::new(Arc::clone(&store), options.member)))
+        .add_service(AuthServer::new(AuthService::new(Arc::clone(&store))))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+        .map_err(ServeError)
+}

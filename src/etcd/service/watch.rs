@@ -1,0 +1,354 @@
+//! The Watch service: one bidirectional stream carries many watchers, each served from the
+//! store's history at its own pace.
+//!
+//! A stream's task *pulls* events: it reads the history from its slowest watcher's next
+//! revision, hands each watcher what matches, and reads again only once the client has taken
+//! what was queued. Writers never wait for a watcher; a watcher that falls behind a
+//! compaction is cancelled with etcd's compacted error (and its `compact_revision`), which
+//! makes clients relist. Nothing is dropped silently.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::caller;
+use crate::etcd::Error;
+use crate::etcd::pb::etcdserverpb::{
+    WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request::FilterType,
+    watch_request::RequestUnion, watch_server::Watch,
+};
+use crate::etcd::pb::mvccpb::{Event, event::EventType};
+use crate::etcd::store::{KeyRange, Revision, Store};
+
+/// Responses queued towards one client before its stream task stops reading history.
+const OUTBOUND_BUFFER: usize = 64;
+
+/// The watch ID etcd puts on responses that belong to no single watcher (progress).
+const NO_WATCH_ID: i64 = -1;
+
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// etcd's `--experimental-watch-progress-notify-interval` (default 10 minutes).
+    pub progress_notify_interval: Duration,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self { progress_notify_interval: Duration::from_secs(600) }
+    }
+}
+
+pub struct WatchService {
+    store: Arc<Store>,
+    config: WatchConfig,
+    shutdown: CancellationToken,
+}
+
+impl WatchService {
+    pub fn new(store: Arc<Store>, config: WatchConfig, shutdown: CancellationToken) -> Self {
+        Self { store, config, shutdown }
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let user = caller(&request).map(str::to_owned);
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let session = Session::new(Arc::clone(&self.store), user.clone(), self.config.clone());
+        let span = tracing::debug_span!("watch_stream", user = user.as_deref().unwrap_or(""), peer = ?peer);
+        tokio::spawn(session.run(request.into_inner(), tx, self.shutdown.child_token()).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Watcher {
+    key: bytes::Bytes,
+    range_end: bytes::Bytes,
+    /// The first revision this watcher has not been sent yet.
+    next_revision: i64,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    progress_notify: bool,
+    fragment: bool,
+}
+
+impl Watcher {
+    fn wants(&self, event: &Event) -> bool {
+        let Some(kv) = &event.kv else { return false };
+        let is_put = event.r#type == EventType::Put as i32;
+        if (is_put && self.no_put) || (!is_put && self.no_delete) {
+            return false;
+        }
+        KeyRange::new(&self.key, &self.range_end).contains(&kv.key)
+    }
+}
+
+struct Session {
+    store: Arc<Store>,
+    user: Option<String>,
+    config: WatchConfig,
+    watchers: BTreeMap<i64, Watcher>,
+    next_id: i64,
+    /// The store's revision as last published.
+    current: i64,
+    outbox: VecDeque<WatchResponse>,
+    progress_requested: bool,
+}
+
+impl Session {
+    fn new(store: Arc<Store>, user: Option<String>, config: WatchConfig) -> Self {
+        let current = store.revision();
+        Self {
+            store,
+            user,
+            config,
+            watchers: BTreeMap::new(),
+            next_id: 0,
+            current,
+            outbox: VecDeque::new(),
+            progress_requested: false,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut inbound: Streaming<WatchRequest>,
+        tx: mpsc::Sender<Result<WatchResponse, Status>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut revisions = self.store.subscribe();
+        self.current = *revisions.borrow_and_update();
+        let mut progress = tokio::time::interval(self.config.progress_notify_interval);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        progress.reset();
+        loop {
+            if self.outbox.is_empty() {
+                self.catch_up();
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => self.handle(request),
+                    // The client closed its side (or the connection broke): etcd ends the
+                    // stream then too.
+                    Ok(None) | Err(_) => break,
+                },
+                permit = tx.reserve(), if !self.outbox.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(response) = self.outbox.pop_front() {
+                            permit.send(Ok(response));
+                        }
+                    }
+                    Err(_) => break,
+                },
+                changed = revisions.changed() => match changed {
+                    Ok(()) => self.current = *revisions.borrow_and_update(),
+                    Err(_) => break,
+                },
+                _ = progress.tick() => self.notify_progress(),
+            }
+        }
+        if shutdown.is_cancelled() {
+            // etcd closes watch streams with Unavailable on shutdown; clients reconnect.
+            let _ = tx.try_send(Err(Error::Stopped.into()));
+        }
+    }
+
+    fn handle(&mut self, request: WatchRequest) {
+        match request.request_union {
+            Some(RequestUnion::CreateRequest(create)) => self.create(create),
+            Some(RequestUnion::CancelRequest(WatchCancelRequest { watch_id })) => {
+                if self.watchers.remove(&watch_id).is_some() {
+                    self.outbox.push_back(WatchResponse {
+                        header: Some(self.store.header_at(self.current)),
+                        watch_id,
+                        canceled: true,
+                        ..WatchResponse::default()
+                    });
+                }
+            }
+            Some(RequestUnion::ProgressRequest(_)) => self.progress_requested = true,
+            None => {}
+        }
+    }
+
+    fn create(&mut self, create: WatchCreateRequest) {
+        let header = Some(self.store.header_at(self.current));
+        let refused = |watch_id: i64, reason: String| WatchResponse {
+            header: header.clone(),
+            watch_id,
+            created: true,
+            canceled: true,
+            cancel_reason: reason,
+            ..WatchResponse::default()
+        };
+        if let Err(error) = self.store.auth().read().check_read(self.user.as_deref(), &create.key, &create.range_end) {
+            // etcd reports the whole gRPC status text as the cancel reason.
+            let status = tonic::Status::from(error);
+            let reason = format!("rpc error: code = {:?} desc = {}", status.code(), status.message());
+            self.outbox.push_back(refused(create.watch_id, reason));
+            return;
+        }
+        let id = if create.watch_id == 0 {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        } else if self.watchers.contains_key(&create.watch_id) {
+            self.outbox.push_back(refused(NO_WATCH_ID, "mvcc: duplicate watch ID provided on the WatchStream".into()));
+            return;
+        } else {
+            create.watch_id
+        };
+        let next_revision = if create.start_revision > 0 { create.start_revision } else { self.current + 1 };
+        let filters = |f: FilterType| create.filters.contains(&(f as i32));
+        self.watchers.insert(
+            id,
+            Watcher {
+                no_put: filters(FilterType::Noput),
+                no_delete: filters(FilterType::Nodelete),
+                key: create.key,
+                range_end: create.range_end,
+                next_revision,
+                prev_kv: create.prev_kv,
+                progress_notify: create.progress_notify,
+                fragment: create.fragment,
+            },
+        );
+        self.outbox.push_back(WatchResponse { header, watch_id: id, created: true, ..WatchResponse::default() });
+    }
+
+    /// Reads the history from the slowest watcher that is behind and queues what each
+    /// watcher should get. Bounded per call; the loop calls again once the queue is drained.
+    fn catch_up(&mut self) {
+        let current = self.current;
+        let Some(from) = self.watchers.values().map(|w| w.next_revision).filter(|&r| r <= current).min() else {
+            self.answer_progress_request();
+            return;
+        };
+        let revisions = match self.store.history_from(from) {
+            Ok(revisions) => revisions,
+            Err(compact_revision) => return self.cancel_compacted(compact_revision),
+        };
+        let upto = revisions.last().map_or(current, |r| r.revision);
+        let header = self.store.header_at(upto);
+        let max_bytes = self.store.limits().max_request_bytes;
+        for (&id, watcher) in self.watchers.iter_mut() {
+            if watcher.next_revision > current {
+                continue;
+            }
+            let events = matching_events(watcher, &revisions);
+            watcher.next_revision = watcher.next_revision.max(upto + 1);
+            if events.is_empty() {
+                continue;
+            }
+            let response =
+                WatchResponse { header: Some(header.clone()), watch_id: id, events, ..WatchResponse::default() };
+            if watcher.fragment {
+                self.outbox.extend(fragments(response, max_bytes));
+            } else {
+                self.outbox.push_back(response);
+            }
+        }
+        if upto >= current {
+            self.answer_progress_request();
+        }
+    }
+
+    fn cancel_compacted(&mut self, compact_revision: i64) {
+        let header = self.store.header_at(self.current);
+        let lost: Vec<i64> =
+            self.watchers.iter().filter(|(_, w)| w.next_revision < compact_revision).map(|(&id, _)| id).collect();
+        for watch_id in lost {
+            self.watchers.remove(&watch_id);
+            tracing::debug!(watch_id, compact_revision, "watcher fell behind a compaction");
+            self.outbox.push_back(WatchResponse {
+                header: Some(header.clone()),
+                watch_id,
+                canceled: true,
+                compact_revision,
+                ..WatchResponse::default()
+            });
+        }
+    }
+
+    /// A progress response promises that every later event has a higher revision, so it is
+    /// only sent once every watcher of the stream has been given everything up to now.
+    fn answer_progress_request(&mut self) {
+        if self.progress_requested && self.watchers.values().all(|w| w.next_revision > self.current) {
+            self.progress_requested = false;
+            self.outbox.push_back(WatchResponse {
+                header: Some(self.store.header_at(self.current)),
+                watch_id: NO_WATCH_ID,
+                ..WatchResponse::default()
+            });
+        }
+    }
+
+    fn notify_progress(&mut self) {
+        let header = self.store.header_at(self.current);
+        for (&watch_id, watcher) in &self.watchers {
+            if watcher.progress_notify && watcher.next_revision > self.current {
+                self.outbox.push_back(WatchResponse {
+                    header: Some(header.clone()),
+                    watch_id,
+                    ..WatchResponse::default()
+                });
+            }
+        }
+    }
+}
+
+fn matching_events(watcher: &Watcher, revisions: &[Arc<Revision>]) -> Vec<Event> {
+    let mut events = Vec::new();
+    for revision in revisions.iter().filter(|r| r.revision >= watcher.next_revision) {
+        for event in revision.events.iter().filter(|e| watcher.wants(e)) {
+            let mut event = event.clone();
+            if !watcher.prev_kv {
+                event.prev_kv = None;
+            }
+            events.push(event);
+        }
+    }
+    events
+}
+
+/// etcd's `sendFragments`: a response over the request size limit is split into pieces of
+/// at most that size (at least one event each), all but the last marked `fragment`.
+fn fragments(response: WatchResponse, max_bytes: usize) -> Vec<WatchResponse> {
+    if response.events.len() < 2 || response.encoded_len() < max_bytes {
+        return vec![response];
+    }
+    let mut template = response;
+    let events = std::mem::take(&mut template.events);
+    template.fragment = true;
+    let mut out = Vec::new();
+    let mut piece = template.clone();
+    let mut size = 0;
+    for event in events {
+        let len = event.encoded_len();
+        if !piece.events.is_empty() && size + len > max_bytes {
+            out.push(std::mem::replace(&mut piece, template.clone()));
+            size = 0;
+        }
+        size += len;
+        piece.events.push(event);
+    }
+    piece.fragment = false;
+    out.push(piece);
+    out
+}

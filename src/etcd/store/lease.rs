@@ -1,0 +1,164 @@
+//! The lease table: TTLs, deadlines, and the keys attached to each lease.
+//!
+//! Attaching or detaching a key is a hash-set insert or remove, so a put with a lease costs
+//! the same whether the lease holds ten keys or a hundred thousand (etcd's cost grows with
+//! them, which is why Cilium caps its leases at 1,000 keys).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::etcd::error::{Error, Result};
+
+/// etcd's limit (`lease.MaxLeaseTTL`, about 285 years).
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+
+/// etcd raises shorter TTLs to this: 3/2 of the default 1 s election timeout, rounded up.
+/// Keeping it means `lease grant 1` answers `TTL(2s)` here as it does against etcd.
+pub const MIN_LEASE_TTL: i64 = 2;
+
+#[derive(Debug)]
+pub struct Lease {
+    pub id: i64,
+    /// The TTL as granted (after raising to the minimum), in seconds.
+    pub ttl: i64,
+    pub deadline: Instant,
+    pub keys: HashSet<Bytes>,
+}
+
+impl Lease {
+    /// Whole seconds left, as etcd reports them (truncated, never negative).
+    pub fn remaining(&self, now: Instant) -> i64 {
+        self.deadline.saturating_duration_since(now).as_secs() as i64
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Leases {
+    leases: HashMap<i64, Lease>,
+    /// Deadlines in expiry order. Entries go stale when a lease is renewed or revoked; they
+    /// are skipped when popped instead of being searched for on every keep-alive.
+    expiries: BinaryHeap<Reverse<(Instant, i64)>>,
+}
+
+impl Leases {
+    pub fn grant(&mut self, id: i64, ttl: i64, now: Instant) -> Result<&Lease> {
+        if ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge);
+        }
+        let id = if id == 0 { self.fresh_id() } else { id };
+        if self.leases.contains_key(&id) {
+            return Err(Error::LeaseExists);
+        }
+        let ttl = ttl.max(MIN_LEASE_TTL);
+        let deadline = now + Duration::from_secs(ttl as u64);
+        self.expiries.push(Reverse((deadline, id)));
+        Ok(self.leases.entry(id).or_insert(Lease { id, ttl, deadline, keys: HashSet::new() }))
+    }
+
+    /// Positive, random and unused: clients print lease IDs in hex and some treat negative
+    /// ones as invalid.
+    fn fresh_id(&self) -> i64 {
+        loop {
+            let id = (rand::random::<u64>() >> 1) as i64;
+            if id != 0 && !self.leases.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    pub fn get(&self, id: i64) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    pub fn contains(&self, id: i64) -> bool {
+        self.leases.contains_key(&id)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.leases.keys().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Pushes the deadline a full TTL away; returns the TTL.
+    pub fn renew(&mut self, id: i64, now: Instant) -> Result<i64> {
+        let lease = self.leases.get_mut(&id).ok_or(Error::LeaseNotFound)?;
+        lease.deadline = now + Duration::from_secs(lease.ttl as u64);
+        self.expiries.push(Reverse((lease.deadline, id)));
+        Ok(lease.ttl)
+    }
+
+    /// Removes the lease; the caller deletes the keys it returns.
+    pub fn remove(&mut self, id: i64) -> Result<Lease> {
+        self.leases.remove(&id).ok_or(Error::LeaseNotFound)
+    }
+
+    pub fn attach(&mut self, id: i64, key: &Bytes) {
+        if let Some(lease) = self.leases.get_mut(&id) {
+            lease.keys.insert(key.clone());
+        }
+    }
+
+    pub fn detach(&mut self, id: i64, key: &[u8]) {
+        if let Some(lease) = self.leases.get_mut(&id) {
+            lease.keys.remove(key);
+        }
+    }
+
+    /// The leases whose deadline has passed, oldest first.
+    pub fn expired(&mut self, now: Instant) -> Vec<i64> {
+        let mut out = Vec::new();
+        while let Some(Reverse((deadline, id))) = self.expiries.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.expiries.pop();
+            if self.leases.get(&id).is_some_and(|l| l.deadline <= now) && !out.contains(&id) {
+                out.push(id);
+            }
+        }
+        out
+    }
+
+    /// When the next lease may expire, for the expiry task's sleep.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.expiries.peek().map(|Reverse((deadline, _))| *deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_ttls_are_raised_to_etcds_minimum() {
+        let mut leases = Leases::default();
+        let lease = leases.grant(7, 1, Instant::now()).expect("granted");
+        assert_eq!((lease.id, lease.ttl), (7, MIN_LEASE_TTL));
+    }
+
+    #[test]
+    fn granting_an_existing_id_is_refused() {
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        leases.grant(7, 10, now).expect("granted");
+        assert_eq!(leases.grant(7, 10, now).err(), Some(Error::LeaseExists));
+    }
+
+    #[test]
+    fn a_renewed_lease_does_not_expire_at_its_old_deadline() {
+        let mut leases = Leases::default();
+        let start = Instant::now();
+        leases.grant(1, 10, start).expect("granted");
+        leases.grant(2, 10, start).expect("granted");
+        leases.renew(1, start + Duration::from_secs(5)).expect("renewed");
+        assert_eq!(leases.expired(start + Duration::from_secs(11)), vec![2]);
+        assert_eq!(leases.expired(start + Duration::from_secs(16)), vec![1]);
+    }
+}

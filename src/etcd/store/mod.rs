@@ -1,0 +1,461 @@
+//! The store: one lock-protected state (keyspace, history, leases) plus the auth table,
+//! shared by every gRPC service and by the in-process mirror.
+//!
+//! Requests and responses are etcd's own protobuf types: the store is etcd's semantics, the
+//! services only add transport concerns (authorisation, size limits, streaming).
+
+mod history;
+mod keyspace;
+mod lease;
+mod txn;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use history::{MAX_EVENTS_PER_READ, Revision};
+pub use keyspace::KeyRange;
+pub use lease::{MAX_LEASE_TTL, MIN_LEASE_TTL};
+
+use super::auth::AuthStore;
+use super::error::{Error, Result};
+use super::pb::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest,
+    TxnResponse,
+};
+use super::pb::mvccpb::{Event, KeyValue, event::EventType};
+use history::History;
+use keyspace::Keyspace;
+use lease::Leases;
+
+/// Identity of this store as clients see it in every response header.
+///
+/// `cluster_id` is random per fresh start: Cilium's clients compare it on every response
+/// and resync when it changes, which is exactly right for a store that starts empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub cluster_id: u64,
+    pub member_id: u64,
+}
+
+impl Identity {
+    pub fn random() -> Self {
+        Self { cluster_id: rand::random::<u64>() | 1, member_id: rand::random::<u64>() | 1 }
+    }
+}
+
+/// A single member never changes leader, so its term is fixed; etcd reports 2 once a fresh
+/// single member has elected itself, which keeps `etcdctl endpoint status` familiar.
+pub const RAFT_TERM: u64 = 2;
+
+/// Limits with etcd's flag names and defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `--max-txn-ops`: compares, success ops and failure ops are each capped (etcd: 128).
+    pub max_txn_ops: usize,
+    /// `--max-request-bytes` (etcd: 1.5 MiB).
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_txn_ops: 128, max_request_bytes: 1536 * 1024 }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    keyspace: Keyspace,
+    history: History,
+    leases: Leases,
+    /// The revision of the last write; a fresh store is at 1, as etcd is.
+    revision: i64,
+    compact_revision: i64,
+}
+
+/// What [`Store::status`] reports about the data held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub revision: i64,
+    pub compact_revision: i64,
+    pub keys: usize,
+    pub key_value_bytes: usize,
+    pub history_events: usize,
+    pub leases: usize,
+}
+
+pub struct Store {
+    identity: Identity,
+    limits: Limits,
+    state: RwLock<State>,
+    auth: RwLock<AuthStore>,
+    /// The current revision, published after every write; watch streams wait on it.
+    revision_tx: watch::Sender<i64>,
+    /// Wakes the expiry task when a lease may now expire earlier than it planned.
+    lease_granted: Notify,
+}
+
+impl Store {
+    pub fn new(identity: Identity, limits: Limits, auth: AuthStore) -> Arc<Self> {
+        let state = State { revision: 1, ..State::default() };
+        Arc::new(Self {
+            identity,
+            limits,
+            state: RwLock::new(state),
+            auth: RwLock::new(auth),
+            revision_tx: watch::Sender::new(1),
+            lease_granted: Notify::new(),
+        })
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The current key-value revision.
+    pub fn revision(&self) -> i64 {
+        self.state.read().revision
+    }
+
+    /// A response header at `revision`.
+    pub fn header_at(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.identity.cluster_id,
+            member_id: self.identity.member_id,
+            revision,
+            raft_term: RAFT_TERM,
+        }
+    }
+
+    /// A response header at the current revision.
+    pub fn header(&self) -> ResponseHeader {
+        self.header_at(self.revision())
+    }
+
+    /// Users, roles and the auth switch. Held separately from the keyspace lock: every request
+    /// reads it, and changing it never needs to be atomic with a key write.
+    pub fn auth(&self) -> &RwLock<AuthStore> {
+        &self.auth
+    }
+
+    pub fn stats(&self) -> Stats {
+        let state = self.state.read();
+        Stats {
+            revision: state.revision,
+            compact_revision: state.compact_revision,
+            keys: state.keyspace.live_keys(),
+            key_value_bytes: state.keyspace.live_bytes(),
+            history_events: state.history.event_count(),
+            leases: state.leases.len(),
+        }
+    }
+
+    pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
+        let state = self.state.read();
+        let mut response = txn::range(&state.keyspace, request, state.revision, state.compact_revision)?;
+        response.header = Some(self.header_at(state.revision));
+        Ok(response)
+    }
+
+    pub fn put(&self, request: PutRequest) -> Result<PutResponse> {
+        txn::check_put(&request)?;
+        let mut state = self.state.write();
+        let mut write = Write::begin(&mut state);
+        let mut response = write.put(request)?;
+        let revision = write.commit(&self.revision_tx);
+        response.header = Some(self.header_at(revision));
+        Ok(response)
+    }
+
+    pub fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        txn::check_delete(&request)?;
+        let mut state = self.state.write();
+        let mut write = Write::begin(&mut state);
+        let mut response = write.delete_range(&request);
+        let revision = write.commit(&self.revision_tx);
+        response.header = Some(self.header_at(revision));
+        Ok(response)
+    }
+
+    pub fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
+        txn::check_txn(&request, self.limits.max_txn_ops)?;
+        let mut state = self.state.write();
+        let mut write = Write::begin(&mut state);
+        let mut response = txn::execute(&mut write, request)?;
+        let revision = write.commit(&self.revision_tx);
+        response.header = Some(self.header_at(revision));
+        Ok(response)
+    }
+
+    /// Forgets history below `request.revision`. Reads and watches below it get
+    /// [`Error::Compacted`] from then on.
+    pub fn compact(&self, request: &CompactionRequest) -> Result<CompactionResponse> {
+        let mut state = self.state.write();
+        if request.revision <= state.compact_revision {
+            return Err(Error::Compacted);
+        }
+        if request.revision > state.revision {
+            return Err(Error::FutureRev);
+        }
+        state.keyspace.compact(request.revision);
+        state.history.compact(request.revision);
+        state.compact_revision = request.revision;
+        Ok(CompactionResponse { header: Some(self.header_at(state.revision)) })
+    }
+
+    pub fn lease_grant(&self, request: &LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        let mut state = self.state.write();
+        let lease = state.leases.grant(request.id, request.ttl, Instant::now())?;
+        let (id, ttl) = (lease.id, lease.ttl);
+        let response =
+            LeaseGrantResponse { header: Some(self.header_at(state.revision)), id, ttl, error: String::new() };
+        drop(state);
+        self.lease_granted.notify_one();
+        Ok(response)
+    }
+
+    /// Revokes the lease and deletes its keys in one revision.
+    pub fn lease_revoke(&self, request: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+        let mut state = self.state.write();
+        let mut write = Write::begin(&mut state);
+        write.revoke(request.id)?;
+        let revision = write.commit(&self.revision_tx);
+        Ok(LeaseRevokeResponse { header: Some(self.header_at(revision)) })
+    }
+
+    /// Renews the lease; `None` when it does not exist (etcd then answers TTL 0).
+    pub fn lease_keep_alive(&self, id: i64) -> Option<i64> {
+        self.state.write().leases.renew(id, Instant::now()).ok()
+    }
+
+    pub fn lease_time_to_live(&self, request: &LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
+        let state = self.state.read();
+        let header = Some(self.header_at(state.revision));
+        match state.leases.get(request.id) {
+            Some(lease) => {
+                let mut keys: Vec<Bytes> = if request.keys { lease.keys.iter().cloned().collect() } else { Vec::new() };
+                keys.sort();
+                LeaseTimeToLiveResponse {
+                    header,
+                    id: lease.id,
+                    ttl: lease.remaining(Instant::now()),
+                    granted_ttl: lease.ttl,
+                    keys,
+                }
+            }
+            // etcd answers a missing lease with TTL -1 rather than an error; etcdctl prints
+            // "already expired" from it.
+            None => LeaseTimeToLiveResponse { header, id: request.id, ttl: -1, granted_ttl: 0, keys: Vec::new() },
+        }
+    }
+
+    pub fn lease_list(&self) -> (ResponseHeader, Vec<LeaseStatus>) {
+        let state = self.state.read();
+        let mut ids: Vec<i64> = state.leases.ids().collect();
+        ids.sort_unstable();
+        (self.header_at(state.revision), ids.into_iter().map(|id| LeaseStatus { id }).collect())
+    }
+
+    /// The keys attached to a lease, for the permission check etcd makes before a revoke.
+    pub fn lease_keys(&self, id: i64) -> Result<Vec<Bytes>> {
+        let state = self.state.read();
+        let lease = state.leases.get(id).ok_or(Error::LeaseNotFound)?;
+        Ok(lease.keys.iter().cloned().collect())
+    }
+
+    /// A receiver of the current revision, marked changed after every write.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.revision_tx.subscribe()
+    }
+
+    /// The revisions from `from` on (bounded; call again from the last one + 1), or
+    /// `Err(compact_revision)` when `from` has been compacted away.
+    pub fn history_from(&self, from: i64) -> Result<Vec<Arc<Revision>>, i64> {
+        let state = self.state.read();
+        if from < state.compact_revision {
+            return Err(state.compact_revision);
+        }
+        Ok(state.history.read_from(from))
+    }
+
+    /// Revokes leases as their deadlines pass, until `shutdown`.
+    pub async fn run_lease_expiry(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = self.state.read().leases.next_deadline();
+            let sleep = async {
+                match next {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.lease_granted.notified() => continue,
+                () = sleep => {}
+            }
+            let mut state = self.state.write();
+            let expired = state.leases.expired(Instant::now());
+            if expired.is_empty() {
+                continue;
+            }
+            let mut write = Write::begin(&mut state);
+            for id in &expired {
+                // Only leases still in the table are returned, so revoke cannot fail here.
+                let _ = write.revoke(*id);
+            }
+            let revision = write.commit(&self.revision_tx);
+            drop(state);
+            tracing::debug!(leases = expired.len(), revision, "leases expired");
+        }
+    }
+
+    /// etcd's periodic auto-compaction: every tenth of `retention`, compact to the revision
+    /// that was current `retention` ago, so that at least `retention` of history is kept.
+    pub async fn run_auto_compaction(self: Arc<Self>, retention: Duration, shutdown: CancellationToken) {
+        let tick = (retention / 10).max(Duration::from_secs(1));
+        let mut samples: std::collections::VecDeque<(Instant, i64)> = Default::default();
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let now = Instant::now();
+            samples.push_back((now, self.revision()));
+            let mut target = None;
+            while let Some(&(at, revision)) = samples.front() {
+                if now.duration_since(at) < retention {
+                    break;
+                }
+                target = Some(revision);
+                samples.pop_front();
+            }
+            if let Some(revision) = target {
+                match self.compact(&CompactionRequest { revision, physical: false }) {
+                    Ok(_) => tracing::info!(revision, "auto-compacted"),
+                    Err(Error::Compacted) => {}
+                    Err(error) => tracing::warn!(%error, revision, "auto-compaction failed"),
+                }
+            }
+        }
+    }
+}
+
+/// One atomic write: every change lands at `revision`, the one after the current revision,
+/// and becomes visible to watchers only at [`Write::commit`].
+pub(crate) struct Write<'a> {
+    state: &'a mut State,
+    revision: i64,
+    events: Vec<Event>,
+}
+
+impl<'a> Write<'a> {
+    fn begin(state: &'a mut State) -> Self {
+        let revision = state.revision + 1;
+        Self { state, revision, events: Vec::new() }
+    }
+
+    /// The revision reads inside this write see: the pending one once anything changed.
+    fn read_revision(&self) -> i64 {
+        if self.events.is_empty() { self.state.revision } else { self.revision }
+    }
+
+    fn keyspace(&self) -> &Keyspace {
+        &self.state.keyspace
+    }
+
+    fn compact_revision(&self) -> i64 {
+        self.state.compact_revision
+    }
+
+    fn put(&mut self, request: PutRequest) -> Result<PutResponse> {
+        let existing = self.state.keyspace.get(&request.key);
+        if (request.ignore_value || request.ignore_lease) && existing.is_none() {
+            return Err(Error::KeyNotFound);
+        }
+        let value = match (&existing, request.ignore_value) {
+            (Some(prev), true) => prev.value.clone(),
+            _ => request.value,
+        };
+        let lease = match (&existing, request.ignore_lease) {
+            (Some(prev), true) => prev.lease,
+            _ => request.lease,
+        };
+        if lease != 0 && !self.state.leases.contains(lease) {
+            return Err(Error::LeaseNotFound);
+        }
+        let key = request.key;
+        let previous = self.state.keyspace.put(key.clone(), value.clone(), lease, self.revision);
+        if let Some(prev) = &previous
+            && prev.lease != 0
+            && prev.lease != lease
+        {
+            self.state.leases.detach(prev.lease, &key);
+        }
+        if lease != 0 {
+            self.state.leases.attach(lease, &key);
+        }
+        let (create_revision, version) = match &previous {
+            Some(prev) => (prev.create_revision, prev.version + 1),
+            None => (self.revision, 1),
+        };
+        let kv = KeyValue { key, create_revision, mod_revision: self.revision, version, value, lease };
+        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: previous.clone() });
+        Ok(PutResponse { header: None, prev_kv: previous.filter(|_| request.prev_kv) })
+    }
+
+    fn delete_range(&mut self, request: &DeleteRangeRequest) -> DeleteRangeResponse {
+        let range = KeyRange::new(&request.key, &request.range_end);
+        let doomed = self.state.keyspace.live_in(range);
+        let deleted = doomed.len() as i64;
+        for kv in &doomed {
+            self.delete_key(kv);
+        }
+        DeleteRangeResponse { header: None, deleted, prev_kvs: if request.prev_kv { doomed } else { Vec::new() } }
+    }
+
+    fn delete_key(&mut self, kv: &KeyValue) {
+        self.state.keyspace.delete(&kv.key, self.revision);
+        if kv.lease != 0 {
+            self.state.leases.detach(kv.lease, &kv.key);
+        }
+        let tombstone = KeyValue { key: kv.key.clone(), mod_revision: self.revision, ..KeyValue::default() };
+        self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tombstone), prev_kv: Some(kv.clone()) });
+    }
+
+    fn revoke(&mut self, id: i64) -> Result<()> {
+        let lease = self.state.leases.remove(id)?;
+        let mut keys: Vec<Bytes> = lease.keys.into_iter().collect();
+        // Sorted, so that the delete events of one revoke come in key order, as etcd's do.
+        keys.sort();
+        for key in keys {
+            if let Some(kv) = self.state.keyspace.get(&key) {
+                self.delete_key(&kv);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes the write; returns the store's revision afterwards.
+    fn commit(self, revision_tx: &watch::Sender<i64>) -> i64 {
+        if self.events.is_empty() {
+            return self.state.revision;
+        }
+        self.state.revision = self.revision;
+        self.state.history.append(Revision { revision: self.revision, events: self.events });
+        revision_tx.send_replace(self.revision);
+        self.revision
+    }
+}

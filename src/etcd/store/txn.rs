@@ -1,0 +1,320 @@
+//! Request semantics shared by the top-level RPCs and the operations inside a Txn: range
+//! options, request validation, compares, and executing a transaction's branch.
+
+use std::cmp::Ordering;
+
+use bytes::Bytes;
+
+use super::Write;
+use super::keyspace::{KeyRange, Keyspace};
+use crate::etcd::error::{Error, Result};
+use crate::etcd::pb::etcdserverpb::{
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp,
+    TxnRequest, TxnResponse,
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    range_request::{SortOrder, SortTarget},
+    request_op::Request,
+    response_op::Response,
+};
+use crate::etcd::pb::mvccpb::KeyValue;
+
+/// Serves a Range at `current` (the store's revision, or a txn's pending one).
+///
+/// Mirrors etcd's `applierV3backend.Range`: limits are pushed into the scan only when no
+/// sort or revision filter needs the whole range first; `count` is the number of keys in the
+/// range before filters and limit; the header revision is always the current one.
+pub(crate) fn range(
+    keyspace: &Keyspace,
+    request: &RangeRequest,
+    current: i64,
+    compact_revision: i64,
+) -> Result<RangeResponse> {
+    if request.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    let (sort_order, sort_target) = check_sort(request)?;
+    let revision = match request.revision {
+        r if r <= 0 => current,
+        r if r > current => return Err(Error::FutureRev),
+        r if r < compact_revision => return Err(Error::Compacted),
+        r => r,
+    };
+    let key_range = KeyRange::new(&request.key, &request.range_end);
+    let count = keyspace.count(key_range, revision) as i64;
+    let mut response = RangeResponse { header: None, kvs: Vec::new(), more: false, count };
+    if request.count_only {
+        return Ok(response);
+    }
+
+    let filtered = request.sort_order != SortOrder::None as i32
+        || request.min_mod_revision != 0
+        || request.max_mod_revision != 0
+        || request.min_create_revision != 0
+        || request.max_create_revision != 0;
+    let limit = usize::try_from(request.limit).unwrap_or(0);
+    // One extra to know whether there is more.
+    let scan_limit = if limit > 0 && !filtered { limit + 1 } else { usize::MAX };
+    let mut kvs = Vec::new();
+    keyspace.scan(key_range, revision, |kv| {
+        if passes_revision_filters(request, &kv) {
+            kvs.push(kv);
+        }
+        kvs.len() < scan_limit
+    });
+
+    // etcd sorts ascending by default when a non-key target is given, and never re-sorts an
+    // ascending key order the scan already produced.
+    let order = match (sort_order, sort_target) {
+        (SortOrder::None, SortTarget::Key) | (SortOrder::Ascend, SortTarget::Key) => None,
+        (SortOrder::None, _) | (SortOrder::Ascend, _) => Some(false),
+        (SortOrder::Descend, _) => Some(true),
+    };
+    if let Some(descending) = order {
+        let by = |a: &KeyValue, b: &KeyValue| -> Ordering {
+            match sort_target {
+                SortTarget::Key => a.key.cmp(&b.key),
+                SortTarget::Version => a.version.cmp(&b.version),
+                SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                SortTarget::Value => a.value.cmp(&b.value),
+            }
+        };
+        // Stable, so ties keep key order as in etcd.
+        if descending {
+            kvs.sort_by(|a, b| by(b, a));
+        } else {
+            kvs.sort_by(by);
+        }
+    }
+    if limit > 0 && kvs.len() > limit {
+        kvs.truncate(limit);
+        response.more = true;
+    }
+    if request.keys_only {
+        kvs.iter_mut().for_each(|kv| kv.value = Bytes::new());
+    }
+    response.kvs = kvs;
+    Ok(response)
+}
+
+fn check_sort(request: &RangeRequest) -> Result<(SortOrder, SortTarget)> {
+    let order = SortOrder::try_from(request.sort_order)
+        .map_err(|_| Error::InvalidArgument(format!("invalid sort order {}", request.sort_order)))?;
+    let target = SortTarget::try_from(request.sort_target)
+        .map_err(|_| Error::InvalidArgument(format!("invalid sort target {}", request.sort_target)))?;
+    Ok((order, target))
+}
+
+fn passes_revision_filters(request: &RangeRequest, kv: &KeyValue) -> bool {
+    (request.min_mod_revision == 0 || kv.mod_revision >= request.min_mod_revision)
+        && (request.max_mod_revision == 0 || kv.mod_revision <= request.max_mod_revision)
+        && (request.min_create_revision == 0 || kv.create_revision >= request.min_create_revision)
+        && (request.max_create_revision == 0 || kv.create_revision <= request.max_create_revision)
+}
+
+pub(crate) fn check_put(request: &PutRequest) -> Result<()> {
+    if request.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if request.ignore_value && !request.value.is_empty() {
+        return Err(Error::ValueProvided);
+    }
+    if request.ignore_lease && request.lease != 0 {
+        return Err(Error::LeaseProvided);
+    }
+    Ok(())
+}
+
+pub(crate) fn check_delete(request: &DeleteRangeRequest) -> Result<()> {
+    if request.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    Ok(())
+}
+
+/// etcd's `checkTxnRequest` and `checkIntervals`: operation counts, keys present, and no key
+/// written twice by one branch (a put inside a deleted range counts as twice).
+pub(crate) fn check_txn(request: &TxnRequest, max_ops: usize) -> Result<()> {
+    if request.compare.len() > max_ops || request.success.len() > max_ops || request.failure.len() > max_ops {
+        return Err(Error::TooManyOps);
+    }
+    for compare in &request.compare {
+        if compare.key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+    }
+    for op in request.success.iter().chain(&request.failure) {
+        match &op.request {
+            Some(Request::RequestRange(r)) if r.key.is_empty() => return Err(Error::EmptyKey),
+            Some(Request::RequestPut(p)) => check_put(p)?,
+            Some(Request::RequestDeleteRange(d)) => check_delete(d)?,
+            Some(Request::RequestTxn(t)) => check_txn(t, max_ops)?,
+            _ => {}
+        }
+    }
+    check_branch_writes(&request.success)?;
+    check_branch_writes(&request.failure)?;
+    Ok(())
+}
+
+/// The writes one branch makes: the keys it puts and the ranges it deletes. A nested txn
+/// contributes both of its branches, since either may run.
+fn check_branch_writes(ops: &[RequestOp]) -> Result<()> {
+    let mut puts: Vec<&Bytes> = Vec::new();
+    let mut deletes: Vec<&DeleteRangeRequest> = Vec::new();
+    collect_writes(ops, &mut puts, &mut deletes)?;
+    for put in &puts {
+        if deletes.iter().any(|d| KeyRange::new(&d.key, &d.range_end).contains(put)) {
+            return Err(Error::DuplicateKey);
+        }
+    }
+    Ok(())
+}
+
+fn collect_writes<'a>(
+    ops: &'a [RequestOp],
+    puts: &mut Vec<&'a Bytes>,
+    deletes: &mut Vec<&'a DeleteRangeRequest>,
+) -> Result<()> {
+    let mut own_puts: Vec<&'a Bytes> = Vec::new();
+    for op in ops {
+        match &op.request {
+            Some(Request::RequestPut(p)) => {
+                if own_puts.contains(&&p.key) || puts.contains(&&p.key) {
+                    return Err(Error::DuplicateKey);
+                }
+                own_puts.push(&p.key);
+            }
+            Some(Request::RequestDeleteRange(d)) => deletes.push(d),
+            Some(Request::RequestTxn(t)) => {
+                // The two nested branches are alternatives: each is checked against this
+                // branch's writes, but not against each other.
+                let mut success_puts = Vec::new();
+                let mut failure_puts = Vec::new();
+                collect_writes(&t.success, &mut success_puts, deletes)?;
+                collect_writes(&t.failure, &mut failure_puts, deletes)?;
+                for key in success_puts.into_iter().chain(failure_puts) {
+                    if own_puts.contains(&key) {
+                        return Err(Error::DuplicateKey);
+                    }
+                    if !own_puts.contains(&key) {
+                        own_puts.push(key);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    puts.extend(own_puts);
+    Ok(())
+}
+
+/// Evaluates the compares, then runs the chosen branch inside `write`.
+pub(crate) fn execute(write: &mut Write<'_>, request: TxnRequest) -> Result<TxnResponse> {
+    let succeeded = request.compare.iter().all(|c| compare(write.keyspace(), c));
+    let ops = if succeeded { request.success } else { request.failure };
+    // etcd validates every put's lease and key before applying anything, so a bad op
+    // leaves no partial transaction behind.
+    validate_ops(write, &ops)?;
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        responses.push(execute_op(write, op)?);
+    }
+    Ok(TxnResponse { header: None, succeeded, responses })
+}
+
+fn validate_ops(write: &Write<'_>, ops: &[RequestOp]) -> Result<()> {
+    for op in ops {
+        match &op.request {
+            Some(Request::RequestRange(r)) => {
+                if r.revision > write.state.revision {
+                    return Err(Error::FutureRev);
+                }
+                if r.revision > 0 && r.revision < write.compact_revision() {
+                    return Err(Error::Compacted);
+                }
+                check_sort(r)?;
+            }
+            Some(Request::RequestPut(p)) => {
+                if p.lease != 0 && !write.state.leases.contains(p.lease) {
+                    return Err(Error::LeaseNotFound);
+                }
+                if (p.ignore_value || p.ignore_lease) && write.keyspace().get(&p.key).is_none() {
+                    return Err(Error::KeyNotFound);
+                }
+            }
+            Some(Request::RequestTxn(t)) => {
+                let nested_succeeds = t.compare.iter().all(|c| compare(write.keyspace(), c));
+                validate_ops(write, if nested_succeeds { &t.success } else { &t.failure })?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn execute_op(write: &mut Write<'_>, op: RequestOp) -> Result<ResponseOp> {
+    let response = match op.request {
+        Some(Request::RequestRange(r)) => {
+            let current = write.read_revision();
+            let mut response = range(write.keyspace(), &r, current, write.compact_revision())?;
+            response.header = Some(inner_header(current));
+            Response::ResponseRange(response)
+        }
+        Some(Request::RequestPut(p)) => {
+            let mut response = write.put(p)?;
+            response.header = Some(inner_header(write.revision));
+            Response::ResponsePut(response)
+        }
+        Some(Request::RequestDeleteRange(d)) => {
+            let mut response = write.delete_range(&d);
+            response.header = Some(inner_header(write.read_revision()));
+            Response::ResponseDeleteRange(response)
+        }
+        Some(Request::RequestTxn(t)) => {
+            let mut response = execute(write, t)?;
+            response.header = Some(inner_header(write.read_revision()));
+            Response::ResponseTxn(response)
+        }
+        None => return Err(Error::InvalidArgument("txn operation without a request".into())),
+    };
+    Ok(ResponseOp { response: Some(response) })
+}
+
+/// etcd fills only the revision in the headers of a txn's inner responses.
+fn inner_header(revision: i64) -> ResponseHeader {
+    ResponseHeader { revision, ..ResponseHeader::default() }
+}
+
+/// etcd's `applyCompare`: every key of the range must satisfy the compare; a missing key
+/// compares as all zeroes, except that a value compare against a missing key always fails.
+fn compare(keyspace: &Keyspace, compare: &Compare) -> bool {
+    let kvs = keyspace.live_in(KeyRange::new(&compare.key, &compare.range_end));
+    let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
+    if kvs.is_empty() {
+        return target != CompareTarget::Value && compare_kv(compare, target, &KeyValue::default());
+    }
+    kvs.iter().all(|kv| compare_kv(compare, target, kv))
+}
+
+fn compare_kv(compare: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+    let ordering = match (target, &compare.target_union) {
+        (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.as_ref().cmp(v.as_ref()),
+        (CompareTarget::Value, _) => kv.value.as_ref().cmp(&[][..]),
+        (CompareTarget::Version, Some(TargetUnion::Version(v))) => kv.version.cmp(v),
+        (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => kv.create_revision.cmp(v),
+        (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => kv.mod_revision.cmp(v),
+        (CompareTarget::Lease, Some(TargetUnion::Lease(v))) => kv.lease.cmp(v),
+        (CompareTarget::Version, _) => kv.version.cmp(&0),
+        (CompareTarget::Create, _) => kv.create_revision.cmp(&0),
+        (CompareTarget::Mod, _) => kv.mod_revision.cmp(&0),
+        (CompareTarget::Lease, _) => kv.lease.cmp(&0),
+    };
+    match CompareResult::try_from(compare.result) {
+        Ok(CompareResult::Equal) => ordering == Ordering::Equal,
+        Ok(CompareResult::Greater) => ordering == Ordering::Greater,
+        Ok(CompareResult::Less) => ordering == Ordering::Less,
+        Ok(CompareResult::NotEqual) => ordering != Ordering::Equal,
+        Err(_) => false,
+    }
+}
