@@ -93,9 +93,10 @@ impl AuthStore {
     /// The users and roles Cilium's `etcdinit` creates (`pkg/kvstore/etcdinit/init.go`), with
     /// auth enabled, so a fresh start is indistinguishable from a freshly initialised etcd.
     ///
-    /// The `externalworkload` user and role are left out: they served the removed external
-    /// workloads (VM) feature, and granting read on every key to a well-known CN is a hole
-    /// nobody needs any more.
+    /// The `externalworkload` user and role (read on every key, write on the node-register
+    /// and init-lock prefixes) are left out on purpose: they serve only Cilium's legacy
+    /// external-workloads (VM) feature, which this server does not support, and a well-known
+    /// CN able to read everything is not worth keeping for it.
     pub fn cilium(cluster_name: &str) -> Self {
         const HEARTBEAT: &[u8] = b"cilium/.heartbeat";
         let named = |base: &str| {

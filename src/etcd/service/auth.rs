@@ -8,14 +8,14 @@
 
 use std::sync::Arc;
 
-use parking_lot::RwLockWriteGuard;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::caller;
 use crate::etcd::auth::{AuthStore, PermType, Permission};
 use crate::etcd::error::{Error, Result};
 use crate::etcd::pb::authpb;
+use crate::etcd::pb::etcdserverpb::ResponseHeader;
 use crate::etcd::pb::etcdserverpb::auth_server::Auth;
 use crate::etcd::pb::etcdserverpb::{
     AuthDisableRequest, AuthDisableResponse, AuthEnableRequest, AuthEnableResponse, AuthRoleAddRequest,
@@ -40,16 +40,23 @@ impl AuthService {
 
     /// Runs `change` on the auth store if the caller may administer it.
     ///
-    /// The lock is released before the caller builds its response header: the header reads
-    /// the key-value revision, and holding the auth lock across that would order the two
-    /// locks opposite to the key-value services, which take auth first.
+    /// Both locks below are released before the response header is built: the header reads
+    /// the key-value state, and never holding the auth lock while taking that one means no
+    /// lock order between the two has to be kept across services.
     fn admin<T, R>(&self, request: &Request<T>, change: impl FnOnce(&mut AuthStore) -> Result<R>) -> Result<R, Status> {
-        let mut auth: RwLockWriteGuard<'_, AuthStore> = self.store.auth().write();
+        let mut auth = self.store.auth().write();
         auth.check_admin(caller(request))?;
         Ok(change(&mut auth)?)
     }
 
-    fn header(&self) -> Option<crate::etcd::pb::etcdserverpb::ResponseHeader> {
+    /// Like [`Self::admin`] for queries, under the read lock so they never wait on each other.
+    fn admin_read<T, R>(&self, request: &Request<T>, query: impl FnOnce(&AuthStore) -> Result<R>) -> Result<R, Status> {
+        let auth = self.store.auth().read();
+        auth.check_admin(caller(request))?;
+        Ok(query(&auth)?)
+    }
+
+    fn header(&self) -> Option<ResponseHeader> {
         Some(self.store.header())
     }
 }
@@ -102,7 +109,7 @@ impl Auth for AuthService {
 
     async fn auth_status(&self, request: Request<AuthStatusRequest>) -> Result<Response<AuthStatusResponse>, Status> {
         // Needs root too: etcd 3.5 routes AuthStatus through the admin check like the rest.
-        let (enabled, auth_revision) = self.admin(&request, |auth| Ok((auth.is_enabled(), auth.revision())))?;
+        let (enabled, auth_revision) = self.admin_read(&request, |auth| Ok((auth.is_enabled(), auth.revision())))?;
         Ok(Response::new(AuthStatusResponse { header: self.header(), enabled, auth_revision }))
     }
 
@@ -116,7 +123,7 @@ impl Auth for AuthService {
         let enabled = self.store.auth().read().is_enabled();
         let err = if enabled { Error::AuthFailed } else { Error::AuthNotEnabled };
         if enabled {
-            info!(user = %request.get_ref().name, "refused password authentication");
+            debug!(user = %request.get_ref().name, "refused password authentication");
         }
         Err(err.into())
     }
@@ -147,11 +154,7 @@ impl Auth for AuthService {
     }
 
     async fn user_list(&self, request: Request<AuthUserListRequest>) -> Result<Response<AuthUserListResponse>, Status> {
-        let users = {
-            let auth = self.store.auth().read();
-            auth.check_admin(caller(&request))?;
-            auth.user_list()
-        };
+        let users = self.admin_read(&request, |auth| Ok(auth.user_list()))?;
         Ok(Response::new(AuthUserListResponse { header: self.header(), users }))
     }
 
@@ -221,11 +224,7 @@ impl Auth for AuthService {
     }
 
     async fn role_list(&self, request: Request<AuthRoleListRequest>) -> Result<Response<AuthRoleListResponse>, Status> {
-        let roles = {
-            let auth = self.store.auth().read();
-            auth.check_admin(caller(&request))?;
-            auth.role_list()
-        };
+        let roles = self.admin_read(&request, |auth| Ok(auth.role_list()))?;
         Ok(Response::new(AuthRoleListResponse { header: self.header(), roles }))
     }
 
@@ -258,8 +257,8 @@ impl Auth for AuthService {
         info!(
             role = %req.name,
             perm = perm.perm_type.as_str_name(),
-            key = %String::from_utf8_lossy(&perm.key),
-            range_end = %String::from_utf8_lossy(&perm.range_end),
+            key = ?String::from_utf8_lossy(&perm.key),
+            range_end = ?String::from_utf8_lossy(&perm.range_end),
             by = by(&request),
             "permission granted to role"
         );
@@ -274,11 +273,127 @@ impl Auth for AuthService {
         self.admin(&request, |auth| auth.role_revoke_permission(&req.role, &req.key, &req.range_end))?;
         info!(
             role = %req.role,
-            key = %String::from_utf8_lossy(&req.key),
-            range_end = %String::from_utf8_lossy(&req.range_end),
+            key = ?String::from_utf8_lossy(&req.key),
+            range_end = ?String::from_utf8_lossy(&req.range_end),
             by = by(&request),
             "permission revoked from role"
         );
         Ok(Response::new(AuthRoleRevokePermissionResponse { header: self.header() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::etcd::store::{Identity, Limits};
+    use crate::etcd::tls::PeerIdentity;
+
+    fn service(auth: AuthStore) -> AuthService {
+        AuthService::new(Store::new(Identity::random(), Limits::default(), auth))
+    }
+
+    fn as_user<T>(cn: &str, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(PeerIdentity { common_name: Some(cn.to_owned()), ..Default::default() });
+        request
+    }
+
+    fn user_add(name: &str) -> AuthUserAddRequest {
+        AuthUserAddRequest { name: name.to_owned(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn anyone_may_administer_while_auth_is_disabled() {
+        let svc = service(AuthStore::default());
+        let resp = svc.user_add(Request::new(user_add("u"))).await.unwrap().into_inner();
+        assert!(resp.header.is_some());
+        let status = svc.auth_status(Request::new(AuthStatusRequest {})).await.unwrap();
+        assert!(!status.get_ref().enabled);
+        assert_eq!(status.get_ref().auth_revision, 2);
+    }
+
+    #[tokio::test]
+    async fn admin_rpcs_need_role_root_once_enabled() {
+        let svc = service(AuthStore::cilium("c1"));
+        let denied = svc.user_add(as_user("remote", user_add("x"))).await.unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        let unknown = svc.user_list(as_user("ghost", AuthUserListRequest {})).await.unwrap_err();
+        assert_eq!(unknown.message(), "etcdserver: user name not found");
+        let anonymous = svc.auth_status(Request::new(AuthStatusRequest {})).await.unwrap_err();
+        assert_eq!(anonymous.message(), "etcdserver: user name is empty");
+
+        svc.user_add(as_user("admin-c1", user_add("x"))).await.unwrap();
+        let users = svc.user_list(as_user("root", AuthUserListRequest {})).await.unwrap();
+        assert!(users.get_ref().users.contains(&"x".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn users_may_read_themselves_and_roles_they_hold() {
+        let svc = service(AuthStore::cilium("c1"));
+        let me = AuthUserGetRequest { name: "remote".into() };
+        let roles = svc.user_get(as_user("remote", me)).await.unwrap().into_inner().roles;
+        assert_eq!(roles, vec!["remote"]);
+        let other = AuthUserGetRequest { name: "root".into() };
+        assert!(svc.user_get(as_user("remote", other)).await.is_err());
+
+        let held = AuthRoleGetRequest { role: "remote".into() };
+        let perms = svc.role_get(as_user("remote", held)).await.unwrap().into_inner().perm;
+        assert_eq!(perms.len(), 4);
+        let foreign = AuthRoleGetRequest { role: "local".into() };
+        assert!(svc.role_get(as_user("remote", foreign)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn grant_permission_maps_protobuf_and_rejects_bad_input() {
+        let svc = service(AuthStore::default());
+        svc.role_add(Request::new(AuthRoleAddRequest { name: "r".into() })).await.unwrap();
+        let grant = |perm| AuthRoleGrantPermissionRequest { name: "r".into(), perm };
+        let missing = svc.role_grant_permission(Request::new(grant(None))).await.unwrap_err();
+        assert_eq!(missing.message(), "etcdserver: permission not given");
+        let bad_type = authpb::Permission { perm_type: 7, key: "a".into(), range_end: "".into() };
+        let err = svc.role_grant_permission(Request::new(grant(Some(bad_type)))).await;
+        assert_eq!(err.unwrap_err().code(), Code::InvalidArgument);
+
+        let perm =
+            authpb::Permission { perm_type: PermType::Readwrite as i32, key: "a".into(), range_end: "\0".into() };
+        svc.role_grant_permission(Request::new(grant(Some(perm.clone())))).await.unwrap();
+        let got = svc.role_get(Request::new(AuthRoleGetRequest { role: "r".into() })).await;
+        assert_eq!(got.unwrap().into_inner().perm, vec![perm]);
+    }
+
+    #[tokio::test]
+    async fn authenticate_never_issues_a_token() {
+        let disabled = service(AuthStore::default());
+        let req = || Request::new(AuthenticateRequest { name: "root".into(), password: "x".into() });
+        let err = disabled.authenticate(req()).await.unwrap_err();
+        assert_eq!(err.message(), "etcdserver: authentication is not enabled");
+        let enabled = service(AuthStore::cilium("c1"));
+        let err = enabled.authenticate(req()).await.unwrap_err();
+        assert_eq!(err.message(), "etcdserver: authentication failed, invalid user ID or password");
+    }
+
+    #[tokio::test]
+    async fn etcdctl_auth_enable_sequence_works() {
+        let svc = service(AuthStore::default());
+        let root = AuthUserAddRequest {
+            name: "root".into(),
+            options: Some(authpb::UserAddOptions { no_password: true }),
+            ..Default::default()
+        };
+        svc.user_add(Request::new(root)).await.unwrap();
+        // etcdctl retries `auth enable` after adding and granting role root on this error.
+        let err = svc.auth_enable(Request::new(AuthEnableRequest {})).await.unwrap_err();
+        assert_eq!(err.message(), "etcdserver: root user does not have root role");
+        svc.role_add(Request::new(AuthRoleAddRequest { name: "root".into() })).await.unwrap();
+        let grant = AuthUserGrantRoleRequest { user: "root".into(), role: "root".into() };
+        svc.user_grant_role(Request::new(grant)).await.unwrap();
+        svc.auth_enable(Request::new(AuthEnableRequest {})).await.unwrap();
+        let status = svc.auth_status(as_user("root", AuthStatusRequest {})).await.unwrap();
+        assert!(status.get_ref().enabled);
+        let delete = AuthUserDeleteRequest { name: "root".into() };
+        let err = svc.user_delete(as_user("root", delete)).await.unwrap_err();
+        assert_eq!(err.message(), "etcdserver: invalid auth management");
     }
 }

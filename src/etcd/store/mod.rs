@@ -459,3 +459,148 @@ impl<'a> Write<'a> {
         self.revision
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::pb::etcdserverpb::{
+        Compare, RequestOp, compare::CompareResult, compare::CompareTarget, compare::TargetUnion, request_op,
+    };
+
+    fn store() -> Arc<Store> {
+        Store::new(Identity::random(), Limits::default(), AuthStore::default())
+    }
+
+    fn put(store: &Store, key: &str, value: &str) -> i64 {
+        let request = PutRequest {
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
+            ..Default::default()
+        };
+        store.put(request).expect("put").header.expect("header").revision
+    }
+
+    fn get(store: &Store, key: &str) -> Option<KeyValue> {
+        let request = RangeRequest { key: key.as_bytes().to_vec().into(), ..Default::default() };
+        store.range(&request).expect("range").kvs.pop()
+    }
+
+    #[test]
+    fn a_fresh_store_is_at_revision_one_and_each_write_adds_one() {
+        let store = store();
+        assert_eq!(store.revision(), 1);
+        assert_eq!(put(&store, "a", "1"), 2);
+        assert_eq!(put(&store, "b", "1"), 3);
+    }
+
+    #[test]
+    fn a_delete_of_nothing_does_not_bump_the_revision() {
+        let store = store();
+        put(&store, "a", "1");
+        let request = DeleteRangeRequest { key: b"zzz".to_vec().into(), ..Default::default() };
+        let response = store.delete_range(request).expect("delete");
+        assert_eq!((response.deleted, response.header.unwrap().revision), (0, 2));
+    }
+
+    #[test]
+    fn a_txn_applies_every_write_of_its_branch_at_one_revision() {
+        let store = store();
+        put(&store, "lock", "free");
+        let put_op = |k: &str| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: k.as_bytes().to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Value as i32,
+                key: b"lock".to_vec().into(),
+                target_union: Some(TargetUnion::Value(b"free".to_vec().into())),
+                ..Default::default()
+            }],
+            success: vec![put_op("x"), put_op("y")],
+            failure: vec![],
+        };
+        let response = store.txn(txn).expect("txn");
+        assert!(response.succeeded);
+        assert_eq!(response.header.unwrap().revision, 3);
+        assert_eq!(get(&store, "x").unwrap().mod_revision, 3);
+        assert_eq!(get(&store, "y").unwrap().mod_revision, 3);
+    }
+
+    #[test]
+    fn a_txn_with_a_bad_lease_changes_nothing() {
+        let store = store();
+        let ops = vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: b"a".to_vec().into(),
+                    ..Default::default()
+                })),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: b"b".to_vec().into(),
+                    lease: 42,
+                    ..Default::default()
+                })),
+            },
+        ];
+        let error = store.txn(TxnRequest { compare: vec![], success: ops, failure: vec![] }).unwrap_err();
+        assert_eq!(error, Error::LeaseNotFound);
+        assert_eq!(store.revision(), 1);
+        assert!(get(&store, "a").is_none());
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_in_one_revision_visible_to_watchers() {
+        let store = store();
+        let lease = store.lease_grant(&LeaseGrantRequest { ttl: 60, id: 0 }).expect("grant").id;
+        for key in ["k1", "k2"] {
+            let request = PutRequest { key: key.as_bytes().to_vec().into(), lease, ..Default::default() };
+            store.put(request).expect("put");
+        }
+        store.lease_revoke(&LeaseRevokeRequest { id: lease }).expect("revoke");
+        assert_eq!(store.revision(), 4);
+        let history = store.history_from(4).expect("not compacted");
+        let deleted: Vec<_> =
+            history[0].events.iter().map(|e| (e.r#type, e.kv.as_ref().unwrap().key.clone())).collect();
+        let delete = EventType::Delete as i32;
+        assert_eq!(deleted, vec![(delete, Bytes::from_static(b"k1")), (delete, Bytes::from_static(b"k2"))]);
+    }
+
+    #[test]
+    fn reads_and_watches_below_the_compaction_are_refused() {
+        let store = store();
+        (0..4).for_each(|i| {
+            put(&store, "k", &i.to_string());
+        });
+        store.compact(&CompactionRequest { revision: 4, physical: false }).expect("compact");
+        let old = RangeRequest { key: b"k".to_vec().into(), revision: 3, ..Default::default() };
+        assert_eq!(store.range(&old).unwrap_err(), Error::Compacted);
+        assert_eq!(store.history_from(3).unwrap_err(), 4);
+        let at = RangeRequest { key: b"k".to_vec().into(), revision: 4, ..Default::default() };
+        assert_eq!(store.range(&at).unwrap().kvs[0].value, Bytes::from_static(b"2"));
+        let future = RangeRequest { key: b"k".to_vec().into(), revision: 9, ..Default::default() };
+        assert_eq!(store.range(&future).unwrap_err(), Error::FutureRev);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_lease_takes_its_keys_with_it() {
+        let store = store();
+        let shutdown = CancellationToken::new();
+        let expiry = tokio::spawn(Arc::clone(&store).run_lease_expiry(shutdown.clone()));
+        let lease = store.lease_grant(&LeaseGrantRequest { ttl: 5, id: 0 }).expect("grant").id;
+        store.put(PutRequest { key: b"k".to_vec().into(), lease, ..Default::default() }).expect("put");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(get(&store, "k").is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::yield_now().await;
+        assert!(get(&store, "k").is_none());
+        assert!(store.lease_keys(lease).is_err());
+        shutdown.cancel();
+        expiry.await.expect("expiry task ends");
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests: one binary; each module is a group of specifications.
+
+mod harness_selftest;
+mod support;
