@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::etcd::pb::mvccpb::Event;
+use crate::etcd::pb::mvccpb::{Event, event::EventType};
 
 /// The events of one revision, in the order the write produced them. `prev_kv` is filled
 /// in every event; streams that did not ask for it drop it when they send.
@@ -53,14 +53,26 @@ impl History {
         out
     }
 
-    /// Drops the revisions below `revision`; a watch may still start at `revision` itself.
+    /// Drops the revisions below `revision`. A watch may still start at `revision` itself
+    /// and then sees what etcd keeps of it: its puts, which are every key's latest version,
+    /// but not its deletes, whose tombstones the compaction removed.
     pub fn compact(&mut self, revision: i64) {
         while let Some(front) = self.revisions.front() {
-            if front.revision >= revision {
+            if front.revision > revision {
                 break;
             }
+            let puts: Vec<Event> = if front.revision == revision {
+                front.events.iter().filter(|e| e.r#type == EventType::Put as i32).cloned().collect()
+            } else {
+                Vec::new()
+            };
             self.events -= front.events.len();
             self.revisions.pop_front();
+            if !puts.is_empty() {
+                self.events += puts.len();
+                self.revisions.push_front(Arc::new(Revision { revision, events: puts }));
+                break;
+            }
         }
     }
 }
@@ -93,5 +105,19 @@ mod tests {
         let read: Vec<i64> = h.read_from(0).iter().map(|r| r.revision).collect();
         assert_eq!(read, [4, 5]);
         assert_eq!(h.event_count(), 4);
+    }
+
+    #[test]
+    fn compaction_drops_the_deletes_of_its_own_revision_as_etcd_drops_their_tombstones() {
+        let mut h = History::default();
+        let delete = Event { r#type: EventType::Delete as i32, ..Event::default() };
+        h.append(Revision { revision: 2, events: vec![Event::default(), delete.clone()] });
+        h.append(Revision { revision: 3, events: vec![delete] });
+        h.compact(2);
+        let kept: Vec<(i64, usize)> = h.read_from(0).iter().map(|r| (r.revision, r.events.len())).collect();
+        assert_eq!(kept, [(2, 1), (3, 1)]);
+        h.compact(3);
+        assert!(h.read_from(0).is_empty());
+        assert_eq!(h.event_count(), 0);
     }
 }

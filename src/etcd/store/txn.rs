@@ -210,20 +210,45 @@ fn collect_writes<'a>(
 }
 
 /// Evaluates the compares, then runs the chosen branch inside `write`.
+///
+/// Like etcd, every compare, nested ones included, is evaluated against the state before
+/// the transaction: a nested txn does not see the writes of the branch it sits in.
 pub(crate) fn execute(write: &mut Write<'_>, request: TxnRequest) -> Result<TxnResponse> {
-    let succeeded = request.compare.iter().all(|c| compare(write.keyspace(), c));
-    let ops = if succeeded { request.success } else { request.failure };
+    let mut path = Vec::new();
+    choose_path(write.keyspace(), &request, &mut path);
     // etcd validates every put's lease and key before applying anything, so a bad op
     // leaves no partial transaction behind.
-    validate_ops(write, &ops)?;
+    validate_ops(write, &request, &mut path.iter().copied())?;
+    execute_path(write, request, &mut path.into_iter())
+}
+
+/// The branch every txn on the chosen path takes, in pre-order.
+fn choose_path(keyspace: &Keyspace, txn: &TxnRequest, path: &mut Vec<bool>) {
+    let succeeded = txn.compare.iter().all(|c| compare(keyspace, c));
+    path.push(succeeded);
+    for op in if succeeded { &txn.success } else { &txn.failure } {
+        if let Some(Request::RequestTxn(nested)) = &op.request {
+            choose_path(keyspace, nested, path);
+        }
+    }
+}
+
+fn execute_path(
+    write: &mut Write<'_>,
+    request: TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+) -> Result<TxnResponse> {
+    let succeeded = path.next().unwrap_or(false);
+    let ops = if succeeded { request.success } else { request.failure };
     let mut responses = Vec::with_capacity(ops.len());
     for op in ops {
-        responses.push(execute_op(write, op)?);
+        responses.push(execute_op(write, op, path)?);
     }
     Ok(TxnResponse { header: None, succeeded, responses })
 }
 
-fn validate_ops(write: &Write<'_>, ops: &[RequestOp]) -> Result<()> {
+fn validate_ops(write: &Write<'_>, txn: &TxnRequest, path: &mut impl Iterator<Item = bool>) -> Result<()> {
+    let ops = if path.next().unwrap_or(false) { &txn.success } else { &txn.failure };
     for op in ops {
         match &op.request {
             Some(Request::RequestRange(r)) => {
@@ -243,17 +268,14 @@ fn validate_ops(write: &Write<'_>, ops: &[RequestOp]) -> Result<()> {
                     return Err(Error::KeyNotFound);
                 }
             }
-            Some(Request::RequestTxn(t)) => {
-                let nested_succeeds = t.compare.iter().all(|c| compare(write.keyspace(), c));
-                validate_ops(write, if nested_succeeds { &t.success } else { &t.failure })?;
-            }
+            Some(Request::RequestTxn(nested)) => validate_ops(write, nested, path)?,
             _ => {}
         }
     }
     Ok(())
 }
 
-fn execute_op(write: &mut Write<'_>, op: RequestOp) -> Result<ResponseOp> {
+fn execute_op(write: &mut Write<'_>, op: RequestOp, path: &mut impl Iterator<Item = bool>) -> Result<ResponseOp> {
     let response = match op.request {
         Some(Request::RequestRange(r)) => {
             let current = write.read_revision();
@@ -272,7 +294,7 @@ fn execute_op(write: &mut Write<'_>, op: RequestOp) -> Result<ResponseOp> {
             Response::ResponseDeleteRange(response)
         }
         Some(Request::RequestTxn(t)) => {
-            let mut response = execute(write, t)?;
+            let mut response = execute_path(write, t, path)?;
             response.header = Some(inner_header(write.read_revision()));
             Response::ResponseTxn(response)
         }
