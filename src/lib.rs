@@ -10,5 +10,19 @@
 pub mod app;
 pub mod config;
 pub mod etcd;
+pub mod kvstore;
 pub mod pki;
 pub mod shutdown;
+pub mod sync;
+
+/// An error and its sources on one line, for log fields.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

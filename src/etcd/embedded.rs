@@ -65,7 +65,7 @@ pub fn spawn(
             async move {
                 tracing::info!("serving the etcd v3 API over mutual TLS");
                 if let Err(error) = server::serve(listener, tls, store, options, shutdown.child_token()).await {
-                    tracing::error!(error = %tls::error_chain(&error), "etcd API server failed");
+                    tracing::error!(error = %crate::error_chain(&error), "etcd API server failed");
                     // One listener failing takes the process down: a half-served store
                     // would look healthy to some clients and dead to others.
                     shutdown.cancel();

@@ -122,7 +122,7 @@ impl ReloadingConfig {
                 Ok(true) => tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded"),
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), "TLS files changed but do not load; keeping the previous ones")
+                    tracing::warn!(error = %crate::error_chain(&error), "TLS files changed but do not load; keeping the previous ones")
                 }
             }
         }
@@ -271,16 +271,4 @@ pub fn incoming(
         .instrument(tracing::info_span!("accept")),
     );
     ReceiverStream::new(rx)
-}
-
-/// An error and its sources on one line, for log fields.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
