@@ -51,6 +51,7 @@ async fn start_store(
 ) -> anyhow::Result<Arc<crate::etcd::store::Store>> {
     let StoreArgs {
         listen_client_urls: _,
+        listen_metrics_urls: _,
         advertise_client_urls,
         name,
         cert_file,
@@ -79,7 +80,11 @@ async fn start_store(
         }
     };
     let addrs: Vec<_> = urls.iter().map(|u| u.addr).collect();
-    let listeners = embedded::bind_all(&addrs).await.with_context(|| format!("binding {addrs:?}"))?;
+    let metrics_addrs: Vec<_> = args.metrics_urls()?.iter().map(|u| u.addr).collect();
+    let listeners = embedded::Listeners {
+        client: embedded::bind_all(&addrs).await.with_context(|| format!("binding {addrs:?}"))?,
+        metrics: embedded::bind_all(&metrics_addrs).await.with_context(|| format!("binding {metrics_addrs:?}"))?,
+    };
     let client_urls = if advertise_client_urls.is_empty() {
         urls.iter().map(|u| u.url.clone()).collect()
     } else {

@@ -48,6 +48,10 @@ pub struct StoreArgs {
     /// Comma-separated `https://host:port` URLs to serve the etcd API on.
     #[arg(long, value_delimiter = ',', default_value = "https://127.0.0.1:2379")]
     pub listen_client_urls: Vec<String>,
+    /// Comma-separated `http://host:port` URLs serving `/metrics` (etcd's names: `etcd_*`,
+    /// `grpc_server_*`) and `/health`. Cilium's chart uses port 9963.
+    #[arg(long, value_delimiter = ',')]
+    pub listen_metrics_urls: Vec<String>,
     /// Client URLs this member reports in `member list` (default: the listen URLs).
     #[arg(long, value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,
@@ -109,9 +113,9 @@ pub struct ListenUrl {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("listen URL {0:?}: only https:// is served (the store always speaks TLS)")]
-    NotHttps(String),
-    #[error("listen URL {url:?}: expected https://IP:PORT")]
+    #[error("listen URL {url:?}: expected a {scheme} URL")]
+    WrongScheme { url: String, scheme: &'static str },
+    #[error("listen URL {url:?}: expected SCHEME://IP:PORT")]
     BadAddress {
         url: String,
         #[source]
@@ -125,11 +129,16 @@ pub enum ConfigError {
 
 impl StoreArgs {
     pub fn listen_urls(&self) -> Result<Vec<ListenUrl>, ConfigError> {
-        self.listen_client_urls.iter().map(|url| parse_listen_url(url)).collect()
+        self.listen_client_urls.iter().map(|url| parse_listen_url(url, "https://")).collect()
+    }
+
+    pub fn metrics_urls(&self) -> Result<Vec<ListenUrl>, ConfigError> {
+        self.listen_metrics_urls.iter().map(|url| parse_listen_url(url, "http://")).collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_urls()?;
+        self.metrics_urls()?;
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::TinyRequestLimit(self.max_request_bytes));
         }
@@ -142,8 +151,8 @@ impl StoreArgs {
 
 /// `https://127.0.0.1:2379`, `https://[::1]:2379`; Cilium's chart brackets IPv4 too
 /// (`https://[10.0.0.1]:2379`), so brackets around an IPv4 address are accepted.
-fn parse_listen_url(url: &str) -> Result<ListenUrl, ConfigError> {
-    let rest = url.strip_prefix("https://").ok_or_else(|| ConfigError::NotHttps(url.to_owned()))?;
+fn parse_listen_url(url: &str, scheme: &'static str) -> Result<ListenUrl, ConfigError> {
+    let rest = url.strip_prefix(scheme).ok_or_else(|| ConfigError::WrongScheme { url: url.to_owned(), scheme })?;
     let hostport = rest.trim_end_matches('/');
     let addr = hostport.parse::<SocketAddr>().or_else(|error| {
         let unbracketed = hostport.strip_prefix('[').and_then(|h| h.split_once("]:")).map(|(h, p)| format!("{h}:{p}"));
@@ -183,9 +192,10 @@ mod tests {
 
     #[test]
     fn listen_urls_accept_ciliums_bracketed_ipv4_and_plain_ipv6() {
-        assert_eq!(parse_listen_url("https://[10.0.0.1]:2379").unwrap().addr, "10.0.0.1:2379".parse().unwrap());
-        assert_eq!(parse_listen_url("https://[::1]:2379").unwrap().addr, "[::1]:2379".parse().unwrap());
-        assert!(matches!(parse_listen_url("http://127.0.0.1:2379"), Err(ConfigError::NotHttps(_))));
+        let https = |url| parse_listen_url(url, "https://");
+        assert_eq!(https("https://[10.0.0.1]:2379").unwrap().addr, "10.0.0.1:2379".parse().unwrap());
+        assert_eq!(https("https://[::1]:2379").unwrap().addr, "[::1]:2379".parse().unwrap());
+        assert!(matches!(https("http://127.0.0.1:2379"), Err(ConfigError::WrongScheme { .. })));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod app;
 pub mod config;
 pub mod etcd;
 pub mod kvstore;
+pub mod metrics;
 pub mod pki;
 pub mod shutdown;
 pub mod sync;

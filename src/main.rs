@@ -26,7 +26,8 @@ fn main() -> std::process::ExitCode {
 
 fn init_tracing(log: &config::LogArgs) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match log.log_format {
         config::LogFormat::Text => builder.init(),
         config::LogFormat::Json => builder.json().init(),

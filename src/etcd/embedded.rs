@@ -9,10 +9,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use prometheus_client::registry::Registry;
+
 use super::auth::AuthStore;
-use super::server::{self, ServerOptions};
+use super::metrics;
+use super::server::{self, ServerMetrics, ServerOptions};
 use super::store::{Identity, Limits, Store};
 use super::tls::{self, ReloadingConfig, TlsFiles};
+use crate::metrics::Routes;
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedConfig {
@@ -24,10 +28,19 @@ pub struct EmbeddedConfig {
     pub auto_compaction_retention: Duration,
 }
 
+/// The sockets one embedded store serves on, bound by the caller.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// etcd's `--listen-client-urls`: the gRPC API over mutual TLS.
+    pub client: Vec<TcpListener>,
+    /// etcd's `--listen-metrics-urls`: plain-HTTP `/metrics` and `/health`.
+    pub metrics: Vec<TcpListener>,
+}
+
 /// Starts serving the store on every listener, with lease expiry, automatic compaction and
 /// certificate reloading beside it; all of it stops on `shutdown` and is tracked by `tracker`.
 pub fn spawn(
-    listeners: Vec<TcpListener>,
+    listeners: Listeners,
     config: EmbeddedConfig,
     auth: AuthStore,
     tracker: &TaskTracker,
@@ -56,15 +69,32 @@ pub fn spawn(
             .run_reloader(config.tls_reload_interval, shutdown.child_token())
             .instrument(tracing::info_span!("tls_reloader")),
     );
-    for listener in listeners {
+    let mut registry = Registry::default();
+    let (grpc, watch) = metrics::register(&mut registry, Arc::clone(&store));
+    let server_metrics = ServerMetrics { grpc, watch };
+    let routes = Routes { metrics: Some(Arc::new(registry)), ready: None, etcd_health: true };
+    for listener in listeners.metrics {
+        let addr = listener.local_addr().ok();
+        let (routes, shutdown) = (routes.clone(), shutdown.child_token());
+        tracker.spawn(
+            async move {
+                if let Err(error) = crate::metrics::serve(listener, routes, shutdown).await {
+                    tracing::error!(%error, "metrics server failed");
+                }
+            }
+            .instrument(tracing::info_span!("etcd_metrics", addr = ?addr)),
+        );
+    }
+    for listener in listeners.client {
         let addr = listener.local_addr().ok();
         let span = tracing::info_span!("etcd_server", addr = ?addr);
-        let (tls, store, options, shutdown) =
-            (Arc::clone(&tls), Arc::clone(&store), config.server.clone(), shutdown.clone());
+        let (tls, store, options, metrics, shutdown) =
+            (Arc::clone(&tls), Arc::clone(&store), config.server.clone(), server_metrics.clone(), shutdown.clone());
         tracker.spawn(
             async move {
                 tracing::info!("serving the etcd v3 API over mutual TLS");
-                if let Err(error) = server::serve(listener, tls, store, options, shutdown.child_token()).await {
+                if let Err(error) = server::serve(listener, tls, store, options, metrics, shutdown.child_token()).await
+                {
                     tracing::error!(error = %crate::error_chain(&error), "etcd API server failed");
                     // One listener failing takes the process down: a half-served store
                     // would look healthy to some clients and dead to others.

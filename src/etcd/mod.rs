@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod embedded;
 pub mod error;
+pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod service;

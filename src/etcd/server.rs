@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::{GrpcMetrics, GrpcMetricsLayer, WatchGauges};
 use super::pb::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
@@ -30,6 +31,13 @@ pub struct ServerOptions {
     pub watch: WatchConfig,
 }
 
+/// Where the server reports what it does.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    pub grpc: GrpcMetrics,
+    pub watch: Arc<WatchGauges>,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("serving the etcd API")]
 pub struct ServeError(#[source] tonic::transport::Error);
@@ -41,18 +49,20 @@ pub async fn serve(
     tls: Arc<ReloadingConfig>,
     store: Arc<Store>,
     options: ServerOptions,
+    metrics: ServerMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let max_message = store.limits().max_request_bytes + GRPC_OVERHEAD_BYTES;
     let incoming = tls::incoming(listener, tls, shutdown.clone());
     tonic::transport::Server::builder()
+        .layer(GrpcMetricsLayer(metrics.grpc))
         // etcd's server keepalive defaults: clients behind a LoadBalancer are told about a
         // dead peer within a few seconds of these.
         .http2_keepalive_interval(Some(Duration::from_secs(7200)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(KvServer::new(KvService::new(Arc::clone(&store))).max_decoding_message_size(max_message))
         .add_service(
-            WatchServer::new(WatchService::new(Arc::clone(&store), options.watch, shutdown.clone()))
+            WatchServer::new(WatchService::new(Arc::clone(&store), options.watch, metrics.watch, shutdown.clone()))
                 .max_decoding_message_size(max_message),
         )
         .add_service(LeaseServer::new(LeaseService::new(Arc::clone(&store), shutdown.clone())))

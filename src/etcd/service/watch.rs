@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prost::Message;
@@ -20,6 +21,7 @@ use tracing::Instrument;
 
 use super::caller;
 use crate::etcd::Error;
+use crate::etcd::metrics::WatchGauges;
 use crate::etcd::pb::etcdserverpb::{
     WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request::FilterType,
     watch_request::RequestUnion, watch_server::Watch,
@@ -48,12 +50,13 @@ impl Default for WatchConfig {
 pub struct WatchService {
     store: Arc<Store>,
     config: WatchConfig,
+    gauges: Arc<WatchGauges>,
     shutdown: CancellationToken,
 }
 
 impl WatchService {
-    pub fn new(store: Arc<Store>, config: WatchConfig, shutdown: CancellationToken) -> Self {
-        Self { store, config, shutdown }
+    pub fn new(store: Arc<Store>, config: WatchConfig, gauges: Arc<WatchGauges>, shutdown: CancellationToken) -> Self {
+        Self { store, config, gauges, shutdown }
     }
 }
 
@@ -65,7 +68,8 @@ impl Watch for WatchService {
         let user = caller(&request).map(str::to_owned);
         let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let session = Session::new(Arc::clone(&self.store), user.clone(), self.config.clone());
+        let session =
+            Session::new(Arc::clone(&self.store), user.clone(), self.config.clone(), Arc::clone(&self.gauges));
         let span = tracing::debug_span!("watch_stream", user = user.as_deref().unwrap_or(""), peer = ?peer);
         tokio::spawn(session.run(request.into_inner(), tx, self.shutdown.child_token()).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -97,6 +101,7 @@ impl Watcher {
 
 struct Session {
     store: Arc<Store>,
+    gauges: Arc<WatchGauges>,
     user: Option<String>,
     config: WatchConfig,
     watchers: BTreeMap<i64, Watcher>,
@@ -108,10 +113,12 @@ struct Session {
 }
 
 impl Session {
-    fn new(store: Arc<Store>, user: Option<String>, config: WatchConfig) -> Self {
+    fn new(store: Arc<Store>, user: Option<String>, config: WatchConfig, gauges: Arc<WatchGauges>) -> Self {
         let current = store.revision();
+        gauges.streams.fetch_add(1, Ordering::Relaxed);
         Self {
             store,
+            gauges,
             user,
             config,
             watchers: BTreeMap::new(),
@@ -172,6 +179,7 @@ impl Session {
             Some(RequestUnion::CreateRequest(create)) => self.create(create),
             Some(RequestUnion::CancelRequest(WatchCancelRequest { watch_id })) => {
                 if self.watchers.remove(&watch_id).is_some() {
+                    self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
                     self.outbox.push_back(WatchResponse {
                         header: Some(self.store.header_at(self.current)),
                         watch_id,
@@ -229,6 +237,7 @@ impl Session {
                 fragment: create.fragment,
             },
         );
+        self.gauges.watchers.fetch_add(1, Ordering::Relaxed);
         self.outbox.push_back(WatchResponse { header, watch_id: id, created: true, ..WatchResponse::default() });
     }
 
@@ -275,6 +284,7 @@ impl Session {
             self.watchers.iter().filter(|(_, w)| w.next_revision < compact_revision).map(|(&id, _)| id).collect();
         for watch_id in lost {
             self.watchers.remove(&watch_id);
+            self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(watch_id, compact_revision, "watcher fell behind a compaction");
             self.outbox.push_back(WatchResponse {
                 header: Some(header.clone()),
@@ -310,6 +320,13 @@ impl Session {
                 });
             }
         }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.gauges.streams.fetch_sub(1, Ordering::Relaxed);
+        self.gauges.watchers.fetch_sub(self.watchers.len() as i64, Ordering::Relaxed);
     }
 }
 

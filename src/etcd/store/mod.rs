@@ -102,6 +102,12 @@ pub struct Store {
     lease_granted: Notify,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("identity", &self.identity).finish_non_exhaustive()
+    }
+}
+
 impl Store {
     pub fn new(identity: Identity, limits: Limits, auth: AuthStore) -> Arc<Self> {
         let state = State { revision: 1, ..State::default() };

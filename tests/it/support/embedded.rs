@@ -51,7 +51,8 @@ impl EmbeddedStore {
         };
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let store = embedded::spawn(vec![listener], config, auth, &tracker, &token).expect("embedded store starts");
+        let listeners = embedded::Listeners { client: vec![listener], metrics: Vec::new() };
+        let store = embedded::spawn(listeners, config, auth, &tracker, &token).expect("embedded store starts");
         Self { addr, store, token, tracker }
     }
 

@@ -1,0 +1,189 @@
+//! The embedded store's metrics under etcd's own names, so that dashboards and alerts
+//! written for Cilium's etcd sidecar keep working.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::{Context, Poll};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::store::Store;
+
+/// Watch streams and watchers currently open, kept by the Watch service.
+#[derive(Debug, Default)]
+pub struct WatchGauges {
+    pub streams: AtomicI64,
+    pub watchers: AtomicI64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub grpc_type: &'static str,
+    pub grpc_service: String,
+    pub grpc_method: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandledLabels {
+    pub grpc_type: &'static str,
+    pub grpc_service: String,
+    pub grpc_method: String,
+    pub grpc_code: &'static str,
+}
+
+/// `grpc_server_started_total` and `grpc_server_handled_total`, as go-grpc-prometheus
+/// names them for etcd.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcMetrics {
+    started: Family<GrpcLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+}
+
+/// Registers the store's metrics; returns the handles the gRPC server and Watch service feed.
+pub fn register(registry: &mut Registry, store: Arc<Store>) -> (GrpcMetrics, Arc<WatchGauges>) {
+    let grpc = GrpcMetrics::default();
+    registry.register("grpc_server_started", "RPCs started on the server", grpc.started.clone());
+    registry.register("grpc_server_handled", "RPCs completed on the server, by status code", grpc.handled.clone());
+    let watch = Arc::new(WatchGauges::default());
+    registry.register_collector(Box::new(StoreCollector { store, watch: Arc::clone(&watch) }));
+    (grpc, watch)
+}
+
+#[derive(Debug)]
+struct StoreCollector {
+    store: Arc<Store>,
+    watch: Arc<WatchGauges>,
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.store.stats();
+        let gauges: [(&str, &str, i64); 9] = [
+            ("etcd_server_has_leader", "Whether a leader exists: a single member always leads", 1),
+            ("etcd_server_is_leader", "Whether this member is the leader", 1),
+            ("etcd_mvcc_db_total_size_in_bytes", "Bytes of keys and values held", stats.key_value_bytes as i64),
+            ("etcd_mvcc_db_total_size_in_use_in_bytes", "Bytes of keys and values held", stats.key_value_bytes as i64),
+            ("etcd_debugging_mvcc_keys_total", "Live keys", stats.keys as i64),
+            ("etcd_debugging_mvcc_current_revision", "Current revision", stats.revision),
+            ("etcd_debugging_mvcc_compact_revision", "Last compaction revision", stats.compact_revision),
+            ("etcd_debugging_mvcc_watcher_total", "Watchers open", self.watch.watchers.load(Ordering::Relaxed)),
+            (
+                "etcd_debugging_mvcc_watch_stream_total",
+                "Watch streams open",
+                self.watch.streams.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        let leases = ConstGauge::new(stats.leases as i64);
+        leases.encode(encoder.encode_descriptor(
+            "etcd_debugging_lease_total",
+            "Leases held",
+            None,
+            MetricType::Gauge,
+        )?)
+    }
+}
+
+/// The tower layer that counts every RPC by service, method and final status code.
+#[derive(Debug, Clone)]
+pub struct GrpcMetricsLayer(pub GrpcMetrics);
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService { inner, metrics: self.0.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: GrpcMetrics,
+}
+
+fn grpc_type(method: &str) -> &'static str {
+    match method {
+        "Watch" | "LeaseKeepAlive" => "bidi_stream",
+        "Snapshot" => "server_stream",
+        _ => "unary",
+    }
+}
+
+/// gRPC status codes by number, as Prometheus labels spell them.
+fn code_name(code: &str) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    code.parse::<usize>().ok().and_then(|i| NAMES.get(i).copied()).unwrap_or("Unknown")
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let labels = GrpcLabels {
+            grpc_type: grpc_type(method),
+            grpc_service: service.to_owned(),
+            grpc_method: method.to_owned(),
+        };
+        self.metrics.started.get_or_create(&labels).inc();
+        // The clone-and-swap keeps the service that poll_ready readied for this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let handled = self.metrics.handled.clone();
+        Box::pin(async move {
+            let response = inner.call(request).await?;
+            // Errors are trailers-only responses with the status in the headers; anything
+            // else started successfully.
+            let code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map_or("OK", code_name);
+            let labels = HandledLabels {
+                grpc_type: labels.grpc_type,
+                grpc_service: labels.grpc_service,
+                grpc_method: labels.grpc_method,
+                grpc_code: code,
+            };
+            handled.get_or_create(&labels).inc();
+            Ok(response)
+        })
+    }
+}
