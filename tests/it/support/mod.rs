@@ -10,12 +10,14 @@ pub mod embedded;
 pub mod etcd;
 pub mod etcdctl;
 pub mod eventually;
+pub mod fake_k8s;
 
 pub use certs::{ClientCert, Pki};
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdProcess, client_tls, connect, connect_with_tls};
 pub use etcdctl::{Etcdctl, Output};
 pub use eventually::{Attempt, eventually};
+pub use fake_k8s::{FakeApiServer, FakeOptions, RequestRecord, ResourceSpec, Verb};
 
 use std::sync::Once;
 
