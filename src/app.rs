@@ -1,14 +1,20 @@
 //! The only module that knows every component: builds them, spawns the task tree, and
 //! orders shutdown.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Cli, Command, KvstoreArgs, StoreArgs};
+use prometheus_client::registry::Registry;
+use tracing::Instrument;
+
+use crate::clustermesh::{self, ClustermeshConfig, Source};
+use crate::config::{Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, StoreArgs};
 use crate::etcd::auth::AuthStore;
 use crate::etcd::embedded::{self, EmbeddedConfig};
 use crate::etcd::server::ServerOptions;
@@ -16,13 +22,104 @@ use crate::etcd::service::cluster::MemberInfo;
 use crate::etcd::service::watch::WatchConfig;
 use crate::etcd::store::Limits;
 use crate::etcd::tls::TlsFiles;
+use crate::kvstore::embedded::Embedded;
+use crate::kvstore::etcd::{Etcd, EtcdConfig};
+use crate::metrics::{self, Routes};
+use crate::translate::model::Settings;
 use crate::{pki, shutdown};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli { log: _, command } = cli;
     match command {
-        Command::Kvstore(args) => run_kvstore(args).await,
+        Command::Clustermesh(args) => run_clustermesh(*args).await,
+        Command::Kvstore(args) => run_kvstore(*args).await,
     }
+}
+
+async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
+    let tracker = TaskTracker::new();
+    let mut registry = Registry::with_prefix("cilium_clustermesh_apiserver");
+
+    let settings = Settings {
+        max_connected_clusters: args.max_connected_clusters,
+        enable_cilium_endpoint_slice: args.enable_cilium_endpoint_slice,
+        mcs_api_enabled: args.clustermesh_enable_mcs_api,
+        default_global_namespace: args.clustermesh_default_global_namespace,
+        service_v2_mode: args.clustermesh_service_v2,
+        ..Settings::new(args.cluster_name.clone(), args.cluster_id)
+    };
+    let source = match (&args.k8s_objects_dir, &args.k8s_kubeconfig_path) {
+        (Some(dir), _) => Source::Directory(dir.clone(), Duration::from_secs(1)),
+        (None, path) => Source::Kubernetes(kube_client(path.as_deref()).await?),
+    };
+    let mut config = ClustermeshConfig::new(settings, source);
+    config.lease_ttl = args.kvstore_lease_ttl;
+
+    let running = match args.kvstore {
+        KvstoreKind::Embedded => {
+            let store = start_store(&args.store, AuthStore::cilium(&args.cluster_name), &tracker, &token).await?;
+            clustermesh::spawn(Arc::new(Embedded::new(store)), config, &mut registry, &tracker, &token)
+        }
+        KvstoreKind::Etcd => {
+            let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
+            let etcd = EtcdConfig::load(&path)?.connect().await?;
+            clustermesh::spawn(Arc::new(Etcd::new(etcd)), config, &mut registry, &tracker, &token)
+        }
+    };
+
+    let health = bind(SocketAddr::from(([0, 0, 0, 0], args.health_port))).await?;
+    let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
+    tracker.spawn(serve_admin(health, routes, token.child_token(), "health"));
+    if let Some(addr) = args.prometheus_addr()? {
+        let routes = Routes { metrics: Some(Arc::new(registry)), ..Routes::default() };
+        tracker.spawn(serve_admin(bind(addr).await?, routes, token.child_token(), "metrics"));
+    }
+    wait_for_shutdown(&token, &tracker).await
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await.context("finding the Kubernetes API (in-cluster or kubeconfig)")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    routes: Routes,
+    shutdown: CancellationToken,
+    what: &'static str,
+) {
+    let addr = listener.local_addr().ok();
+    async move {
+        if let Err(error) = metrics::serve(listener, routes, shutdown).await {
+            tracing::error!(%error, "admin server failed");
+        }
+    }
+    .instrument(tracing::info_span!("admin", what, addr = ?addr))
+    .await
+}
+
+/// Waits for the shutdown signal, then for every task, within the grace period.
+async fn wait_for_shutdown(token: &CancellationToken, tracker: &TaskTracker) -> anyhow::Result<()> {
+    token.cancelled().await;
+    tracker.close();
+    if tokio::time::timeout(shutdown::GRACE_PERIOD, tracker.wait()).await.is_err() {
+        anyhow::bail!("tasks still running {:?} after the shutdown signal", shutdown::GRACE_PERIOD);
+    }
+    Ok(())
 }
 
 async fn run_kvstore(args: KvstoreArgs) -> anyhow::Result<()> {
@@ -35,12 +132,7 @@ async fn run_kvstore(args: KvstoreArgs) -> anyhow::Result<()> {
     shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
     let tracker = TaskTracker::new();
     start_store(&store, auth, &tracker, &token).await?;
-    token.cancelled().await;
-    tracker.close();
-    if tokio::time::timeout(shutdown::GRACE_PERIOD, tracker.wait()).await.is_err() {
-        anyhow::bail!("tasks still running {:?} after the shutdown signal", shutdown::GRACE_PERIOD);
-    }
-    Ok(())
+    wait_for_shutdown(&token, &tracker).await
 }
 
 async fn start_store(

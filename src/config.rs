@@ -22,8 +22,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Mirror this cluster's Kubernetes state into the store (embedded unless attached).
+    Clustermesh(Box<ClustermeshArgs>),
     /// The embedded store alone, as an etcd for this workload (mTLS on 2379).
-    Kvstore(KvstoreArgs),
+    Kvstore(Box<KvstoreArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -58,14 +60,14 @@ pub struct StoreArgs {
     /// Member name reported in `member list`.
     #[arg(long, default_value = "default")]
     pub name: String,
-    /// Server certificate (PEM).
-    #[arg(long, required_unless_present = "auto_tls")]
+    /// Server certificate (PEM); required for the embedded store unless --auto-tls.
+    #[arg(long)]
     pub cert_file: Option<PathBuf>,
     /// Server private key (PEM).
-    #[arg(long, required_unless_present = "auto_tls")]
+    #[arg(long)]
     pub key_file: Option<PathBuf>,
     /// CA bundle that client certificates must chain to (PEM).
-    #[arg(long, required_unless_present = "auto_tls")]
+    #[arg(long)]
     pub trusted_ca_file: Option<PathBuf>,
     /// Require and verify client certificates. On by default, unlike etcd: this store is
     /// meant to face other clusters, and the certificate is the only credential.
@@ -104,6 +106,113 @@ pub struct KvstoreArgs {
     pub cluster_name: Option<String>,
 }
 
+/// Which store the mirror writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvstoreKind {
+    /// The store inside this process, served on --listen-client-urls.
+    Embedded,
+    /// A real etcd, configured by `--kvstore-opt etcd.config=FILE`.
+    Etcd,
+}
+
+/// `clustermesh-apiserver clustermesh`, with Cilium's flag names.
+#[derive(Debug, Args)]
+pub struct ClustermeshArgs {
+    /// This cluster's name: at most 32 characters, lowercase alphanumerics and '-', starting
+    /// and ending with an alphanumeric.
+    #[arg(long, default_value = "default")]
+    pub cluster_name: String,
+    /// This cluster's ID, 1..=--max-connected-clusters.
+    #[arg(long, default_value_t = 0)]
+    pub cluster_id: u32,
+    /// 255 or 511 (511 halves the cluster-local identity space).
+    #[arg(long, default_value_t = 255)]
+    pub max_connected_clusters: u32,
+    /// Also export MCS-API ServiceExports.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub clustermesh_enable_mcs_api: bool,
+    /// Read CiliumEndpointSlices instead of CiliumEndpoints.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_cilium_endpoint_slice: bool,
+    /// Whether namespaces without the `clustermesh.cilium.io/global` annotation are global.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub clustermesh_default_global_namespace: bool,
+    /// Which service shapes to export: prefer-legacy (services/v1 and endpointslices/v1),
+    /// prefer-endpointslice, or only-endpointslice (no services/v1).
+    #[arg(long, default_value = "prefer-legacy")]
+    pub clustermesh_service_v2: crate::translate::ServiceV2Mode,
+    /// The store to write to.
+    #[arg(long, value_enum, default_value_t = KvstoreKind::Embedded)]
+    pub kvstore: KvstoreKind,
+    /// `key=value` options of the store, e.g. `etcd.config=/var/lib/cilium/etcd-config.yaml`.
+    #[arg(long, value_delimiter = ',')]
+    pub kvstore_opt: Vec<String>,
+    /// TTL of the lease every written key is attached to.
+    #[arg(long, value_parser = humantime_secs, default_value = "15m")]
+    pub kvstore_lease_ttl: Duration,
+    /// Kubeconfig to reach the Kubernetes API (default: in-cluster, then ~/.kube/config).
+    #[arg(long)]
+    pub k8s_kubeconfig_path: Option<PathBuf>,
+    /// Read objects from this directory of YAML/JSON manifests instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "k8s_kubeconfig_path")]
+    pub k8s_objects_dir: Option<PathBuf>,
+    /// Port of /healthz and /readyz.
+    #[arg(long, default_value_t = 9880)]
+    pub health_port: u16,
+    /// Address of /metrics (`cilium_clustermesh_apiserver_*`); empty turns it off.
+    #[arg(long, default_value = ":9962")]
+    pub prometheus_serve_addr: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+impl ClustermeshArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_cluster_name(&self.cluster_name)?;
+        if !matches!(self.max_connected_clusters, 255 | 511) {
+            return Err(ConfigError::MaxConnectedClusters(self.max_connected_clusters));
+        }
+        if self.cluster_id == 0 || self.cluster_id > self.max_connected_clusters {
+            return Err(ConfigError::ClusterId { id: self.cluster_id, max: self.max_connected_clusters });
+        }
+        if self.kvstore == KvstoreKind::Etcd && self.etcd_config().is_none() {
+            return Err(ConfigError::NoEtcdConfig);
+        }
+        if self.kvstore == KvstoreKind::Embedded {
+            self.store.validate()?;
+        }
+        Ok(())
+    }
+
+    /// `--kvstore-opt etcd.config=FILE`.
+    pub fn etcd_config(&self) -> Option<PathBuf> {
+        self.kvstore_opt.iter().find_map(|opt| opt.strip_prefix("etcd.config=")).map(PathBuf::from)
+    }
+
+    /// `:9962` → all interfaces; empty → off.
+    pub fn prometheus_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let text = self.prometheus_serve_addr.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let full = if text.starts_with(':') { format!("0.0.0.0{text}") } else { text.to_owned() };
+        full.parse().map(Some).map_err(|_| ConfigError::BadAddr(text.to_owned()))
+    }
+}
+
+/// Cilium's rule (enforced since 1.17): the name becomes part of keys, DNS names and
+/// certificate names.
+pub fn validate_cluster_name(name: &str) -> Result<(), ConfigError> {
+    let bytes = name.as_bytes();
+    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let valid = !bytes.is_empty()
+        && bytes.len() <= 32
+        && bytes.iter().all(|b| alnum(b) || *b == b'-')
+        && bytes.first().is_some_and(alnum)
+        && bytes.last().is_some_and(alnum);
+    if valid { Ok(()) } else { Err(ConfigError::ClusterName(name.to_owned())) }
+}
+
 /// A listen URL reduced to what we bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenUrl {
@@ -125,6 +234,20 @@ pub enum ConfigError {
     TinyRequestLimit(usize),
     #[error("--max-txn-ops must be at least 1")]
     NoTxnOps,
+    #[error("the embedded store needs --cert-file, --key-file and --trusted-ca-file (or --auto-tls)")]
+    NoTlsFiles,
+    #[error(
+        "invalid --cluster-name {0:?}: at most 32 characters, lowercase alphanumerics and '-', starting and ending with an alphanumeric"
+    )]
+    ClusterName(String),
+    #[error("invalid --cluster-id {id}: must be between 1 and {max} (--max-connected-clusters)")]
+    ClusterId { id: u32, max: u32 },
+    #[error("invalid --max-connected-clusters {0}: must be 255 or 511")]
+    MaxConnectedClusters(u32),
+    #[error("--kvstore etcd needs --kvstore-opt etcd.config=FILE")]
+    NoEtcdConfig,
+    #[error("invalid address {0:?}")]
+    BadAddr(String),
 }
 
 impl StoreArgs {
@@ -139,6 +262,10 @@ impl StoreArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_urls()?;
         self.metrics_urls()?;
+        let files = [&self.cert_file, &self.key_file, &self.trusted_ca_file];
+        if !self.auto_tls && files.iter().any(|f| f.is_none()) {
+            return Err(ConfigError::NoTlsFiles);
+        }
         if self.max_request_bytes < 1024 {
             return Err(ConfigError::TinyRequestLimit(self.max_request_bytes));
         }
@@ -199,6 +326,31 @@ mod tests {
     }
 
     #[test]
+    fn cluster_names_follow_ciliums_rule() {
+        for good in ["default", "cluster1", "a", "my-cluster-2", &"a".repeat(32)] {
+            assert!(validate_cluster_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Cluster", "a_b", &"a".repeat(33)] {
+            assert!(validate_cluster_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_cluster_id_must_fit_the_mesh_size() {
+        let parse = |extra: &[&str]| {
+            let args = [&["clustermesh-apiserver", "clustermesh", "--cluster-name=c1"], extra].concat();
+            let Command::Clustermesh(args) = Cli::try_parse_from(args).expect("parses").command else {
+                panic!("clustermesh command")
+            };
+            args.validate()
+        };
+        assert!(matches!(parse(&["--cluster-id=0", "--auto-tls"]), Err(ConfigError::ClusterId { .. })));
+        assert!(matches!(parse(&["--cluster-id=256", "--auto-tls"]), Err(ConfigError::ClusterId { .. })));
+        assert!(parse(&["--cluster-id=256", "--max-connected-clusters=511", "--auto-tls"]).is_ok());
+        assert!(matches!(parse(&["--cluster-id=3", "--kvstore=etcd"]), Err(ConfigError::NoEtcdConfig)));
+    }
+
+    #[test]
     fn compaction_retention_is_hours_when_a_bare_number_as_in_etcd() {
         assert_eq!(retention("1").unwrap(), Duration::from_secs(3600));
         assert_eq!(retention("30m").unwrap(), Duration::from_secs(1800));
@@ -218,7 +370,7 @@ mod tests {
             "--max-txn-ops=64",
         ])
         .expect("parses");
-        let Command::Kvstore(args) = cli.command;
+        let Command::Kvstore(args) = cli.command else { panic!("kvstore command") };
         assert_eq!(args.store.listen_urls().unwrap().len(), 2);
         assert!(args.store.client_cert_auth);
         assert_eq!(args.store.max_txn_ops, 64);

@@ -8,13 +8,17 @@
 //! ```
 
 pub mod app;
+pub mod clustermesh;
 pub mod config;
 pub mod etcd;
+pub mod k8s;
 pub mod kvstore;
 pub mod metrics;
 pub mod pki;
 pub mod shutdown;
+pub mod source;
 pub mod sync;
+pub mod translate;
 
 /// An error and its sources on one line, for log fields.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

@@ -1,6 +1,8 @@
 //! From the translation model's key diffs to the store: the sync store (writes, lease,
 //! canaries), the cluster-config and heartbeat keys, and readiness.
 
+pub mod mirror;
+pub mod state;
 pub mod store;
 
 /// Now as Go's `time.RFC3339` prints it (UTC, whole seconds): the value Cilium writes into

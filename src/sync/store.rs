@@ -126,6 +126,12 @@ impl SyncStore {
         self.wake.notify_one();
     }
 
+    /// Reports writes of `key` through [`SyncStore::canaries`] too (the cluster config,
+    /// which readiness waits for like a canary).
+    pub fn track_written(&self, key: &str) {
+        self.state.lock().canary_keys.insert(key.to_owned());
+    }
+
     /// Forgets what is believed written for `key` and writes the desired state again: for
     /// keys someone else may have changed (the cluster config) or removed.
     pub fn rewrite(&self, key: &str, found: Option<Bytes>) {

@@ -143,10 +143,10 @@ impl Auth for AuthService {
         let roles = {
             let auth = self.store.auth().read();
             // A user may always look itself up (etcd: `UserGet` in apply_auth.go).
-            if let Err(err) = auth.check_admin(caller(&request)) {
-                if caller(&request) != Some(name.as_str()) {
-                    return Err(err.into());
-                }
+            if let Err(err) = auth.check_admin(caller(&request))
+                && caller(&request) != Some(name.as_str())
+            {
+                return Err(err.into());
             }
             auth.user_get(name)?
         };
@@ -212,10 +212,10 @@ impl Auth for AuthService {
         let perms = {
             let auth = self.store.auth().read();
             // A user may always read a role it holds (etcd: `RoleGet` in apply_auth.go).
-            if let Err(err) = auth.check_admin(caller(&request)) {
-                if !caller(&request).is_some_and(|user| auth.has_role(user, role)) {
-                    return Err(err.into());
-                }
+            if let Err(err) = auth.check_admin(caller(&request))
+                && !caller(&request).is_some_and(|user| auth.has_role(user, role))
+            {
+                return Err(err.into());
             }
             auth.role_get(role)?
         };

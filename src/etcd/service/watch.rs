@@ -177,26 +177,30 @@ impl Session {
     fn handle(&mut self, request: WatchRequest) {
         match request.request_union {
             Some(RequestUnion::CreateRequest(create)) => self.create(create),
-            Some(RequestUnion::CancelRequest(WatchCancelRequest { watch_id })) => {
-                if self.watchers.remove(&watch_id).is_some() {
-                    self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
-                    self.outbox.push_back(WatchResponse {
-                        header: Some(self.store.header_at(self.current)),
-                        watch_id,
-                        canceled: true,
-                        ..WatchResponse::default()
-                    });
-                }
-            }
+            Some(RequestUnion::CancelRequest(WatchCancelRequest { watch_id })) => self.cancel(watch_id),
             Some(RequestUnion::ProgressRequest(_)) => self.progress_requested = true,
             None => {}
         }
     }
 
+    /// etcd confirms the cancellation of a watcher it has, and ignores unknown IDs.
+    fn cancel(&mut self, watch_id: i64) {
+        if self.watchers.remove(&watch_id).is_none() {
+            return;
+        }
+        self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
+        self.outbox.push_back(WatchResponse {
+            header: Some(self.store.header_at(self.current)),
+            watch_id,
+            canceled: true,
+            ..WatchResponse::default()
+        });
+    }
+
     fn create(&mut self, create: WatchCreateRequest) {
         let header = Some(self.store.header_at(self.current));
         let refused = |watch_id: i64, reason: String| WatchResponse {
-            header: header.clone(),
+            header,
             watch_id,
             created: true,
             canceled: true,
@@ -265,8 +269,7 @@ impl Session {
             if events.is_empty() {
                 continue;
             }
-            let response =
-                WatchResponse { header: Some(header.clone()), watch_id: id, events, ..WatchResponse::default() };
+            let response = WatchResponse { header: Some(header), watch_id: id, events, ..WatchResponse::default() };
             if watcher.fragment {
                 self.outbox.extend(fragments(response, max_bytes));
             } else {
@@ -287,7 +290,7 @@ impl Session {
             self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(watch_id, compact_revision, "watcher fell behind a compaction");
             self.outbox.push_back(WatchResponse {
-                header: Some(header.clone()),
+                header: Some(header),
                 watch_id,
                 canceled: true,
                 compact_revision,
@@ -313,11 +316,7 @@ impl Session {
         let header = self.store.header_at(self.current);
         for (&watch_id, watcher) in &self.watchers {
             if watcher.progress_notify && watcher.next_revision > self.current {
-                self.outbox.push_back(WatchResponse {
-                    header: Some(header.clone()),
-                    watch_id,
-                    ..WatchResponse::default()
-                });
+                self.outbox.push_back(WatchResponse { header: Some(header), watch_id, ..WatchResponse::default() });
             }
         }
     }

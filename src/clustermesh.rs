@@ -1,0 +1,120 @@
+//! The `clustermesh` role: Kubernetes objects → translation model → sync store → backend,
+//! with the cluster config, heartbeat and readiness beside it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::kvstore::Backend;
+use crate::source::{self, SourceEvent};
+use crate::sync::mirror::{Mirror, MirrorMetrics};
+use crate::sync::state::{self, HEARTBEAT_INTERVAL};
+use crate::sync::store::SyncStore;
+use crate::translate::model::{Model, Settings};
+
+/// Where objects come from.
+#[derive(Clone)]
+pub enum Source {
+    Kubernetes(kube::Client),
+    /// A directory of manifests, polled at the interval.
+    Directory(PathBuf, Duration),
+}
+
+#[derive(Clone)]
+pub struct ClustermeshConfig {
+    pub settings: Settings,
+    pub source: Source,
+    /// `--kvstore-lease-ttl`: every key is written on a lease of this TTL, so that keys of a
+    /// server that died without cleaning up expire on their own (Cilium: 15 minutes).
+    pub lease_ttl: Duration,
+    /// How often the cluster config is checked against the store.
+    pub cluster_config_check: Duration,
+    pub heartbeat: Duration,
+}
+
+impl ClustermeshConfig {
+    pub fn new(settings: Settings, source: Source) -> Self {
+        Self {
+            settings,
+            source,
+            lease_ttl: Duration::from_secs(15 * 60),
+            cluster_config_check: Duration::from_secs(5),
+            heartbeat: HEARTBEAT_INTERVAL,
+        }
+    }
+}
+
+/// What the rest of the process can observe of a running mirror.
+pub struct Running {
+    pub ready: watch::Receiver<bool>,
+    pub sync: Arc<SyncStore>,
+}
+
+/// Starts the mirror and everything beside it on `backend`; all of it stops on `shutdown`.
+///
+/// The cluster config is queued before anything else, so it is the first key written:
+/// agents refuse a cluster without one.
+pub fn spawn<B: Backend>(
+    backend: Arc<B>,
+    config: ClustermeshConfig,
+    registry: &mut Registry,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Running {
+    let cluster = config.settings.cluster_name.clone();
+    let sync = SyncStore::new();
+    let cluster_config_key = crate::translate::cluster_config_key(&config.settings);
+    sync.track_written(&cluster_config_key);
+    sync.upsert(cluster_config_key.clone(), crate::translate::cluster_config(&config.settings));
+
+    let metrics = MirrorMetrics::register(registry);
+    let mirror = Mirror::new(Model::new(config.settings.clone()), Arc::clone(&sync), metrics);
+    let kinds = mirror.kinds();
+    let mut waited_for = mirror.canary_keys();
+    waited_for.push(cluster_config_key.clone());
+    let prefixes = mirror.prefixes();
+
+    let (events_tx, events_rx) = mpsc::channel::<SourceEvent>(1024);
+    tracker.spawn(mirror.run(events_rx, shutdown.child_token()).instrument(tracing::info_span!("mirror", %cluster)));
+    match config.source {
+        Source::Kubernetes(client) => source::kube::spawn(client, &kinds, events_tx, tracker, shutdown),
+        Source::Directory(dir, interval) => {
+            let span = tracing::info_span!("objects_dir", dir = %dir.display());
+            tracker.spawn(
+                source::objects_dir::run(dir, kinds, interval, events_tx, shutdown.child_token()).instrument(span),
+            );
+        }
+    }
+
+    tracker.spawn(
+        Arc::clone(&sync)
+            .run(Arc::clone(&backend), config.lease_ttl, shutdown.child_token())
+            .instrument(tracing::info_span!("sync_store", %cluster)),
+    );
+    tracker.spawn(
+        state::run_heartbeat(Arc::clone(&sync), config.heartbeat, shutdown.child_token())
+            .instrument(tracing::info_span!("heartbeat")),
+    );
+    tracker.spawn(
+        state::run_cluster_config_enforcer(
+            Arc::clone(&sync),
+            Arc::clone(&backend),
+            cluster_config_key,
+            config.cluster_config_check,
+            shutdown.child_token(),
+        )
+        .instrument(tracing::info_span!("cluster_config")),
+    );
+    let (ready_tx, ready) = watch::channel(false);
+    tracker.spawn(
+        state::run_readiness(Arc::clone(&sync), backend, waited_for, prefixes, ready_tx, shutdown.child_token())
+            .instrument(tracing::info_span!("readiness")),
+    );
+    Running { ready, sync }
+}

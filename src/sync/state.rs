@@ -1,0 +1,92 @@
+//! The keys beside the mirrored objects — the cluster config (written first, restored when
+//! edited or deleted) and the heartbeat — and readiness: ready once the cluster config and
+//! every canary are written, after which keys that no object wants are pruned.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::store::SyncStore;
+use crate::kvstore::Backend;
+
+/// Cilium's heartbeat key, rewritten every [`HEARTBEAT_INTERVAL`]; clients reconnect after
+/// two intervals without one.
+pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Keeps the heartbeat fresh until `shutdown`.
+pub async fn run_heartbeat(sync: Arc<SyncStore>, interval: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => sync.upsert(HEARTBEAT_KEY.to_owned(), Bytes::from(super::rfc3339_now())),
+        }
+    }
+}
+
+/// Restores the cluster config when someone else changed or deleted it: agents refuse to
+/// connect without it, and a wrong ID would make them drop this cluster.
+pub async fn run_cluster_config_enforcer<B: Backend>(
+    sync: Arc<SyncStore>,
+    backend: Arc<B>,
+    key: String,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let Some(desired) = sync.desired_value(&key) else { continue };
+        match backend.get(&key).await {
+            Ok(found) if found.as_ref() != Some(&desired) && sync.stats().queued == 0 => {
+                tracing::warn!(key = %key, "cluster config changed outside this server; restoring it");
+                sync.rewrite(&key, found);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(error = %crate::error_chain(&error), "reading the cluster config failed"),
+        }
+    }
+}
+
+/// Turns `ready` true once the cluster config and every canary in `canaries` are written,
+/// records how long that took, then prunes `prefixes` of keys nothing wants.
+pub async fn run_readiness<B: Backend>(
+    sync: Arc<SyncStore>,
+    backend: Arc<B>,
+    canaries: Vec<String>,
+    prefixes: Vec<&'static str>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let mut written = sync.canaries();
+    let all_written = written.wait_for(|set| canaries.iter().all(|c| set.contains(c)));
+    tokio::select! {
+        () = shutdown.cancelled() => return None,
+        result = all_written => result.ok()?,
+    };
+    let took = started.elapsed();
+    tracing::info!(bootstrap = ?took, canaries = canaries.len(), "initial sync complete; ready");
+    ready.send_replace(true);
+    for prefix in prefixes {
+        match backend.keys_with_prefix(&format!("{prefix}/")).await {
+            Ok(keys) => {
+                let pruned = sync.prune(keys);
+                if pruned > 0 {
+                    tracing::info!(prefix, pruned, "pruning keys of objects deleted while not running");
+                }
+            }
+            Err(error) => tracing::warn!(prefix, error = %crate::error_chain(&error), "listing keys to prune failed"),
+        }
+    }
+    Some(took)
+}
