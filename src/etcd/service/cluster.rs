@@ -8,7 +8,7 @@ use crate::etcd::error::Error;
 use crate::etcd::pb::etcdserverpb::{
     Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
     MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
-    cluster_server::Cluster,
+    ResponseHeader, cluster_server::Cluster,
 };
 use crate::etcd::store::Store;
 
@@ -56,7 +56,10 @@ impl Cluster for ClusterService {
             client_ur_ls: self.member.client_urls.clone(),
             is_learner: false,
         };
-        Ok(Response::new(MemberListResponse { header: Some(self.store.header()), members: vec![member] }))
+        // etcd's cluster service fills cluster ID, member ID and raft term but never the
+        // revision (`ClusterServer.header()`), so `member list -w json` shows none.
+        let header = ResponseHeader { revision: 0, ..self.store.header() };
+        Ok(Response::new(MemberListResponse { header: Some(header), members: vec![member] }))
     }
 
     async fn member_promote(

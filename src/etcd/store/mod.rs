@@ -266,11 +266,14 @@ impl Store {
         }
     }
 
+    /// Every lease, soonest expiry first: etcd's `lessor.Leases()` sorts by expiry, and
+    /// `etcdctl lease list` prints in that order. Equal deadlines go in ID order.
     pub fn lease_list(&self) -> (ResponseHeader, Vec<LeaseStatus>) {
         let state = self.state.read();
-        let mut ids: Vec<i64> = state.leases.ids().collect();
-        ids.sort_unstable();
-        (self.header_at(state.revision), ids.into_iter().map(|id| LeaseStatus { id }).collect())
+        let mut leases: Vec<(Instant, i64)> =
+            state.leases.ids().filter_map(|id| state.leases.get(id).map(|lease| (lease.deadline, id))).collect();
+        leases.sort_unstable();
+        (self.header_at(state.revision), leases.into_iter().map(|(_, id)| LeaseStatus { id }).collect())
     }
 
     /// The keys attached to a lease, for the permission check etcd makes before a revoke.

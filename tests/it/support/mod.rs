@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod etcd;
 pub mod etcdctl;
 pub mod eventually;
+pub mod mirror;
 pub mod fake_k8s;
 
 pub use certs::{ClientCert, Pki};

@@ -1,0 +1,214 @@
+//! The mirror end to end: objects in a (fake) Kubernetes API server, keys in the store —
+//! our embedded one and a real etcd alike.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clustermesh_apiserver::translate::Settings;
+use serde_json::{Value, json};
+
+use crate::support::mirror::{Mirror, Target, wait_for_key};
+use crate::support::{EmbeddedStore, EtcdProcess, FakeApiServer, Pki, eventually};
+
+const NODES: &str = "cilium/state/nodes/v1/cluster1/";
+
+fn settings() -> Settings {
+    Settings::new("cluster1", 1)
+}
+
+fn node(name: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNode",
+        "metadata": {"name": name},
+        "spec": {"addresses": [{"type": "InternalIP", "ip": ip}]}
+    })
+}
+
+async fn node_ips(target: &Target) -> BTreeMap<String, String> {
+    target
+        .dump(NODES)
+        .await
+        .into_iter()
+        .map(|(key, value)| {
+            let ip = serde_json::from_str::<Value>(&value).expect("node JSON")["IPAddresses"][0]["IP"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            (key.trim_start_matches(NODES).to_owned(), ip)
+        })
+        .collect()
+}
+
+async fn expect_nodes(target: &Target, expected: &[(&str, &str)]) {
+    let expected: BTreeMap<String, String> = expected.iter().map(|(n, ip)| (n.to_string(), ip.to_string())).collect();
+    let mut last = BTreeMap::new();
+    let matched = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            last = node_ips(target).await;
+            if last == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(matched.is_ok(), "nodes in the store: expected {expected:?}, found {last:?}");
+}
+
+async fn adds_updates_and_deletes_propagate(target: Target) {
+    let fake = FakeApiServer::start().await;
+    fake.apply(node("node-a", "10.0.0.1"));
+    let mut mirror = Mirror::start(&target, settings(), fake.client());
+    mirror.wait_ready().await;
+    expect_nodes(&target, &[("node-a", "10.0.0.1")]).await;
+
+    fake.apply(node("node-b", "10.0.0.2"));
+    fake.apply(node("node-a", "10.0.0.11"));
+    expect_nodes(&target, &[("node-a", "10.0.0.11"), ("node-b", "10.0.0.2")]).await;
+
+    fake.delete("cilium.io/v2", "CiliumNode", None, "node-a");
+    expect_nodes(&target, &[("node-b", "10.0.0.2")]).await;
+    mirror.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_updates_and_deletes_in_kubernetes_reach_the_embedded_store() {
+    let pki = Pki::new();
+    let store = EmbeddedStore::start(&pki).await;
+    adds_updates_and_deletes_propagate(Target::embedded(&store)).await;
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_updates_and_deletes_in_kubernetes_reach_a_real_etcd() {
+    let pki = Pki::new();
+    let etcd = EtcdProcess::start(&pki).await;
+    adds_updates_and_deletes_propagate(Target::Etcd(etcd.client(&pki, "root").await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_announces_readiness_only_with_cluster_config_and_every_canary() {
+    let pki = Pki::new();
+    let store = EmbeddedStore::start(&pki).await;
+    let target = Target::embedded(&store);
+    let fake = FakeApiServer::start().await;
+    let mut mirror = Mirror::start(&target, settings(), fake.client());
+    mirror.wait_ready().await;
+    let config = target.get("cilium/cluster-config/cluster1").await.expect("cluster config written");
+    let expected = clustermesh_apiserver::translate::cluster_config(&settings());
+    assert_eq!(config.as_bytes(), &expected[..]);
+    assert!(
+        config.starts_with(r#"{"id":1,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255"#),
+        "{config}"
+    );
+    let canaries: Vec<String> = target.dump("cilium/synced/cluster1/").await.into_keys().collect();
+    for name in ["nodes/v1", "identities/v1", "ip/v1", "services/v1", "serviceexports/v1"] {
+        let canary = format!("cilium/synced/cluster1/cilium/state/{name}");
+        assert!(canaries.contains(&canary), "{canary} missing from {canaries:?}");
+    }
+    assert!(target.get("cilium/.heartbeat").await.is_some(), "heartbeat written");
+    mirror.stop().await;
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_config_edited_or_deleted_by_someone_else_is_restored() {
+    let pki = Pki::new();
+    let store = EmbeddedStore::start(&pki).await;
+    let target = Target::embedded(&store);
+    let fake = FakeApiServer::start().await;
+    let mut mirror = Mirror::start(&target, settings(), fake.client());
+    mirror.wait_ready().await;
+    let key = "cilium/cluster-config/cluster1";
+    let original = target.get(key).await.expect("written");
+    target.put(key, r#"{"id":5}"#).await;
+    eventually("an edited cluster config restored", Duration::from_secs(10), || async {
+        (target.get(key).await.as_ref() == Some(&original)).then_some(())
+    })
+    .await;
+    target.delete(key).await;
+    eventually("a deleted cluster config restored", Duration::from_secs(10), || async {
+        (target.get(key).await.as_ref() == Some(&original)).then_some(())
+    })
+    .await;
+    mirror.stop().await;
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_after_410_gone_deletes_what_vanished_meanwhile() {
+    let pki = Pki::new();
+    let store = EmbeddedStore::start(&pki).await;
+    let target = Target::embedded(&store);
+    let fake = FakeApiServer::start().await;
+    fake.apply(node("node-a", "10.0.0.1"));
+    fake.apply(node("node-b", "10.0.0.2"));
+    let mut mirror = Mirror::start(&target, settings(), fake.client());
+    mirror.wait_ready().await;
+    expect_nodes(&target, &[("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")]).await;
+
+    // A partition: the delete is never seen as a watch event, only by the relist.
+    fake.pause_watches();
+    fake.delete("cilium.io/v2", "CiliumNode", None, "node-a");
+    fake.apply(node("node-c", "10.0.0.3"));
+    fake.expire_history();
+    fake.close_watches();
+    fake.resume_watches();
+    expect_nodes(&target, &[("node-b", "10.0.0.2"), ("node-c", "10.0.0.3")]).await;
+    mirror.stop().await;
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_while_the_server_was_down_is_pruned_after_restart_in_attached_mode() {
+    let pki = Pki::new();
+    let etcd = EtcdProcess::start(&pki).await;
+    let target = Target::Etcd(etcd.client(&pki, "root").await);
+    let fake = FakeApiServer::start().await;
+    fake.apply(node("node-a", "10.0.0.1"));
+    fake.apply(node("node-b", "10.0.0.2"));
+    let mut first = Mirror::start(&target, settings(), fake.client());
+    first.wait_ready().await;
+    expect_nodes(&target, &[("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")]).await;
+    first.stop().await;
+
+    // Down: node-a goes away. Its key outlives us on the old lease (15 minutes).
+    fake.delete("cilium.io/v2", "CiliumNode", None, "node-a");
+    assert!(target.get(&format!("{NODES}node-a")).await.is_some());
+
+    let mut second = Mirror::start(&target, settings(), fake.client());
+    second.wait_ready().await;
+    expect_nodes(&target, &[("node-b", "10.0.0.2")]).await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_object_is_skipped_and_counted_and_never_stops_the_stream() {
+    let pki = Pki::new();
+    let store = EmbeddedStore::start(&pki).await;
+    let target = Target::embedded(&store);
+    let fake = FakeApiServer::start().await;
+    fake.apply(node("node-a", "10.0.0.1"));
+    let mut mirror = Mirror::start(&target, settings(), fake.client());
+    mirror.wait_ready().await;
+    expect_nodes(&target, &[("node-a", "10.0.0.1")]).await;
+
+    // node-a turns invalid: it loses its key, exactly as a relist would decide.
+    let mut broken = node("node-a", "10.0.0.1");
+    broken["spec"]["addresses"] = json!("not a list");
+    fake.apply(broken);
+    fake.apply(node("node-b", "10.0.0.2"));
+    expect_nodes(&target, &[("node-b", "10.0.0.2")]).await;
+    let metrics = mirror.metrics();
+    assert!(
+        metrics.contains(r#"cilium_clustermesh_apiserver_invalid_objects_total{kind="CiliumNode"} 1"#),
+        "invalid object counted:\n{metrics}"
+    );
+
+    fake.apply(node("node-a", "10.0.0.9"));
+    expect_nodes(&target, &[("node-a", "10.0.0.9"), ("node-b", "10.0.0.2")]).await;
+    let _ = wait_for_key(&target, "cilium/.heartbeat").await;
+    mirror.stop().await;
+    store.stop().await;
+}
