@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::kvstore::Backend;
 use crate::source::{self, SourceEvent};
+use crate::sync::metrics::{Bootstrap, SyncCollector};
 use crate::sync::mirror::{Mirror, MirrorMetrics};
 use crate::sync::state::{self, HEARTBEAT_INTERVAL};
 use crate::sync::store::SyncStore;
@@ -105,16 +106,32 @@ pub fn spawn<B: Backend>(
         state::run_cluster_config_enforcer(
             Arc::clone(&sync),
             Arc::clone(&backend),
-            cluster_config_key,
+            cluster_config_key.clone(),
             config.cluster_config_check,
             shutdown.child_token(),
         )
         .instrument(tracing::info_span!("cluster_config")),
     );
+    let bootstrap = Bootstrap::default();
+    let canaries = waited_for.iter().filter(|k| **k != cluster_config_key).cloned().collect();
+    registry.register_collector(Box::new(SyncCollector::new(
+        Arc::clone(&sync),
+        cluster.clone(),
+        canaries,
+        Arc::clone(&bootstrap),
+    )));
     let (ready_tx, ready) = watch::channel(false);
     tracker.spawn(
-        state::run_readiness(Arc::clone(&sync), backend, waited_for, prefixes, ready_tx, shutdown.child_token())
-            .instrument(tracing::info_span!("readiness")),
+        state::run_readiness(
+            Arc::clone(&sync),
+            backend,
+            waited_for,
+            prefixes,
+            ready_tx,
+            bootstrap,
+            shutdown.child_token(),
+        )
+        .instrument(tracing::info_span!("readiness")),
     );
     Running { ready, sync }
 }

@@ -65,6 +65,7 @@ pub async fn run_readiness<B: Backend>(
     canaries: Vec<String>,
     prefixes: Vec<&'static str>,
     ready: watch::Sender<bool>,
+    bootstrap: super::metrics::Bootstrap,
     shutdown: CancellationToken,
 ) -> Option<Duration> {
     let started = Instant::now();
@@ -76,6 +77,7 @@ pub async fn run_readiness<B: Backend>(
     };
     let took = started.elapsed();
     tracing::info!(bootstrap = ?took, canaries = canaries.len(), "initial sync complete; ready");
+    *bootstrap.lock() = Some(took);
     ready.send_replace(true);
     for prefix in prefixes {
         match backend.keys_with_prefix(&format!("{prefix}/")).await {

@@ -18,6 +18,14 @@ use crate::kvstore::{Backend, Error};
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The metrics scope of a key, as Cilium labels its sync stores: the two segments after
+/// `cilium/state/` (`nodes/v1`, `identities/v1`, `ip/v1`, ...), otherwise the first two.
+pub fn scope(key: &str) -> &str {
+    let rest = key.strip_prefix("cilium/state/").unwrap_or(key);
+    let end = rest.match_indices('/').nth(1).map_or(rest.len(), |(i, _)| i);
+    &rest[..end]
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Item {
     Key(String),
@@ -69,6 +77,8 @@ pub struct SyncStore {
     state: Mutex<State>,
     wake: Notify,
     stats: Mutex<SyncStats>,
+    /// Failed writes per [`scope`] of the key, for `kvstore_sync_errors_total{scope}`.
+    errors_by_scope: Mutex<HashMap<String, u64>>,
     /// The canary keys written so far (readiness watches this).
     canaries_tx: watch::Sender<HashSet<String>>,
 }
@@ -79,6 +89,7 @@ impl Default for SyncStore {
             state: Mutex::default(),
             wake: Notify::new(),
             stats: Mutex::default(),
+            errors_by_scope: Mutex::default(),
             canaries_tx: watch::Sender::new(HashSet::new()),
         }
     }
@@ -174,6 +185,20 @@ impl SyncStore {
         stats
     }
 
+    /// Keys waiting to be written, by [`scope`].
+    pub fn queued_by_scope(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for key in &self.state.lock().queued {
+            *out.entry(scope(key).to_owned()).or_default() += 1;
+        }
+        out
+    }
+
+    /// Failed writes since start, by [`scope`].
+    pub fn errors_by_scope(&self) -> HashMap<String, u64> {
+        self.errors_by_scope.lock().clone()
+    }
+
     /// Watches the set of canary keys written so far.
     pub fn canaries(&self) -> watch::Receiver<HashSet<String>> {
         self.canaries_tx.subscribe()
@@ -213,6 +238,10 @@ impl SyncStore {
                     }
                     Err(error) => {
                         self.stats.lock().errors += 1;
+                        let failed = match &item {
+                            Item::Key(key) | Item::Canary { key, .. } => scope(key).to_owned(),
+                        };
+                        *self.errors_by_scope.lock().entry(failed).or_default() += 1;
                         tracing::warn!(error = %crate::error_chain(&error), item = ?item, retry_in = ?backoff, "kvstore write failed");
                         self.requeue(item, true);
                         tokio::select! {
@@ -435,6 +464,14 @@ mod tests {
         for _ in 0..50 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[test]
+    fn scopes_name_the_state_prefix_as_ciliums_metrics_do() {
+        assert_eq!(scope("cilium/state/nodes/v1/c1/n1"), "nodes/v1");
+        assert_eq!(scope("cilium/state/ip/v1/default/10.0.0.1"), "ip/v1");
+        assert_eq!(scope("cilium/cluster-config/c1"), "cilium/cluster-config");
+        assert_eq!(scope("cilium/.heartbeat"), "cilium/.heartbeat");
     }
 
     #[tokio::test(start_paused = true)]

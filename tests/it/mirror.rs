@@ -108,6 +108,15 @@ async fn the_store_announces_readiness_only_with_cluster_config_and_every_canary
         assert!(canaries.contains(&canary), "{canary} missing from {canaries:?}");
     }
     assert!(target.get("cilium/.heartbeat").await.is_some(), "heartbeat written");
+    let metrics = mirror.metrics();
+    for line in [
+        r#"cilium_clustermesh_apiserver_kvstore_initial_sync_completed{scope="nodes/v1",source_cluster="cluster1",action="write"} 1"#,
+        r#"cilium_clustermesh_apiserver_kvstore_initial_sync_completed{scope="ip/v1",source_cluster="cluster1",action="write"} 1"#,
+        r#"cilium_clustermesh_apiserver_kvstore_sync_queue_size{scope="identities/v1",source_cluster="cluster1"} 0"#,
+        "cilium_clustermesh_apiserver_bootstrap_seconds ",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
     mirror.stop().await;
     store.stop().await;
 }
