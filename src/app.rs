@@ -14,7 +14,9 @@ use prometheus_client::registry::Registry;
 use tracing::Instrument;
 
 use crate::clustermesh::{self, ClustermeshConfig, Source};
-use crate::config::{Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, StoreArgs};
+use crate::config::{
+    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, StoreArgs,
+};
 use crate::etcd::auth::AuthStore;
 use crate::etcd::embedded::{self, EmbeddedConfig};
 use crate::etcd::server::ServerOptions;
@@ -26,13 +28,14 @@ use crate::kvstore::embedded::Embedded;
 use crate::kvstore::etcd::{Etcd, EtcdConfig};
 use crate::metrics::{self, Routes};
 use crate::translate::model::Settings;
-use crate::{pki, shutdown};
+use crate::{certs, pki, shutdown};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli { log: _, command } = cli;
     match command {
         Command::Clustermesh(args) => run_clustermesh(*args).await,
         Command::Kvstore(args) => run_kvstore(*args).await,
+        Command::Certs(CertsCommand::Generate(args)) => generate_certs(args),
     }
 }
 
@@ -78,6 +81,24 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         tracker.spawn(serve_admin(bind(addr).await?, routes, token.child_token(), "metrics"));
     }
     wait_for_shutdown(&token, &tracker).await
+}
+
+fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {
+    crate::config::validate_cluster_name(&args.cluster_name)?;
+    let options = certs::Options {
+        cluster_name: args.cluster_name,
+        namespace: args.namespace,
+        out: args.out,
+        ca: args.ca_cert.zip(args.ca_key),
+        remote_user: args.remote_user,
+        extra_dns_names: args.extra_dns_names,
+        extra_ip_addresses: args.extra_ip_addresses,
+        validity: Duration::from_secs(args.validity_days * 24 * 3600),
+    };
+    for dir in certs::generate(&options)? {
+        println!("{}", dir.display());
+    }
+    Ok(())
 }
 
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {

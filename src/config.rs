@@ -26,6 +26,44 @@ pub enum Command {
     Clustermesh(Box<ClustermeshArgs>),
     /// The embedded store alone, as an etcd for this workload (mTLS on 2379).
     Kvstore(Box<KvstoreArgs>),
+    /// Certificates for a clustermesh-apiserver.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Write a CA (or reuse one) and the server, admin, remote and local certificates, one
+    /// directory per Cilium Secret.
+    Generate(CertsGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsGenerateArgs {
+    #[arg(long)]
+    pub cluster_name: String,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sign with this CA certificate (with --ca-key) instead of making a new CA.
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Namespace of the clustermesh-apiserver Service (a SAN of the server certificate).
+    #[arg(long, default_value = "kube-system")]
+    pub namespace: String,
+    /// `shared` makes the remote certificate's user `remote` (Helm authMode legacy and
+    /// migration); `per-cluster` makes it `remote-<cluster>` (authMode cluster).
+    #[arg(long, value_enum, default_value = "shared")]
+    pub remote_user: crate::certs::RemoteUser,
+    #[arg(long, value_delimiter = ',')]
+    pub extra_dns_names: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub extra_ip_addresses: Vec<std::net::IpAddr>,
+    /// Validity of every certificate, in days (Cilium's default: 1095).
+    #[arg(long, default_value_t = 1095)]
+    pub validity_days: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

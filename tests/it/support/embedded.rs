@@ -14,6 +14,7 @@ use clustermesh_apiserver::etcd::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::etcd::ServerFiles;
 use super::{Pki, install_crypto_provider};
 
 /// A running embedded store. Dropping it cancels its tasks; [`EmbeddedStore::stop`] also
@@ -31,14 +32,24 @@ impl EmbeddedStore {
     }
 
     pub async fn start_with(pki: &Pki, auth: AuthStore, limits: Limits) -> Self {
+        let files = ServerFiles {
+            cert: pki.server_cert_path().to_owned(),
+            key: pki.server_key_path().to_owned(),
+            ca: pki.ca_path().to_owned(),
+        };
+        Self::start_with_files(&files, auth, limits).await
+    }
+
+    /// Starts with certificate files made elsewhere (e.g. by `certs generate`).
+    pub async fn start_with_files(files: &ServerFiles, auth: AuthStore, limits: Limits) -> Self {
         install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let config = EmbeddedConfig {
             tls: TlsFiles {
-                cert: pki.server_cert_path().to_owned(),
-                key: pki.server_key_path().to_owned(),
-                trusted_ca: pki.ca_path().to_owned(),
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                trusted_ca: files.ca.clone(),
                 client_cert_auth: true,
             },
             tls_reload_interval: Duration::from_millis(100),

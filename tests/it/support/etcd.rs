@@ -38,6 +38,14 @@ enum StartError {
     Fatal(String),
 }
 
+/// A server certificate, its key and the CA clients must chain to.
+#[derive(Debug, Clone)]
+pub struct ServerFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
 impl EtcdProcess {
     /// Starts etcd with the server certificate of `pki` (`--client-cert-auth`, trusted CA =
     /// `pki.ca_path()`) and waits until its metrics listener reports `"health":"true"`.
@@ -46,10 +54,20 @@ impl EtcdProcess {
     /// If the `etcd` binary is missing (a failure, not a skip), or etcd dies or is not healthy
     /// within 15 s; the message includes the tail of etcd's log.
     pub async fn start(pki: &Pki) -> EtcdProcess {
+        let files = ServerFiles {
+            cert: pki.server_cert_path().to_owned(),
+            key: pki.server_key_path().to_owned(),
+            ca: pki.ca_path().to_owned(),
+        };
+        Self::start_with_files(&files).await
+    }
+
+    /// Starts etcd with certificate files made elsewhere (e.g. by `certs generate`).
+    pub async fn start_with_files(files: &ServerFiles) -> EtcdProcess {
         let bin = find_binary("etcd", "ETCD_BIN");
         let mut lost_races = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
-            match Self::try_start(&bin, pki).await {
+            match Self::try_start(&bin, files).await {
                 Ok(etcd) => return etcd,
                 Err(StartError::PortTaken(log)) => {
                     lost_races.push(format!("attempt {attempt}: port taken:\n{log}"));
@@ -60,7 +78,7 @@ impl EtcdProcess {
         panic!("etcd did not start: a port was taken in each of {START_ATTEMPTS} attempts\n{}", lost_races.join("\n"));
     }
 
-    async fn try_start(bin: &Path, pki: &Pki) -> Result<EtcdProcess, StartError> {
+    async fn try_start(bin: &Path, files: &ServerFiles) -> Result<EtcdProcess, StartError> {
         let fatal = |what: &str, e: &dyn std::fmt::Display| StartError::Fatal(format!("{what}: {e}"));
         let dir =
             tempfile::Builder::new().prefix("it-etcd-").tempdir().map_err(|e| fatal("create etcd temp dir", &e))?;
@@ -84,9 +102,9 @@ impl EtcdProcess {
             .arg(format!("--initial-cluster=it={peer_url}"))
             .arg("--initial-cluster-state=new")
             .arg(format!("--listen-metrics-urls=http://127.0.0.1:{metrics_port}"))
-            .arg(format!("--cert-file={}", pki.server_cert_path().display()))
-            .arg(format!("--key-file={}", pki.server_key_path().display()))
-            .arg(format!("--trusted-ca-file={}", pki.ca_path().display()))
+            .arg(format!("--cert-file={}", files.cert.display()))
+            .arg(format!("--key-file={}", files.key.display()))
+            .arg(format!("--trusted-ca-file={}", files.ca.display()))
             .arg("--client-cert-auth")
             .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"])
             .stdin(Stdio::null())
