@@ -61,9 +61,14 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     let mut config = ClustermeshConfig::new(settings, source);
     config.lease_ttl = args.kvstore_lease_ttl;
 
+    // Shutdown order: the mirror stops and drains into the store first; only then do the
+    // store's gRPC servers close their clients' watch streams.
+    let store_token = CancellationToken::new();
+    let store_tracker = TaskTracker::new();
     let running = match args.kvstore {
         KvstoreKind::Embedded => {
-            let store = start_store(&args.store, AuthStore::cilium(&args.cluster_name), &tracker, &token).await?;
+            let auth = AuthStore::cilium(&args.cluster_name);
+            let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
             clustermesh::spawn(Arc::new(Embedded::new(store)), config, &mut registry, &tracker, &token)
         }
         KvstoreKind::Etcd => {
@@ -72,15 +77,23 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             clustermesh::spawn(Arc::new(Etcd::new(etcd)), config, &mut registry, &tracker, &token)
         }
     };
-
-    let health = bind(SocketAddr::from(([0, 0, 0, 0], args.health_port))).await?;
+    // A store that fails takes the whole process down with it.
+    let failed = store_token.clone();
+    let main = token.clone();
+    tokio::spawn(async move {
+        failed.cancelled().await;
+        main.cancel();
+    });
+    let health = bind(SocketAddr::new(args.health_bind_address, args.health_port)).await?;
     let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
     tracker.spawn(serve_admin(health, routes, token.child_token(), "health"));
     if let Some(addr) = args.prometheus_addr()? {
         let routes = Routes { metrics: Some(Arc::new(registry)), ..Routes::default() };
         tracker.spawn(serve_admin(bind(addr).await?, routes, token.child_token(), "metrics"));
     }
-    wait_for_shutdown(&token, &tracker).await
+    wait_for_shutdown(&token, &tracker).await?;
+    store_token.cancel();
+    wait_for_shutdown(&store_token, &store_tracker).await
 }
 
 fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {

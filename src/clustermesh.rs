@@ -51,6 +51,26 @@ impl ClustermeshConfig {
     }
 }
 
+/// How long a shutdown waits for queued writes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn drain_then_stop(sync: Arc<SyncStore>, shutdown: CancellationToken, writer: CancellationToken) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = writer.cancelled() => return,
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while sync.stats().queued > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(queued = sync.stats().queued, "shutting down with writes still queued");
+    }
+    writer.cancel();
+}
+
 /// What the rest of the process can observe of a running mirror.
 pub struct Running {
     pub ready: watch::Receiver<bool>,
@@ -93,9 +113,13 @@ pub fn spawn<B: Backend>(
         }
     }
 
+    // The writer outlives the sources by up to DRAIN_TIMEOUT, so that what was already
+    // queued (the last deletes above all) reaches the store before the process exits.
+    let writer = CancellationToken::new();
+    tracker.spawn(drain_then_stop(Arc::clone(&sync), shutdown.clone(), writer.clone()));
     tracker.spawn(
         Arc::clone(&sync)
-            .run(Arc::clone(&backend), config.lease_ttl, shutdown.child_token())
+            .run(Arc::clone(&backend), config.lease_ttl, writer)
             .instrument(tracing::info_span!("sync_store", %cluster)),
     );
     tracker.spawn(

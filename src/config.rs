@@ -197,6 +197,9 @@ pub struct ClustermeshArgs {
     /// Port of /healthz and /readyz.
     #[arg(long, default_value_t = 9880)]
     pub health_port: u16,
+    /// Address the health port listens on (all interfaces by default, for kubelet probes).
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_bind_address: std::net::IpAddr,
     /// Address of /metrics (`cilium_clustermesh_apiserver_*`); empty turns it off.
     #[arg(long, default_value = ":9962")]
     pub prometheus_serve_addr: String,

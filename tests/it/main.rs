@@ -5,4 +5,5 @@ mod differential;
 mod fake_k8s_selftest;
 mod harness_selftest;
 mod mirror;
+mod process;
 mod support;
