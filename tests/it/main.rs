@@ -1,7 +1,9 @@
 //! Integration tests: one binary; each module is a group of specifications.
 
+mod auth_mtls;
 mod certs;
 mod differential;
+mod etcdctl_parity;
 mod fake_k8s_selftest;
 mod harness_selftest;
 mod mirror;
