@@ -194,7 +194,7 @@ async fn start_store(
     args.validate()?;
     let urls = args.listen_urls()?;
     let tls = if *auto_tls {
-        auto_tls_files(*client_cert_auth)?
+        auto_tls_files(*client_cert_auth, urls.first().map_or("", |u| u.url.as_str()))?
     } else {
         // clap enforces these three unless --auto-tls.
         let path = |p: &Option<PathBuf>, flag: &str| p.clone().with_context(|| format!("{flag} is required"));
@@ -232,7 +232,7 @@ async fn start_store(
 
 /// `--auto-tls`: a throw-away CA, server certificate and `root` client certificate in a
 /// fresh directory, announced in the log with the etcdctl line that uses them.
-fn auto_tls_files(client_cert_auth: bool) -> anyhow::Result<TlsFiles> {
+fn auto_tls_files(client_cert_auth: bool, endpoint: &str) -> anyhow::Result<TlsFiles> {
     let dir = std::env::temp_dir().join(format!("clustermesh-apiserver-tls-{:016x}", rand::random::<u64>()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = pki::Authority::new("clustermesh-apiserver auto-tls CA")?;
@@ -249,7 +249,7 @@ fn auto_tls_files(client_cert_auth: bool) -> anyhow::Result<TlsFiles> {
     pki::write(&dir, "root.key", &client.key_pem)?;
     tracing::info!(
         dir = %dir.display(),
-        "auto-tls: try `etcdctl --endpoints=https://127.0.0.1:2379 --cacert={0}/ca.crt --cert={0}/root.crt --key={0}/root.key member list`",
+        "auto-tls: try `etcdctl --endpoints={endpoint} --cacert={0}/ca.crt --cert={0}/root.crt --key={0}/root.key get --prefix cilium/`",
         dir.display()
     );
     Ok(files)

@@ -273,6 +273,8 @@ pub enum ConfigError {
     },
     #[error("--max-request-bytes must be at least 1 KiB, got {0}")]
     TinyRequestLimit(usize),
+    #[error("--listen-client-urls names no URL")]
+    NoListenUrl,
     #[error("--max-txn-ops must be at least 1")]
     NoTxnOps,
     #[error("the embedded store needs --cert-file, --key-file and --trusted-ca-file (or --auto-tls)")]
@@ -301,7 +303,9 @@ impl StoreArgs {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.listen_urls()?;
+        if self.listen_urls()?.is_empty() {
+            return Err(ConfigError::NoListenUrl);
+        }
         self.metrics_urls()?;
         let files = [&self.cert_file, &self.key_file, &self.trusted_ca_file];
         if !self.auto_tls && files.iter().any(|f| f.is_none()) {
