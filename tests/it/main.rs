@@ -2,6 +2,7 @@
 
 mod auth_mtls;
 mod certs;
+mod conformance;
 mod differential;
 mod etcdctl_parity;
 mod fake_k8s_selftest;
