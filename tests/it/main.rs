@@ -2,6 +2,7 @@
 
 mod auth_mtls;
 mod certs;
+mod client_remote;
 mod conformance;
 mod differential;
 mod etcdctl_parity;
