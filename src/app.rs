@@ -36,6 +36,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Clustermesh(args) => run_clustermesh(*args).await,
         Command::Kvstore(args) => run_kvstore(*args).await,
         Command::Certs(CertsCommand::Generate(args)) => generate_certs(args),
+        Command::Status(args) => crate::mesh::status(args.mesh, args.wait, args.output).await,
+        Command::Watch(args) => {
+            let token = CancellationToken::new();
+            shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
+            crate::mesh::watch(args, token).await
+        }
     }
 }
 

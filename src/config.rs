@@ -26,9 +26,47 @@ pub enum Command {
     Clustermesh(Box<ClustermeshArgs>),
     /// The embedded store alone, as an etcd for this workload (mTLS on 2379).
     Kvstore(Box<KvstoreArgs>),
+    /// Connect to every remote cluster of a clustermesh config directory, as an agent does,
+    /// and print their status; fails unless all are ready.
+    Status(StatusArgs),
+    /// Print every change of every remote cluster as one JSON line, until Ctrl-C.
+    Watch(MeshArgs),
     /// Certificates for a clustermesh-apiserver.
     #[command(subcommand)]
     Certs(CertsCommand),
+}
+
+/// The local cluster and the remote clusters to follow, as an agent is configured.
+#[derive(Debug, Args)]
+pub struct MeshArgs {
+    /// Directory with one etcd client config per remote cluster, named after it.
+    #[arg(long)]
+    pub clustermesh_config: PathBuf,
+    /// The local cluster's name (remotes with the same name are refused).
+    #[arg(long, default_value = "default")]
+    pub cluster_name: String,
+    /// The local cluster's ID (0: unset).
+    #[arg(long, default_value_t = 0)]
+    pub cluster_id: u32,
+    #[arg(long, default_value_t = 255)]
+    pub max_connected_clusters: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    /// How long to wait for every remote cluster to sync.
+    #[arg(long, value_parser = humantime_secs, default_value = "10s")]
+    pub wait: Duration,
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod etcd;
 pub mod k8s;
 pub mod kvstore;
+pub mod mesh;
 pub mod metrics;
 pub mod pki;
 pub mod shutdown;
