@@ -242,7 +242,7 @@ async fn the_test_vectors_in_a_real_etcd_are_read_and_foreign_or_invalid_entries
     init_tracing();
     let pki = Pki::new();
     let etcd = EtcdProcess::start(&pki).await;
-    let target = Target::Etcd(etcd.client(&pki, "root").await);
+    let target = Target::etcd(etcd.client(&pki, "root").await);
     load_vectors(&target, |kind| !kind.starts_with("cache-")).await;
     // Entries breaking one rule each, next to the valid vectors of cluster1.
     let bad = [
@@ -292,7 +292,7 @@ async fn kvstoremesh_cache_prefixes_are_read_when_the_config_says_cached() {
     init_tracing();
     let pki = Pki::new();
     let etcd = EtcdProcess::start(&pki).await;
-    let target = Target::Etcd(etcd.client(&pki, "root").await);
+    let target = Target::etcd(etcd.client(&pki, "root").await);
     load_vectors(&target, |kind| kind.starts_with("cache-") || kind == "heartbeat").await;
     // The vectors carry no canary for the services and service-export cache prefixes.
     for prefix in ["services", "serviceexports"] {
@@ -322,7 +322,7 @@ async fn a_prefix_is_listed_only_once_its_canary_exists() {
     init_tracing();
     let pki = Pki::new();
     let etcd = EtcdProcess::start(&pki).await;
-    let target = Target::Etcd(etcd.client(&pki, "root").await);
+    let target = Target::etcd(etcd.client(&pki, "root").await);
     target.put("cilium/cluster-config/cluster2", &cluster_config(2, true)).await;
     target.put("cilium/.heartbeat", "2026-05-04T09:22:00Z").await;
     target.put("cilium/state/nodes/v1/cluster2/node-x", &node_value("cluster2", 2, "node-x", "10.2.0.1")).await;

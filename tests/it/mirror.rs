@@ -84,7 +84,7 @@ async fn adds_updates_and_deletes_in_kubernetes_reach_the_embedded_store() {
 async fn adds_updates_and_deletes_in_kubernetes_reach_a_real_etcd() {
     let pki = Pki::new();
     let etcd = EtcdProcess::start(&pki).await;
-    adds_updates_and_deletes_propagate(Target::Etcd(etcd.client(&pki, "root").await)).await;
+    adds_updates_and_deletes_propagate(Target::etcd(etcd.client(&pki, "root").await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +173,7 @@ async fn a_relist_after_410_gone_deletes_what_vanished_meanwhile() {
 async fn a_node_deleted_while_the_server_was_down_is_pruned_after_restart_in_attached_mode() {
     let pki = Pki::new();
     let etcd = EtcdProcess::start(&pki).await;
-    let target = Target::Etcd(etcd.client(&pki, "root").await);
+    let target = Target::etcd(etcd.client(&pki, "root").await);
     let fake = FakeApiServer::start().await;
     fake.apply(node("node-a", "10.0.0.1"));
     fake.apply(node("node-b", "10.0.0.2"));

@@ -29,7 +29,7 @@ pub struct Mirror {
 #[derive(Clone)]
 pub enum Target {
     Embedded(Arc<clustermesh_apiserver::etcd::store::Store>),
-    Etcd(etcd_client::Client),
+    Etcd(Box<etcd_client::Client>),
 }
 
 impl Target {
@@ -37,11 +37,15 @@ impl Target {
         Target::Embedded(Arc::clone(&store.store))
     }
 
+    pub fn etcd(client: etcd_client::Client) -> Self {
+        Target::Etcd(Box::new(client))
+    }
+
     /// Every key under `prefix` with its value, as text.
     pub async fn dump(&self, prefix: &str) -> BTreeMap<String, String> {
         let keys = match self {
             Target::Embedded(store) => Embedded::new(Arc::clone(store)).keys_with_prefix(prefix).await,
-            Target::Etcd(client) => Etcd::new(client.clone()).keys_with_prefix(prefix).await,
+            Target::Etcd(client) => Etcd::new((**client).clone()).keys_with_prefix(prefix).await,
         }
         .expect("list keys");
         let mut out = BTreeMap::new();
@@ -56,7 +60,7 @@ impl Target {
     pub async fn get(&self, key: &str) -> Option<String> {
         let value = match self {
             Target::Embedded(store) => Embedded::new(Arc::clone(store)).get(key).await,
-            Target::Etcd(client) => Etcd::new(client.clone()).get(key).await,
+            Target::Etcd(client) => Etcd::new((**client).clone()).get(key).await,
         }
         .expect("get");
         value.map(|v| String::from_utf8_lossy(&v).into_owned())
@@ -66,7 +70,7 @@ impl Target {
         let value = bytes::Bytes::copy_from_slice(value.as_bytes());
         match self {
             Target::Embedded(store) => Embedded::new(Arc::clone(store)).put(key, value, 0).await,
-            Target::Etcd(client) => Etcd::new(client.clone()).put(key, value, 0).await,
+            Target::Etcd(client) => Etcd::new((**client).clone()).put(key, value, 0).await,
         }
         .expect("put");
     }
@@ -74,7 +78,7 @@ impl Target {
     pub async fn delete(&self, key: &str) {
         match self {
             Target::Embedded(store) => Embedded::new(Arc::clone(store)).delete(key).await,
-            Target::Etcd(client) => Etcd::new(client.clone()).delete(key).await,
+            Target::Etcd(client) => Etcd::new((**client).clone()).delete(key).await,
         }
         .expect("delete");
     }
@@ -108,7 +112,7 @@ impl Mirror {
                 clustermesh::spawn(Arc::new(Embedded::new(Arc::clone(store))), config, &mut registry, &tracker, &token)
             }
             Target::Etcd(client) => {
-                clustermesh::spawn(Arc::new(Etcd::new(client.clone())), config, &mut registry, &tracker, &token)
+                clustermesh::spawn(Arc::new(Etcd::new((**client).clone())), config, &mut registry, &tracker, &token)
             }
         };
         Self { ready: running.ready, registry: Arc::new(registry), token, tracker }
