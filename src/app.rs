@@ -37,6 +37,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kvstore(args) => run_kvstore(*args).await,
         Command::Certs(CertsCommand::Generate(args)) => generate_certs(args),
         Command::Status(args) => crate::mesh::status(args.mesh, args.wait, args.output).await,
+        Command::Demo(args) => {
+            let token = CancellationToken::new();
+            shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
+            crate::demo::run(&args.examples, token).await
+        }
         Command::Watch(args) => {
             let token = CancellationToken::new();
             shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;

@@ -31,9 +31,19 @@ pub enum Command {
     Status(StatusArgs),
     /// Print every change of every remote cluster as one JSON line, until Ctrl-C.
     Watch(MeshArgs),
+    /// Two clusters on this machine, mirrored from examples/cluster1 and examples/cluster2,
+    /// each seen by the other as a remote agent sees it; until Ctrl-C.
+    Demo(DemoArgs),
     /// Certificates for a clustermesh-apiserver.
     #[command(subcommand)]
     Certs(CertsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Directory holding cluster1/ and cluster2/ manifests.
+    #[arg(long, default_value = "examples")]
+    pub examples: PathBuf,
 }
 
 /// The local cluster and the remote clusters to follow, as an agent is configured.

@@ -11,6 +11,7 @@ pub mod app;
 pub mod certs;
 pub mod clustermesh;
 pub mod config;
+pub mod demo;
 pub mod etcd;
 pub mod k8s;
 pub mod kvstore;

@@ -1,6 +1,5 @@
 //! `status` and `watch`: a remote agent's view of a cluster, from the command line.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -8,6 +7,7 @@ use clustermesh_apiserver::translate::Settings;
 use serde_json::{Value, json};
 
 use crate::support::mirror::{Mirror, Target};
+use crate::support::process::{interrupt_and_wait, stdout_lines};
 use crate::support::{EmbeddedStore, FakeApiServer, Pki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
@@ -101,15 +101,7 @@ async fn watch_prints_one_json_line_per_change() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start watch");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut rx = stdout_lines(&mut child);
     let mut next_node_event = async || loop {
         let line = tokio::time::timeout(Duration::from_secs(15), rx.recv()).await.expect("a line").expect("open");
         let event: Value = serde_json::from_str(&line).expect("JSON line");
@@ -123,8 +115,8 @@ async fn watch_prints_one_json_line_per_change() {
     fake.delete("cilium.io/v2", "CiliumNode", None, "node-a");
     let deleted = next_node_event().await;
     assert_eq!(deleted["op"], "delete");
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let status = interrupt_and_wait(&mut child, Duration::from_secs(15)).await;
+    assert!(status.success(), "watch exits cleanly: {status}");
     mirror.stop().await;
     store.stop().await;
 }

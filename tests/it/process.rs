@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::support::etcd::http_get;
 use crate::support::eventually;
+use crate::support::process::{interrupt_and_wait, stdout_lines};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 
@@ -63,18 +64,32 @@ async fn the_server_turns_ready_after_its_initial_sync_and_exits_cleanly_on_sigi
     assert_eq!(status, 200);
     assert!(body.contains("cilium_clustermesh_apiserver_bootstrap_seconds"), "{body}");
 
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().expect("kill").success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
+    let status = interrupt_and_wait(&mut child, Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_each_cluster_to_the_other_and_stops_on_sigint() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut child = Command::new(BIN)
+        .args(["--log-level", "warn", "demo", "--examples"])
+        .arg(&examples)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the demo");
+    let mut rx = stdout_lines(&mut child);
+    let wanted = [
+        "[cluster1 sees cluster2] + services cluster2/demo/echo",
+        "[cluster2 sees cluster1] + services cluster1/demo/echo",
+    ];
+    let mut seen = Vec::new();
+    while !wanted.iter().all(|w| seen.iter().any(|line: &String| line == w)) {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+            Ok(Some(line)) => seen.push(line),
+            _ => panic!("the demo did not show both clusters; printed:\n{}", seen.join("\n")),
         }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server did not exit within 15 s of SIGINT");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+    let status = interrupt_and_wait(&mut child, Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status}");
 }
