@@ -12,3 +12,4 @@ mod mesh_commands;
 mod mirror;
 mod process;
 mod support;
+mod watch_semantics;
