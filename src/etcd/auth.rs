@@ -47,18 +47,9 @@ impl Permission {
     }
 }
 
-/// The smallest key greater than every key starting with `prefix` (etcd's
-/// `GetPrefixRangeEnd`); `"\0"` (open-ended) when no such key exists.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+/// etcd's `GetPrefixRangeEnd`, shared with the client library so that both sides of the
+/// wire agree on what a prefix covers.
+pub use clustermesh_client::wire::prefix_range_end as prefix_end;
 
 #[derive(Debug, Clone, Default)]
 struct User {

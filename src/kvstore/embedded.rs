@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Backend, Error, Result, prefix_end};
+use super::{Backend, Error, Result};
+use crate::etcd::auth::prefix_end;
 use crate::etcd::pb::etcdserverpb::{DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest};
 use crate::etcd::store::Store;
 

@@ -38,16 +38,3 @@ pub trait Backend: Send + Sync + 'static {
     /// The keys under `prefix` now (for pruning what no object wants after a restart).
     fn keys_with_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
-
-/// The exclusive end of the range holding every key that starts with `prefix`.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // Every byte was 0xff: the range runs to the end of the keyspace.
-    vec![0]
-}
