@@ -93,3 +93,35 @@ async fn the_demo_shows_each_cluster_to_the_other_and_stops_on_sigint() {
     let status = interrupt_and_wait(&mut child, Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_serves_etcds_metric_names_and_health_on_its_metrics_listener() {
+    let (client, metrics) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args(["kvstore", "--auto-tls"])
+        .arg(format!("--listen-client-urls=https://127.0.0.1:{client}"))
+        .arg(format!("--listen-metrics-urls=http://127.0.0.1:{metrics}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the store");
+    let (_, health) = eventually("/health to answer", Duration::from_secs(20), || async {
+        http_get("127.0.0.1", metrics, "/health").await.ok()
+    })
+    .await;
+    assert_eq!(health, r#"{"health":"true","reason":""}"#);
+    let (status, body) = http_get("127.0.0.1", metrics, "/metrics").await.expect("scrape");
+    assert_eq!(status, 200);
+    for series in [
+        "etcd_server_has_leader 1",
+        "etcd_debugging_mvcc_keys_total 0",
+        "etcd_mvcc_db_total_size_in_bytes 0",
+        "etcd_debugging_mvcc_watcher_total 0",
+        "etcd_debugging_mvcc_watch_stream_total 0",
+        "etcd_debugging_mvcc_current_revision 1",
+    ] {
+        assert!(body.contains(series), "{series} missing from\n{body}");
+    }
+    let status = interrupt_and_wait(&mut child, Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}");
+}
