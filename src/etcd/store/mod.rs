@@ -394,9 +394,12 @@ impl<'a> Write<'a> {
         if (request.ignore_value || request.ignore_lease) && existing.is_none() {
             return Err(Error::KeyNotFound);
         }
+        // Decoded requests slice their bytes out of the transport's receive buffer (8 KiB
+        // or more); storing such a slice would keep the whole buffer alive as long as the
+        // key lives. Exact-size copies cost a memcpy and keep memory proportional to data.
         let value = match (&existing, request.ignore_value) {
             (Some(prev), true) => prev.value.clone(),
-            _ => request.value,
+            _ => Bytes::copy_from_slice(&request.value),
         };
         let lease = match (&existing, request.ignore_lease) {
             (Some(prev), true) => prev.lease,
@@ -405,7 +408,10 @@ impl<'a> Write<'a> {
         if lease != 0 && !self.state.leases.contains(lease) {
             return Err(Error::LeaseNotFound);
         }
-        let key = request.key;
+        let key = match &existing {
+            Some(prev) => prev.key.clone(),
+            None => Bytes::copy_from_slice(&request.key),
+        };
         let previous = self.state.keyspace.put(key.clone(), value.clone(), lease, self.revision);
         if let Some(prev) = &previous
             && prev.lease != 0

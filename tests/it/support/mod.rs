@@ -10,9 +10,9 @@ pub mod embedded;
 pub mod etcd;
 pub mod etcdctl;
 pub mod eventually;
+pub mod fake_k8s;
 pub mod mirror;
 pub mod process;
-pub mod fake_k8s;
 
 pub use certs::{ClientCert, Pki};
 pub use embedded::EmbeddedStore;

@@ -1,0 +1,434 @@
+//! Scenarios 1-5: the store alone, driven through the etcd v3 API by the same client code
+//! for both servers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::Barrier;
+
+use crate::data::{self, PREFIXES, Shapes, Sizes};
+use crate::report::Percentiles;
+use crate::servers::{self, ClientTls, Server};
+
+/// Runs `f(worker)` on `n` tasks and collects their results in worker order.
+async fn spawn_all<T, F, Fut>(n: usize, f: F) -> anyhow::Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let handles: Vec<_> = (0..n).map(|i| tokio::spawn(f(i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for handle in handles {
+        out.push(handle.await.context("worker panicked")??);
+    }
+    Ok(out)
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+async fn revision(client: &mut Client) -> anyhow::Result<i64> {
+    let response = client.get("bench/revision-probe", None).await?;
+    Ok(response.header().context("response without a header")?.revision())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Put throughput
+
+pub struct PutThroughput {
+    pub puts: usize,
+    pub acknowledged: usize,
+    pub revisions: i64,
+    pub elapsed: Duration,
+    pub latency: Percentiles,
+    pub server_cpu: Duration,
+    pub client_cpu: Duration,
+}
+
+pub async fn put_throughput(
+    server: &Server,
+    tls: &ClientTls,
+    clients: usize,
+    puts: usize,
+    value_size: usize,
+) -> anyhow::Result<PutThroughput> {
+    let url = server.client_url();
+    let conns = tls.connect_many(&url, clients).await?;
+    // One put per connection first, so that TLS handshakes are not measured.
+    for (i, client) in conns.iter().enumerate() {
+        client.clone().put(format!("bench/put/warmup/{i}"), vec![b'w'; value_size], None).await?;
+    }
+    let first = revision(&mut conns[0].clone()).await?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = server.cpu_time();
+    let client_before = servers::own_cpu_time();
+    let start = Instant::now();
+    let results = spawn_all(clients, |w| {
+        let (mut client, next) = (conns[w].clone(), Arc::clone(&next));
+        async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= puts {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                // A few thousand keys updated over and over, as an agent's own keys are.
+                let key = format!("bench/put/{:02}/{:04}", w % 100, i % 1000);
+                let mut value = vec![b'v'; value_size];
+                value[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                let t = Instant::now();
+                client.put(key, value, None).await.with_context(|| format!("put {i}"))?;
+                latencies.push(micros(t.elapsed()));
+            }
+        }
+    })
+    .await?;
+    let elapsed = start.elapsed();
+    let server_cpu = server.cpu_time().saturating_sub(cpu_before);
+    let client_cpu = servers::own_cpu_time().saturating_sub(client_before);
+    let last = revision(&mut conns[0].clone()).await?;
+    let latencies: Vec<u32> = results.into_iter().flatten().collect();
+    Ok(PutThroughput {
+        puts,
+        acknowledged: latencies.len(),
+        revisions: last - first,
+        elapsed,
+        latency: Percentiles::of_micros(latencies),
+        server_cpu,
+        client_cpu,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Watch fan-out
+
+pub struct WatchFanout {
+    pub watchers: usize,
+    pub puts: usize,
+    /// Events each watcher received, in watcher order.
+    pub received: Vec<usize>,
+    /// Watchers whose events came out of revision order or duplicated.
+    pub out_of_order: usize,
+    pub elapsed: Duration,
+    pub latency: Percentiles,
+    pub server_cpu: Duration,
+    pub client_cpu: Duration,
+}
+
+impl WatchFanout {
+    pub fn delivered(&self) -> usize {
+        self.received.iter().sum()
+    }
+}
+
+pub async fn watch_fanout(
+    server: &Server,
+    tls: &ClientTls,
+    watchers: usize,
+    conns: usize,
+    puts: usize,
+    writers: usize,
+    value_size: usize,
+) -> anyhow::Result<WatchFanout> {
+    const PREFIX: &str = "bench/watch/";
+    let url = server.client_url();
+    let clients = tls.connect_many(&url, conns.max(1)).await?;
+    let base = Instant::now();
+    let ready = Arc::new(Barrier::new(watchers + 1));
+    // Generous, but bounded: a watcher that never gets all its events fails the run.
+    let deadline = Duration::from_secs(60) + Duration::from_micros((watchers * puts) as u64 * 5);
+    let mut handles = Vec::with_capacity(watchers);
+    for w in 0..watchers {
+        let mut client = clients[w % clients.len()].clone();
+        let ready = Arc::clone(&ready);
+        handles.push(tokio::spawn(async move {
+            let mut stream = client.watch(PREFIX, Some(WatchOptions::new().with_prefix())).await?;
+            // Wait for the server to confirm the watcher before any put is made.
+            loop {
+                let response = stream.message().await?.context("watch stream ended before created")?;
+                if response.created() {
+                    break;
+                }
+            }
+            ready.wait().await;
+            let mut latencies = Vec::with_capacity(puts);
+            let mut last_revision = 0;
+            let mut in_order = true;
+            let run = async {
+                while latencies.len() < puts {
+                    let Some(response) = stream.message().await? else { break };
+                    let now = base.elapsed();
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        in_order &= kv.mod_revision() > last_revision;
+                        last_revision = kv.mod_revision();
+                        let sent = u64::from_le_bytes(kv.value()[..8].try_into().unwrap_or([0; 8]));
+                        latencies.push(micros(now.saturating_sub(Duration::from_nanos(sent))));
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(deadline, run).await {
+                Ok(result) => result?,
+                Err(_) => eprintln!("watcher {w}: timed out with {} of {puts} events", latencies.len()),
+            }
+            Ok::<_, anyhow::Error>((latencies, in_order))
+        }));
+    }
+    ready.wait().await;
+    let cpu_before = server.cpu_time();
+    let client_before = servers::own_cpu_time();
+    let start = base.elapsed();
+    let next = Arc::new(AtomicUsize::new(0));
+    spawn_all(writers, |w| {
+        let (mut client, next) = (clients[w % clients.len()].clone(), Arc::clone(&next));
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= puts {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let mut value = vec![b'v'; value_size.max(8)];
+                value[..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+                client.put(format!("{PREFIX}{:05}", i % 1000), value, None).await?;
+            }
+        }
+    })
+    .await?;
+    let mut received = Vec::with_capacity(watchers);
+    let mut out_of_order = 0;
+    let mut all = Vec::with_capacity(watchers * puts);
+    for handle in handles {
+        let (latencies, in_order) = handle.await.context("watcher panicked")??;
+        received.push(latencies.len());
+        out_of_order += usize::from(!in_order);
+        all.extend(latencies);
+    }
+    let elapsed = base.elapsed() - start;
+    let server_cpu = server.cpu_time().saturating_sub(cpu_before);
+    let client_cpu = servers::own_cpu_time().saturating_sub(client_before);
+    Ok(WatchFanout {
+        watchers,
+        puts,
+        received,
+        out_of_order,
+        elapsed,
+        latency: Percentiles::of_micros(all),
+        server_cpu,
+        client_cpu,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Memory after loading Cilium-shaped data
+
+pub struct Load {
+    pub elapsed: Duration,
+    pub keys_per_lease: usize,
+    pub leases: usize,
+    /// Keys found per prefix after the load.
+    pub counts: Vec<(String, usize)>,
+    pub server_cpu: Duration,
+}
+
+/// Writes the data set with puts on leases of at most `keys_per_lease` keys each, as
+/// Cilium's lease manager does, from `clients` connections.
+pub async fn load(
+    server: &Server,
+    tls: &ClientTls,
+    shapes: &Arc<Shapes>,
+    sizes: Sizes,
+    clients: usize,
+    keys_per_lease: usize,
+) -> anyhow::Result<Load> {
+    let url = server.client_url();
+    let conns = tls.connect_many(&url, clients).await?;
+    let total = sizes.total();
+    let lease_count = total.div_ceil(keys_per_lease);
+    let mut leases = Vec::with_capacity(lease_count);
+    let mut client = conns[0].clone();
+    for _ in 0..lease_count {
+        leases.push(client.lease_grant(3600, None).await?.id());
+    }
+    let leases = Arc::new(leases);
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = server.cpu_time();
+    let start = Instant::now();
+    spawn_all(clients, |w| {
+        let (mut client, next, leases, shapes) =
+            (conns[w].clone(), Arc::clone(&next), Arc::clone(&leases), Arc::clone(shapes));
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let (key, value) = shapes.item(&sizes, i);
+                let lease = leases[i / keys_per_lease];
+                client.put(key, value, Some(PutOptions::new().with_lease(lease))).await?;
+            }
+        }
+    })
+    .await?;
+    let elapsed = start.elapsed();
+    let server_cpu = server.cpu_time().saturating_sub(cpu_before);
+    let mut counts = Vec::new();
+    for prefix in PREFIXES {
+        let options = GetOptions::new().with_range(data::prefix_end(prefix)).with_count_only();
+        let count = client.get(prefix, Some(options)).await?.count();
+        counts.push((prefix.to_owned(), usize::try_from(count).unwrap_or(0)));
+    }
+    Ok(Load { elapsed, keys_per_lease, leases: lease_count, counts, server_cpu })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Reconnect storm
+
+pub struct Storm {
+    pub clients: usize,
+    pub elapsed: Duration,
+    /// Keys each client listed, summed over the prefixes.
+    pub listed: Vec<usize>,
+    pub pages: usize,
+    pub bytes: usize,
+    pub server_cpu: Duration,
+    pub client_cpu: Duration,
+}
+
+/// `clients` new connections at once, each listing every prefix in pages of `page`, pinned to
+/// the revision of its first page as Cilium's agents do.
+pub async fn storm(
+    server: &Server,
+    tls: &ClientTls,
+    clients: usize,
+    page: i64,
+    timeout: Duration,
+) -> anyhow::Result<Storm> {
+    let url = server.client_url();
+    // Built beforehand; etcd_client dials lazily, so every connection and TLS handshake
+    // happens inside the measured time, as in a real storm.
+    let conns = tls.connect_many(&url, clients).await?;
+    let start_gate = Arc::new(Barrier::new(clients + 1));
+    let mut handles = Vec::with_capacity(clients);
+    for mut client in conns {
+        let gate = Arc::clone(&start_gate);
+        handles.push(tokio::spawn(async move {
+            gate.wait().await;
+            let (mut keys, mut pages, mut bytes) = (0usize, 0usize, 0usize);
+            for prefix in PREFIXES {
+                let end = data::prefix_end(prefix);
+                let mut from = prefix.as_bytes().to_vec();
+                let mut pinned = 0;
+                loop {
+                    let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+                    if pinned > 0 {
+                        options = options.with_revision(pinned);
+                    }
+                    let response = client.get(from.clone(), Some(options)).await?;
+                    if pinned == 0 {
+                        pinned = response.header().context("no header")?.revision();
+                    }
+                    pages += 1;
+                    keys += response.kvs().len();
+                    bytes += response.kvs().iter().map(|kv| kv.key().len() + kv.value().len()).sum::<usize>();
+                    match response.kvs().last() {
+                        Some(last) if response.more() => {
+                            from = last.key().to_vec();
+                            from.push(0);
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>((keys, pages, bytes))
+        }));
+    }
+    let cpu_before = server.cpu_time();
+    let client_before = servers::own_cpu_time();
+    let start = Instant::now();
+    start_gate.wait().await;
+    let mut listed = Vec::with_capacity(clients);
+    let (mut pages, mut bytes) = (0, 0);
+    let joined = tokio::time::timeout(timeout, async {
+        for handle in handles {
+            let (k, p, b) = handle.await.context("client panicked")??;
+            listed.push(k);
+            pages += p;
+            bytes += b;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    match joined {
+        Ok(result) => result?,
+        Err(_) => bail!("the storm did not finish within {timeout:?} (raise --storm-timeout or lower --storm-clients)"),
+    }
+    let elapsed = start.elapsed();
+    let server_cpu = server.cpu_time().saturating_sub(cpu_before);
+    let client_cpu = servers::own_cpu_time().saturating_sub(client_before);
+    Ok(Storm { clients, elapsed, listed, pages, bytes, server_cpu, client_cpu })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Put latency against the keys already on the lease
+
+pub struct LeasePhase {
+    pub keys_on_lease: usize,
+    pub attach_elapsed: Duration,
+    pub latency: Percentiles,
+}
+
+/// Attaches `keys` keys to a fresh lease (from `clients` connections), then measures
+/// `samples` sequential puts that rewrite keys of that lease with it.
+pub async fn lease_phase(
+    server: &Server,
+    tls: &ClientTls,
+    tag: &str,
+    keys: usize,
+    samples: usize,
+    clients: usize,
+    value_size: usize,
+) -> anyhow::Result<LeasePhase> {
+    let url = server.client_url();
+    let conns = tls.connect_many(&url, clients).await?;
+    let mut client = conns[0].clone();
+    let lease = client.lease_grant(3600, None).await?.id();
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let key_of = {
+        let tag = tag.to_owned();
+        move |i: usize| format!("bench/lease/{tag}/{i:07}")
+    };
+    spawn_all(clients, |w| {
+        let (mut client, next, key_of) = (conns[w].clone(), Arc::clone(&next), key_of.clone());
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                client.put(key_of(i), vec![b'v'; value_size], Some(PutOptions::new().with_lease(lease))).await?;
+            }
+        }
+    })
+    .await?;
+    let attach_elapsed = start.elapsed();
+    let ttl = client.lease_time_to_live(lease, None).await?;
+    if ttl.ttl() <= 0 {
+        bail!("lease {lease:x} is gone after attaching {keys} keys");
+    }
+    let mut latencies = Vec::with_capacity(samples);
+    for s in 0..samples {
+        // Spread over the lease's keys; a rewrite with the same lease keeps the count.
+        let i = s.wrapping_mul(7919) % keys;
+        let t = Instant::now();
+        client.put(key_of(i), vec![b'u'; value_size], Some(PutOptions::new().with_lease(lease))).await?;
+        latencies.push(micros(t.elapsed()));
+    }
+    Ok(LeasePhase { keys_on_lease: keys, attach_elapsed, latency: Percentiles::of_micros(latencies) })
+}

@@ -1,0 +1,325 @@
+//! The two servers under test, each a child process of the bench so that both compete with
+//! the client for the same cores and both have an RSS of their own: Debian's etcd (data dir on
+//! tmpfs) and our `clustermesh-apiserver kvstore`, both serving mTLS on random 127.0.0.1 ports.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::certs::{ClientCert, Pki};
+
+/// Our server's binary, built by cargo for this bench target.
+pub const OUR_BINARY: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
+
+/// Where etcd keeps its data: tmpfs, as Cilium's chart does (an `emptyDir` with medium Memory).
+const TMPFS: &str = "/dev/shm";
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Which {
+    Etcd,
+    Ours,
+}
+
+impl Which {
+    pub const BOTH: [Which; 2] = [Which::Etcd, Which::Ours];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Which::Etcd => "etcd",
+            Which::Ours => "ours",
+        }
+    }
+}
+
+/// One running server; killed and reaped on drop.
+pub struct Server {
+    pub which: Which,
+    child: Child,
+    client_port: u16,
+    metrics_port: u16,
+    dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+/// Memory of a process, from `/proc/<pid>/status`, in bytes.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Memory {
+    pub rss: u64,
+    pub rss_anon: u64,
+    pub rss_file: u64,
+    pub rss_shmem: u64,
+    pub hwm: u64,
+}
+
+impl Memory {
+    /// What the process holds that is not a mapping of a tmpfs file: with
+    /// [`Server::tmpfs_bytes`] added, the memory the server costs without counting the same
+    /// page twice (etcd maps its bbolt file, which lives on tmpfs).
+    pub fn private(&self) -> u64 {
+        self.rss.saturating_sub(self.rss_shmem)
+    }
+}
+
+/// CPU time this bench process (the clients) has used so far.
+pub fn own_cpu_time() -> Duration {
+    process_cpu_time(std::process::id()).unwrap_or_default()
+}
+
+impl Server {
+    pub async fn start(which: Which, pki: &Pki) -> anyhow::Result<Server> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(which, pki).await {
+                Ok(server) => return Ok(server),
+                Err(e) if format!("{e:#}").contains("address already in use") => last = format!("{e:#}"),
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("{} did not start: a port was taken three times: {last}", which.name())
+    }
+
+    async fn try_start(which: Which, pki: &Pki) -> anyhow::Result<Server> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("cm-bench-{}-", which.name()))
+            .tempdir_in(TMPFS)
+            .with_context(|| format!("create a temp dir in {TMPFS}"))?;
+        let log_path = dir.path().join("server.log");
+        let log = fs::File::create(&log_path)?;
+        let [client_port, metrics_port, peer_port] = free_ports()?;
+        let client_url = format!("https://127.0.0.1:{client_port}");
+        let metrics_url = format!("http://127.0.0.1:{metrics_port}");
+        let mut cmd = match which {
+            Which::Etcd => {
+                let bin = find_etcd()?;
+                let data_dir = dir.path().join("data");
+                fs::DirBuilder::new().mode(0o700).create(&data_dir)?;
+                let peer_url = format!("http://127.0.0.1:{peer_port}");
+                let mut cmd = Command::new(bin);
+                cmd.arg("--name=bench")
+                    .arg(format!("--data-dir={}", data_dir.display()))
+                    .arg(format!("--listen-client-urls={client_url}"))
+                    .arg(format!("--advertise-client-urls={client_url}"))
+                    .arg(format!("--listen-peer-urls={peer_url}"))
+                    .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                    .arg(format!("--initial-cluster=bench={peer_url}"))
+                    .arg("--initial-cluster-state=new")
+                    .arg(format!("--listen-metrics-urls={metrics_url}"))
+                    .arg(format!("--cert-file={}", pki.server_cert_path().display()))
+                    .arg(format!("--key-file={}", pki.server_key_path().display()))
+                    .arg(format!("--trusted-ca-file={}", pki.ca_path().display()))
+                    .arg("--client-cert-auth")
+                    // As Cilium's chart runs its etcd sidecar.
+                    .arg("--auto-compaction-retention=1")
+                    .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"]);
+                // ETCD_* variables would be read as flags.
+                for (key, _) in std::env::vars_os() {
+                    if key.to_string_lossy().starts_with("ETCD_") {
+                        cmd.env_remove(key);
+                    }
+                }
+                cmd
+            }
+            Which::Ours => {
+                let mut cmd = Command::new(OUR_BINARY);
+                cmd.arg("kvstore")
+                    .arg(format!("--listen-client-urls={client_url}"))
+                    .arg(format!("--listen-metrics-urls={metrics_url}"))
+                    .arg(format!("--cert-file={}", pki.server_cert_path().display()))
+                    .arg(format!("--key-file={}", pki.server_key_path().display()))
+                    .arg(format!("--trusted-ca-file={}", pki.ca_path().display()))
+                    .arg("--auto-compaction-retention=1")
+                    .arg("--log-level=warn")
+                    .env_remove("RUST_LOG");
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
+        let mut server = Server { which, child, client_port, metrics_port, dir, log_path };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("{} exited with {status}; log:\n{}", which.name(), server.log_tail(30));
+            }
+            if let Ok(Ok((200, _))) =
+                tokio::time::timeout(Duration::from_secs(2), http_get(server.metrics_port, "/health")).await
+            {
+                return Ok(server);
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                bail!("{} not healthy after {READY_TIMEOUT:?}; log:\n{}", which.name(), server.log_tail(30));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn client_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn memory(&self) -> anyhow::Result<Memory> {
+        process_memory(self.pid())
+    }
+
+    /// Bytes the server keeps on tmpfs (etcd's WAL, snapshots and bbolt file; nothing for ours):
+    /// memory too, though not in the process's RSS.
+    pub fn tmpfs_bytes(&self) -> u64 {
+        match self.which {
+            Which::Etcd => dir_allocated_bytes(&self.dir.path().join("data")),
+            Which::Ours => 0,
+        }
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        process_cpu_time(self.pid()).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Fails if the process has died (e.g. out of memory) since it started.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} died with {status}; log:\n{}", self.which.name(), self.log_tail(30));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn process_memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).context("read /proc/<pid>/status")?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    Ok(Memory {
+        rss: field("VmRSS:"),
+        rss_anon: field("RssAnon:"),
+        rss_file: field("RssFile:"),
+        rss_shmem: field("RssShmem:"),
+        hwm: field("VmHWM:"),
+    })
+}
+
+/// utime + stime of a process, from `/proc/<pid>/stat` (clock ticks of 1/100 s on Linux).
+pub fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+fn dir_allocated_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_allocated_bytes(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn find_etcd() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ETCD_BIN").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join("etcd"))
+        .find(|candidate| candidate.is_file())
+        .context("`etcd` not found on PATH or in /usr/bin: the benchmark needs Debian's etcd-server (apt-get install etcd-server), or set $ETCD_BIN")
+}
+
+pub fn free_ports() -> std::io::Result<[u16; 3]> {
+    let listeners = [
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+    ];
+    Ok([listeners[0].local_addr()?.port(), listeners[1].local_addr()?.port(), listeners[2].local_addr()?.port()])
+}
+
+/// A minimal HTTP/1.0 GET on 127.0.0.1; returns (status, body).
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed status line")?;
+    Ok((status, body.to_string()))
+}
+
+/// What every bench client presents: the test CA and one client certificate (CN `root`).
+#[derive(Clone)]
+pub struct ClientTls {
+    ca_pem: String,
+    cert: ClientCert,
+}
+
+impl ClientTls {
+    pub fn new(pki: &Pki) -> Self {
+        Self { ca_pem: pki.ca_pem().to_owned(), cert: pki.client("root") }
+    }
+
+    fn options(&self) -> TlsOptions {
+        TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert.cert_pem, &self.cert.key_pem))
+    }
+
+    /// A new client, i.e. a new connection (and TLS handshake, on first use).
+    pub async fn connect(&self, url: &str) -> anyhow::Result<Client> {
+        let options = ConnectOptions::new()
+            .with_tls(self.options())
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_timeout(Duration::from_secs(120));
+        tokio::time::timeout(Duration::from_secs(30), Client::connect([url], Some(options)))
+            .await
+            .with_context(|| format!("connect to {url}: timed out"))?
+            .with_context(|| format!("connect to {url}"))
+    }
+
+    /// `n` clients, connected up to 32 at a time.
+    pub async fn connect_many(&self, url: &str, n: usize) -> anyhow::Result<Vec<Client>> {
+        use futures::StreamExt as _;
+        let clients: Vec<anyhow::Result<Client>> =
+            futures::stream::iter(0..n).map(|_| self.connect(url)).buffered(32).collect().await;
+        clients.into_iter().collect()
+    }
+}
