@@ -809,16 +809,7 @@ spec:
     #[test]
     fn deleting_an_unknown_object_is_a_no_op() {
         let mut h = Harness::new(settings());
-        for kind in [
-            Kind::CiliumNode,
-            Kind::CiliumIdentity,
-            Kind::CiliumEndpoint,
-            Kind::CiliumEndpointSlice,
-            Kind::Service,
-            Kind::EndpointSlice,
-            Kind::ServiceExport,
-            Kind::Namespace,
-        ] {
+        for kind in ALL_KINDS {
             let namespace = kind.is_namespaced().then_some("shop");
             assert!(h.delete(kind, namespace, "ghost").is_empty(), "{kind}");
         }

@@ -56,11 +56,34 @@ async fn expect_nodes(target: &Target, expected: &[(&str, &str)]) {
     assert!(matched.is_ok(), "nodes in the store: expected {expected:?}, found {last:?}");
 }
 
+/// Our store and a fake Kubernetes API, ready for a mirror between them.
+struct Embedded {
+    _pki: Pki,
+    store: EmbeddedStore,
+    target: Target,
+    fake: FakeApiServer,
+}
+
+impl Embedded {
+    async fn start() -> Self {
+        let pki = Pki::new();
+        let store = EmbeddedStore::start(&pki).await;
+        let target = Target::embedded(&store);
+        Self { _pki: pki, store, target, fake: FakeApiServer::start().await }
+    }
+}
+
+/// A mirror of `fake` into `target` for cluster1, once it reports ready.
+async fn start_mirror(target: &Target, fake: &FakeApiServer) -> Mirror {
+    let mut mirror = Mirror::start(target, settings(), fake.client());
+    mirror.wait_ready().await;
+    mirror
+}
+
 async fn adds_updates_and_deletes_propagate(target: Target) {
     let fake = FakeApiServer::start().await;
     fake.apply(node("node-a", "10.0.0.1"));
-    let mut mirror = Mirror::start(&target, settings(), fake.client());
-    mirror.wait_ready().await;
+    let mirror = start_mirror(&target, &fake).await;
     expect_nodes(&target, &[("node-a", "10.0.0.1")]).await;
 
     fake.apply(node("node-b", "10.0.0.2"));
@@ -89,12 +112,8 @@ async fn adds_updates_and_deletes_in_kubernetes_reach_a_real_etcd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_announces_readiness_only_with_cluster_config_and_every_canary() {
-    let pki = Pki::new();
-    let store = EmbeddedStore::start(&pki).await;
-    let target = Target::embedded(&store);
-    let fake = FakeApiServer::start().await;
-    let mut mirror = Mirror::start(&target, settings(), fake.client());
-    mirror.wait_ready().await;
+    let Embedded { _pki, store, target, fake } = Embedded::start().await;
+    let mirror = start_mirror(&target, &fake).await;
     let config = target.get("cilium/cluster-config/cluster1").await.expect("cluster config written");
     let expected = clustermesh_apiserver::translate::cluster_config(&settings());
     assert_eq!(config.as_bytes(), &expected[..]);
@@ -123,12 +142,8 @@ async fn the_store_announces_readiness_only_with_cluster_config_and_every_canary
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_config_edited_or_deleted_by_someone_else_is_restored() {
-    let pki = Pki::new();
-    let store = EmbeddedStore::start(&pki).await;
-    let target = Target::embedded(&store);
-    let fake = FakeApiServer::start().await;
-    let mut mirror = Mirror::start(&target, settings(), fake.client());
-    mirror.wait_ready().await;
+    let Embedded { _pki, store, target, fake } = Embedded::start().await;
+    let mirror = start_mirror(&target, &fake).await;
     let key = "cilium/cluster-config/cluster1";
     let original = target.get(key).await.expect("written");
     target.put(key, r#"{"id":5}"#).await;
@@ -147,14 +162,10 @@ async fn a_cluster_config_edited_or_deleted_by_someone_else_is_restored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relist_after_410_gone_deletes_what_vanished_meanwhile() {
-    let pki = Pki::new();
-    let store = EmbeddedStore::start(&pki).await;
-    let target = Target::embedded(&store);
-    let fake = FakeApiServer::start().await;
+    let Embedded { _pki, store, target, fake } = Embedded::start().await;
     fake.apply(node("node-a", "10.0.0.1"));
     fake.apply(node("node-b", "10.0.0.2"));
-    let mut mirror = Mirror::start(&target, settings(), fake.client());
-    mirror.wait_ready().await;
+    let mirror = start_mirror(&target, &fake).await;
     expect_nodes(&target, &[("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")]).await;
 
     // A partition: the delete is never seen as a watch event, only by the relist.
@@ -177,8 +188,7 @@ async fn a_node_deleted_while_the_server_was_down_is_pruned_after_restart_in_att
     let fake = FakeApiServer::start().await;
     fake.apply(node("node-a", "10.0.0.1"));
     fake.apply(node("node-b", "10.0.0.2"));
-    let mut first = Mirror::start(&target, settings(), fake.client());
-    first.wait_ready().await;
+    let first = start_mirror(&target, &fake).await;
     expect_nodes(&target, &[("node-a", "10.0.0.1"), ("node-b", "10.0.0.2")]).await;
     first.stop().await;
 
@@ -186,21 +196,16 @@ async fn a_node_deleted_while_the_server_was_down_is_pruned_after_restart_in_att
     fake.delete("cilium.io/v2", "CiliumNode", None, "node-a");
     assert!(target.get(&format!("{NODES}node-a")).await.is_some());
 
-    let mut second = Mirror::start(&target, settings(), fake.client());
-    second.wait_ready().await;
+    let second = start_mirror(&target, &fake).await;
     expect_nodes(&target, &[("node-b", "10.0.0.2")]).await;
     second.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_object_is_skipped_and_counted_and_never_stops_the_stream() {
-    let pki = Pki::new();
-    let store = EmbeddedStore::start(&pki).await;
-    let target = Target::embedded(&store);
-    let fake = FakeApiServer::start().await;
+    let Embedded { _pki, store, target, fake } = Embedded::start().await;
     fake.apply(node("node-a", "10.0.0.1"));
-    let mut mirror = Mirror::start(&target, settings(), fake.client());
-    mirror.wait_ready().await;
+    let mirror = start_mirror(&target, &fake).await;
     expect_nodes(&target, &[("node-a", "10.0.0.1")]).await;
 
     // node-a turns invalid: it loses its key, exactly as a relist would decide.
