@@ -26,8 +26,12 @@ use crate::etcd::store::Limits;
 use crate::etcd::tls::TlsFiles;
 use crate::kvstore::embedded::Embedded;
 use crate::kvstore::etcd::{Etcd, EtcdConfig};
+use crate::kvstore::quorum;
 use crate::metrics::{self, Routes};
+use crate::process_metrics::ProcessCollector;
+use crate::sync::state::HEARTBEAT_KEY;
 use crate::translate::model::Settings;
+use crate::users::{self, EmbeddedUsers, EtcdUsers, UserAdmin, UsersManager};
 use crate::{certs, pki, shutdown};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -55,7 +59,10 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
     let tracker = TaskTracker::new();
-    let mut registry = Registry::with_prefix("cilium_clustermesh_apiserver");
+    // Process metrics carry no prefix, as Prometheus' process collector names them.
+    let mut root = Registry::default();
+    root.register_collector(Box::new(ProcessCollector));
+    let registry = root.sub_registry_with_prefix("cilium_clustermesh_apiserver");
 
     let settings = Settings {
         max_connected_clusters: args.max_connected_clusters,
@@ -80,12 +87,24 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
             let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
-            clustermesh::spawn(Arc::new(Embedded::new(store)), config, &mut registry, &tracker, &token)
+            if args.cluster_users_enabled {
+                spawn_users(EmbeddedUsers(Arc::clone(&store)), &args, &tracker, &token);
+            }
+            clustermesh::spawn(Arc::new(Embedded::new(store)), config, registry, &tracker, &token)
         }
         KvstoreKind::Etcd => {
             let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
             let etcd = EtcdConfig::load(&path)?.connect().await?;
-            clustermesh::spawn(Arc::new(Etcd::new(etcd)), config, &mut registry, &tracker, &token)
+            if args.cluster_users_enabled {
+                spawn_users(EtcdUsers(etcd.clone()), &args, &tracker, &token);
+            }
+            let running = clustermesh::spawn(Arc::new(Etcd::new(etcd.clone())), config, registry, &tracker, &token);
+            let errors = running.kvstore_metrics.quorum_errors.clone();
+            tracker.spawn(
+                quorum::run(etcd, HEARTBEAT_KEY, errors, quorum::CHECK_INTERVAL, token.child_token())
+                    .instrument(tracing::info_span!("quorum_check")),
+            );
+            running
         }
     };
     // A store that fails takes the whole process down with it.
@@ -99,12 +118,19 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
     tracker.spawn(serve_admin(health, routes, token.child_token(), "health"));
     if let Some(addr) = args.prometheus_addr()? {
-        let routes = Routes { metrics: Some(Arc::new(registry)), ..Routes::default() };
+        let routes = Routes { metrics: Some(Arc::new(root)), ..Routes::default() };
         tracker.spawn(serve_admin(bind(addr).await?, routes, token.child_token(), "metrics"));
     }
     wait_for_shutdown(&token, &tracker).await?;
     store_token.cancel();
     wait_for_shutdown(&store_token, &store_tracker).await
+}
+
+/// Cilium's users manager, on whichever store the mirror writes to.
+fn spawn_users<A: UserAdmin>(admin: A, args: &ClustermeshArgs, tracker: &TaskTracker, token: &CancellationToken) {
+    let path = args.cluster_users_config_path.clone();
+    let manager = UsersManager::new(admin, path, args.cluster_name.clone());
+    tracker.spawn(manager.run(users::POLL_INTERVAL, token.child_token()).instrument(tracing::info_span!("users")));
 }
 
 fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {

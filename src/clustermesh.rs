@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::kvstore::Backend;
+use crate::kvstore::instrumented::{Instrumented, KvstoreMetrics};
 use crate::source::{self, SourceEvent};
 use crate::sync::metrics::{Bootstrap, SyncCollector};
 use crate::sync::mirror::{Mirror, MirrorMetrics};
@@ -75,6 +76,9 @@ async fn drain_then_stop(sync: Arc<SyncStore>, shutdown: CancellationToken, writ
 pub struct Running {
     pub ready: watch::Receiver<bool>,
     pub sync: Arc<SyncStore>,
+    /// The kvstore families registered for this mirror (the attached-etcd quorum check
+    /// feeds `quorum_errors`).
+    pub kvstore_metrics: KvstoreMetrics,
 }
 
 /// Starts the mirror and everything beside it on `backend`; all of it stops on `shutdown`.
@@ -89,6 +93,9 @@ pub fn spawn<B: Backend>(
     shutdown: &CancellationToken,
 ) -> Running {
     let cluster = config.settings.cluster_name.clone();
+    // Every operation below, of either backend, is timed under Cilium's kvstore metrics.
+    let kvstore_metrics = KvstoreMetrics::register(registry);
+    let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
     let sync = SyncStore::new();
     let cluster_config_key = crate::translate::cluster_config_key(&config.settings);
     sync.track_written(&cluster_config_key);
@@ -157,5 +164,5 @@ pub fn spawn<B: Backend>(
         )
         .instrument(tracing::info_span!("readiness")),
     );
-    Running { ready, sync }
+    Running { ready, sync, kvstore_metrics }
 }

@@ -236,6 +236,14 @@ pub struct ClustermeshArgs {
     /// TTL of the lease every written key is attached to.
     #[arg(long, value_parser = humantime_secs, default_value = "15m")]
     pub kvstore_lease_ttl: Duration,
+    /// Keep one etcd user per remote cluster as listed in --cluster-users-config-path
+    /// (Helm `tls.authMode` migration and cluster).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub cluster_users_enabled: bool,
+    /// YAML file listing those users (`users: [{name: remote-<peer>, role: remote}]`); changes
+    /// are picked up while running.
+    #[arg(long, default_value = crate::users::DEFAULT_CONFIG_PATH)]
+    pub cluster_users_config_path: PathBuf,
     /// Kubeconfig to reach the Kubernetes API (default: in-cluster, then ~/.kube/config).
     #[arg(long)]
     pub k8s_kubeconfig_path: Option<PathBuf>,

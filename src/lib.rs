@@ -18,10 +18,12 @@ pub mod kvstore;
 pub mod mesh;
 pub mod metrics;
 pub mod pki;
+pub mod process_metrics;
 pub mod shutdown;
 pub mod source;
 pub mod sync;
 pub mod translate;
+pub mod users;
 
 /// An error and its sources on one line, for log fields.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

@@ -71,6 +71,8 @@ pub fn spawn(
     );
     let mut registry = Registry::default();
     let (grpc, watch) = metrics::register(&mut registry, Arc::clone(&store));
+    // An etcd sidecar exports its own process metrics on this port; operators scrape them here.
+    registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
     let server_metrics = ServerMetrics { grpc, watch };
     let routes = Routes { metrics: Some(Arc::new(registry)), ready: None, etcd_health: true };
     for listener in listeners.metrics {

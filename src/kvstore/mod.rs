@@ -3,6 +3,8 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod instrumented;
+pub mod quorum;
 
 use std::future::Future;
 use std::time::Duration;
