@@ -1,6 +1,7 @@
 //! From the translation model's key diffs to the store: the sync store (writes, lease,
 //! canaries), the cluster-config and heartbeat keys, and readiness.
 
+pub mod leases;
 pub mod metrics;
 pub mod mirror;
 pub mod state;

@@ -1,6 +1,7 @@
 //! The sync store: the desired keys and values, written to the backend by one worker —
-//! coalesced, unchanged bytes skipped, failures retried with backoff, every key on the
-//! session lease, and a sync canary per prefix once that prefix's initial state is written.
+//! coalesced, unchanged bytes skipped, failures retried with backoff, every key on a lease
+//! shared by at most 1,000 keys ([`super::leases`]), and a sync canary per prefix once that
+//! prefix's initial state is written.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::leases::{Leases, MAX_KEYS_PER_LEASE};
 use crate::kvstore::{Backend, Error};
 
 /// Failed writes are retried after this, doubling up to [`MAX_BACKOFF`] (the same shape as
@@ -81,6 +83,7 @@ pub struct SyncStore {
     errors_by_scope: Mutex<HashMap<String, u64>>,
     /// The canary keys written so far (readiness watches this).
     canaries_tx: watch::Sender<HashSet<String>>,
+    max_keys_per_lease: usize,
 }
 
 impl Default for SyncStore {
@@ -91,6 +94,7 @@ impl Default for SyncStore {
             stats: Mutex::default(),
             errors_by_scope: Mutex::default(),
             canaries_tx: watch::Sender::new(HashSet::new()),
+            max_keys_per_lease: MAX_KEYS_PER_LEASE,
         }
     }
 }
@@ -98,6 +102,11 @@ impl Default for SyncStore {
 impl SyncStore {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// With another cap than Cilium's 1,000 keys per lease (tests use a small one).
+    pub fn with_max_keys_per_lease(max_keys_per_lease: usize) -> Arc<Self> {
+        Arc::new(Self { max_keys_per_lease, ..Self::default() })
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
@@ -204,11 +213,12 @@ impl SyncStore {
         self.canaries_tx.subscribe()
     }
 
-    /// Writes until `shutdown`: takes a lease of `lease_ttl`, keeps it alive, and when it is
-    /// lost takes a new one and writes every desired key again.
+    /// Writes until `shutdown`: each key goes on a lease of `lease_ttl` with room for it
+    /// ([`Leases`]), every lease is kept alive, and when one is lost only its keys are
+    /// written again, on another lease.
     pub async fn run<B: Backend>(self: Arc<Self>, backend: Arc<B>, lease_ttl: Duration, shutdown: CancellationToken) {
         let mut backoff = MIN_BACKOFF;
-        let Some(mut lease) = self.grant(&*backend, lease_ttl, &shutdown).await else { return };
+        let mut leases = Leases::new(self.max_keys_per_lease);
         let mut keep_alive = tokio::time::interval(lease_ttl / 3);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keep_alive.reset();
@@ -216,25 +226,36 @@ impl SyncStore {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified() => {}
-                _ = keep_alive.tick() => match backend.keep_alive(lease).await {
-                    Ok(()) => {}
-                    Err(Error::LeaseLost(_)) => {
-                        let Some(new) = self.relapse(&*backend, lease, lease_ttl, &shutdown).await else { return };
-                        lease = new;
+                _ = keep_alive.tick() => for lease in leases.ids() {
+                    match backend.keep_alive(lease).await {
+                        Ok(()) => {}
+                        Err(Error::LeaseLost(_)) => self.lose(&mut leases, lease),
+                        Err(error) => tracing::warn!(error = %crate::error_chain(&error), "lease keep-alive failed"),
                     }
-                    Err(error) => tracing::warn!(error = %crate::error_chain(&error), "lease keep-alive failed"),
                 },
             }
             while let Some(item) = self.next_item() {
                 if shutdown.is_cancelled() {
                     return;
                 }
-                match self.write(&*backend, &item, lease).await {
+                // Only puts take a lease: a delete must not grant one when all are full.
+                let (key, puts) = match &item {
+                    Item::Key(key) => (key, self.state.lock().desired.contains_key(key)),
+                    Item::Canary { key, .. } => (key, true),
+                };
+                let lease = if puts {
+                    let Some(lease) = self.lease_for(&*backend, &mut leases, key, lease_ttl, &shutdown).await else {
+                        return;
+                    };
+                    lease
+                } else {
+                    0
+                };
+                match self.write(&*backend, &item, lease, &mut leases).await {
                     Ok(()) => backoff = MIN_BACKOFF,
-                    Err(Error::LeaseLost(_)) => {
+                    Err(Error::LeaseLost(lost)) => {
                         self.requeue(item, false);
-                        let Some(new) = self.relapse(&*backend, lease, lease_ttl, &shutdown).await else { return };
-                        lease = new;
+                        self.lose(&mut leases, lost);
                     }
                     Err(error) => {
                         self.stats.lock().errors += 1;
@@ -255,16 +276,33 @@ impl SyncStore {
         }
     }
 
+    /// The lease to put `key` with, granting a new one when every lease is full; `None`
+    /// only on shutdown.
+    async fn lease_for<B: Backend>(
+        &self,
+        backend: &B,
+        leases: &mut Leases,
+        key: &str,
+        ttl: Duration,
+        shutdown: &CancellationToken,
+    ) -> Option<i64> {
+        if let Some(lease) = leases.assign(key) {
+            return Some(lease);
+        }
+        leases.add(self.grant(backend, ttl, shutdown).await?);
+        leases.assign(key)
+    }
+
     async fn grant<B: Backend>(&self, backend: &B, ttl: Duration, shutdown: &CancellationToken) -> Option<i64> {
         let mut backoff = MIN_BACKOFF;
         loop {
             match backend.grant_lease(ttl).await {
                 Ok(lease) => {
-                    tracing::info!(lease = format_args!("{lease:x}"), ttl = ?ttl, "kvstore session lease granted");
+                    tracing::info!(lease = format_args!("{lease:x}"), ttl = ?ttl, "kvstore lease granted");
                     return Some(lease);
                 }
                 Err(error) => {
-                    tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "granting the session lease failed")
+                    tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "granting a lease failed")
                 }
             }
             tokio::select! {
@@ -275,23 +313,18 @@ impl SyncStore {
         }
     }
 
-    /// The lease is gone, and with it every key written on it: write everything again.
-    async fn relapse<B: Backend>(
-        &self,
-        backend: &B,
-        old: i64,
-        ttl: Duration,
-        shutdown: &CancellationToken,
-    ) -> Option<i64> {
-        tracing::warn!(lease = format_args!("{old:x}"), "session lease lost; writing every key again");
-        let lease = self.grant(backend, ttl, shutdown).await?;
+    /// The lease is gone, and with it the keys written on it (and only those): they are
+    /// written again.
+    fn lose(&self, leases: &mut Leases, lease: i64) {
+        let keys = leases.lost(lease);
+        tracing::warn!(lease = format_args!("{lease:x}"), keys = keys.len(), "lease lost; writing its keys again");
         let mut state = self.state.lock();
-        state.written.clear();
-        let keys: Vec<String> = state.desired.keys().cloned().collect();
         for key in keys {
-            state.enqueue(key);
+            state.written.remove(&key);
+            if state.needs_write(&key) {
+                state.enqueue(key);
+            }
         }
-        Some(lease)
     }
 
     fn next_item(&self) -> Option<Item> {
@@ -338,13 +371,16 @@ impl SyncStore {
         }
     }
 
-    async fn write<B: Backend>(&self, backend: &B, item: &Item, lease: i64) -> Result<(), Error> {
+    async fn write<B: Backend>(&self, backend: &B, item: &Item, lease: i64, leases: &mut Leases) -> Result<(), Error> {
         match item {
             Item::Key(key) => {
                 let want = self.state.lock().desired.get(key).cloned();
                 match &want {
                     Some(value) => backend.put(key, value.clone(), lease).await?,
-                    None => backend.delete(key).await?,
+                    None => {
+                        backend.delete(key).await?;
+                        leases.release(key);
+                    }
                 }
                 tracing::debug!(key = %key, deleted = want.is_none(), "kvstore write");
                 let mut state = self.state.lock();
@@ -403,6 +439,15 @@ mod tests {
     impl Memory {
         fn value(&self, key: &str) -> Option<String> {
             self.keys.lock().get(key).map(|(v, _)| String::from_utf8_lossy(v).into_owned())
+        }
+
+        fn lose_lease(&self, lease: i64) {
+            self.leases.lock().remove(&lease);
+            self.keys.lock().retain(|_, (_, on)| *on != lease);
+        }
+
+        fn lease_of(&self, key: &str) -> Option<i64> {
+            self.keys.lock().get(key).map(|(_, lease)| *lease)
         }
 
         fn lose_leases(&self) {
@@ -519,6 +564,36 @@ mod tests {
         settle().await;
         assert_eq!(backend.value("a").as_deref(), Some("1"));
         assert!(backend.value("synced/a").is_some(), "the canary comes back too");
+        token.cancel();
+        worker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_fill_leases_up_to_the_cap_and_a_lost_lease_rewrites_only_its_own_keys() {
+        let backend = Arc::new(Memory::default());
+        let store = SyncStore::with_max_keys_per_lease(2);
+        let token = CancellationToken::new();
+        let worker =
+            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        for key in ["k1", "k2", "k3", "k4", "k5"] {
+            store.upsert(key.into(), Bytes::from_static(b"v"));
+        }
+        settle().await;
+        let leases: Vec<_> = ["k1", "k2", "k3", "k4", "k5"].map(|k| backend.lease_of(k).unwrap()).into();
+        assert_eq!(leases, [1, 1, 2, 2, 3]);
+
+        backend.puts.lock().clear();
+        backend.lose_lease(2);
+        tokio::time::sleep(Duration::from_secs(301)).await;
+        settle().await;
+        let mut rewritten = backend.puts.lock().clone();
+        rewritten.sort();
+        assert_eq!(rewritten, ["k3", "k4"], "only the lost lease's keys are written again");
+        assert_eq!(
+            [backend.lease_of("k3"), backend.lease_of("k4")],
+            [Some(3), Some(4)],
+            "the room left on lease 3 first, then a new lease"
+        );
         token.cancel();
         worker.await.unwrap();
     }
