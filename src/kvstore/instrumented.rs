@@ -44,7 +44,7 @@ pub struct KvstoreMetrics {
     operations: Histograms,
     /// `kvstore_quorum_errors_total{error}`: fed by the attached-etcd quorum check. The
     /// embedded store is one member inside this process with no consensus to lose, so
-    /// nothing feeds it there; it is still exported so dashboards find the series.
+    /// nothing feeds it there; it is still exported, at zero, so dashboards find the series.
     pub quorum_errors: Family<QuorumLabels, Counter>,
 }
 
@@ -58,6 +58,9 @@ impl KvstoreMetrics {
             operations.clone(),
         );
         registry.register("kvstore_quorum_errors", "Number of quorum errors", quorum_errors.clone());
+        // Families without a child are left out of a scrape; a zero under Cilium's usual
+        // label keeps the series visible (and alertable) where nothing ever feeds it.
+        quorum_errors.get_or_create(&QuorumLabels { error: "timeout" });
         Self { operations, quorum_errors }
     }
 
