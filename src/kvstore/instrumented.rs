@@ -60,7 +60,7 @@ impl KvstoreMetrics {
         registry.register("kvstore_quorum_errors", "Number of quorum errors", quorum_errors.clone());
         // Families without a child are left out of a scrape; a zero under Cilium's usual
         // label keeps the series visible (and alertable) where nothing ever feeds it.
-        quorum_errors.get_or_create(&QuorumLabels { error: "timeout" });
+        drop(quorum_errors.get_or_create(&QuorumLabels { error: "timeout" }));
         Self { operations, quorum_errors }
     }
 
