@@ -30,6 +30,7 @@ use crate::kvstore::quorum;
 use crate::metrics::{self, Routes};
 use crate::process_metrics::ProcessCollector;
 use crate::sync::state::HEARTBEAT_KEY;
+use crate::sync::store::ETCD_MAX_IN_FLIGHT;
 use crate::translate::model::Settings;
 use crate::users::{self, EmbeddedUsers, EtcdUsers, UserAdmin, UsersManager};
 use crate::{certs, pki, shutdown};
@@ -98,6 +99,8 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             if args.cluster_users_enabled {
                 spawn_users(EtcdUsers(etcd.clone()), &args, &tracker, &token);
             }
+            // Each write to etcd is a round trip (and a disk sync): overlap them as Cilium does.
+            config.max_writes_in_flight = ETCD_MAX_IN_FLIGHT;
             let running = clustermesh::spawn(Arc::new(Etcd::new(etcd.clone())), config, registry, &tracker, &token);
             let errors = running.kvstore_metrics.quorum_errors.clone();
             tracker.spawn(

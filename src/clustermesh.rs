@@ -17,7 +17,7 @@ use crate::source::{self, SourceEvent};
 use crate::sync::metrics::{Bootstrap, SyncCollector};
 use crate::sync::mirror::{Mirror, MirrorMetrics};
 use crate::sync::state::{self, HEARTBEAT_INTERVAL};
-use crate::sync::store::SyncStore;
+use crate::sync::store::{SyncOptions, SyncStore};
 use crate::translate::model::{Model, Settings};
 
 /// Where objects come from.
@@ -38,6 +38,8 @@ pub struct ClustermeshConfig {
     /// How often the cluster config is checked against the store.
     pub cluster_config_check: Duration,
     pub heartbeat: Duration,
+    /// Writes the sync store keeps in flight ([`SyncOptions::max_in_flight`]).
+    pub max_writes_in_flight: usize,
 }
 
 impl ClustermeshConfig {
@@ -48,6 +50,7 @@ impl ClustermeshConfig {
             lease_ttl: Duration::from_secs(15 * 60),
             cluster_config_check: Duration::from_secs(5),
             heartbeat: HEARTBEAT_INTERVAL,
+            max_writes_in_flight: 1,
         }
     }
 }
@@ -96,7 +99,8 @@ pub fn spawn<B: Backend>(
     // Every operation below, of either backend, is timed under Cilium's kvstore metrics.
     let kvstore_metrics = KvstoreMetrics::register(registry);
     let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
-    let sync = SyncStore::new();
+    let sync =
+        SyncStore::with_options(SyncOptions { max_in_flight: config.max_writes_in_flight, ..SyncOptions::default() });
     let cluster_config_key = crate::translate::cluster_config_key(&config.settings);
     sync.track_written(&cluster_config_key);
     sync.upsert(cluster_config_key.clone(), crate::translate::cluster_config(&config.settings));

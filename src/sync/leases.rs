@@ -77,6 +77,11 @@ impl Leases {
         keys
     }
 
+    /// Whether `key` is still attached to `lease` (false once that lease was lost).
+    pub fn holds(&self, key: &str, lease: i64) -> bool {
+        self.by_key.get(key) == Some(&lease)
+    }
+
     /// Every lease held, for keep-alives.
     pub fn ids(&self) -> Vec<i64> {
         self.counts.keys().copied().collect()

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +21,8 @@ use crate::kvstore::{Backend, Error};
 /// kube's watcher backoff), and back to the start after a success.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a shutdown waits for the answers to writes already sent.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
 /// The metrics scope of a key, as Cilium labels its sync stores: the two segments after
 /// `cilium/state/` (`nodes/v1`, `identities/v1`, `ip/v1`, ...), otherwise the first two.
@@ -67,6 +71,13 @@ impl State {
     }
 }
 
+/// What a write did, for the lease bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Put,
+    Deleted,
+}
+
 /// Counters the metrics layer reads.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
@@ -83,8 +94,31 @@ pub struct SyncStore {
     errors_by_scope: Mutex<HashMap<String, u64>>,
     /// The canary keys written so far (readiness watches this).
     canaries_tx: watch::Sender<HashSet<String>>,
-    max_keys_per_lease: usize,
+    options: SyncOptions,
+    /// Writes sent and not yet answered; counted as queued, so a drain waits for them.
+    in_flight: Mutex<usize>,
 }
+
+/// How the worker uses the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncOptions {
+    /// Keys sharing one lease (Cilium: 1,000).
+    pub max_keys_per_lease: usize,
+    /// Writes sent before the first is answered. Each key still has at most one write in
+    /// flight, in order, and a canary waits until every write before it is answered. One
+    /// suits the embedded store (a write is a function call); an attached etcd is paid in
+    /// round trips, which Cilium overlaps too (`etcd.maxInflight`, defaulting to its QPS, 20).
+    pub max_in_flight: usize,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        Self { max_keys_per_lease: MAX_KEYS_PER_LEASE, max_in_flight: 1 }
+    }
+}
+
+/// Cilium's default write concurrency toward an etcd (`etcd.maxInflight` = `etcd.qps`).
+pub const ETCD_MAX_IN_FLIGHT: usize = 20;
 
 impl Default for SyncStore {
     fn default() -> Self {
@@ -94,7 +128,8 @@ impl Default for SyncStore {
             stats: Mutex::default(),
             errors_by_scope: Mutex::default(),
             canaries_tx: watch::Sender::new(HashSet::new()),
-            max_keys_per_lease: MAX_KEYS_PER_LEASE,
+            options: SyncOptions::default(),
+            in_flight: Mutex::new(0),
         }
     }
 }
@@ -104,9 +139,9 @@ impl SyncStore {
         Arc::new(Self::default())
     }
 
-    /// With another cap than Cilium's 1,000 keys per lease (tests use a small one).
-    pub fn with_max_keys_per_lease(max_keys_per_lease: usize) -> Arc<Self> {
-        Arc::new(Self { max_keys_per_lease, ..Self::default() })
+    pub fn with_options(options: SyncOptions) -> Arc<Self> {
+        let options = SyncOptions { max_in_flight: options.max_in_flight.max(1), ..options };
+        Arc::new(Self { options, ..Self::default() })
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
@@ -190,7 +225,7 @@ impl SyncStore {
 
     pub fn stats(&self) -> SyncStats {
         let mut stats = *self.stats.lock();
-        stats.queued = self.state.lock().queued.len();
+        stats.queued = self.state.lock().queued.len() + *self.in_flight.lock();
         stats
     }
 
@@ -215,17 +250,73 @@ impl SyncStore {
 
     /// Writes until `shutdown`: each key goes on a lease of `lease_ttl` with room for it
     /// ([`Leases`]), every lease is kept alive, and when one is lost only its keys are
-    /// written again, on another lease.
+    /// written again, on another lease. Up to [`SyncOptions::max_in_flight`] writes are sent
+    /// at once; on shutdown those already sent are answered before this returns.
     pub async fn run<B: Backend>(self: Arc<Self>, backend: Arc<B>, lease_ttl: Duration, shutdown: CancellationToken) {
         let mut backoff = MIN_BACKOFF;
-        let mut leases = Leases::new(self.max_keys_per_lease);
+        // After a failed write nothing new is sent until this passes.
+        let mut paused: Option<tokio::time::Instant> = None;
+        let mut leases = Leases::new(self.options.max_keys_per_lease);
+        let mut in_flight = FuturesUnordered::new();
+        let mut in_flight_keys: HashSet<String> = HashSet::new();
         let mut keep_alive = tokio::time::interval(lease_ttl / 3);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keep_alive.reset();
         loop {
+            while paused.is_none() && in_flight.len() < self.options.max_in_flight && !shutdown.is_cancelled() {
+                let Some(item) = self.next_item(&in_flight_keys) else { break };
+                // Only puts take a lease: a delete must not grant one when all are full.
+                let (key, puts) = match &item {
+                    Item::Key(key) => (key.clone(), self.state.lock().desired.contains_key(key)),
+                    Item::Canary { key, .. } => (key.clone(), true),
+                };
+                let lease = if puts {
+                    let lease = self.lease_for(&*backend, &mut leases, &key, lease_ttl, &shutdown).await;
+                    let Some(lease) = lease else {
+                        self.requeue(item, false);
+                        break;
+                    };
+                    lease
+                } else {
+                    0
+                };
+                in_flight_keys.insert(key);
+                *self.in_flight.lock() += 1;
+                let this = &self;
+                let backend = &*backend;
+                in_flight.push(async move {
+                    let result = this.write(backend, &item, lease).await;
+                    (item, lease, result)
+                });
+            }
+            let pause = async {
+                match paused {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = self.wake.notified() => {}
+                () = shutdown.cancelled() => {
+                    // What was sent is answered (and recorded), so a drain that saw the
+                    // queue empty has really written everything.
+                    let answers = async {
+                        while let Some((item, lease, result)) = in_flight.next().await {
+                            self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut backoff);
+                        }
+                    };
+                    if tokio::time::timeout(IN_FLIGHT_GRACE, answers).await.is_err() {
+                        tracing::warn!("shutting down with writes unanswered");
+                    }
+                    return;
+                }
+                () = self.wake.notified(), if paused.is_none() => {}
+                () = pause => paused = None,
+                Some((item, lease, result)) = in_flight.next() => {
+                    if self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut backoff) {
+                        paused = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
                 _ = keep_alive.tick() => for lease in leases.ids() {
                     match backend.keep_alive(lease).await {
                         Ok(()) => {}
@@ -234,44 +325,47 @@ impl SyncStore {
                     }
                 },
             }
-            while let Some(item) = self.next_item() {
-                if shutdown.is_cancelled() {
-                    return;
+        }
+    }
+
+    /// Records the answer to one write; returns whether it failed (and sending should pause).
+    fn answered(
+        &self,
+        item: &Item,
+        lease: i64,
+        result: Result<Written, Error>,
+        leases: &mut Leases,
+        in_flight_keys: &mut HashSet<String>,
+        backoff: &mut Duration,
+    ) -> bool {
+        let key = match item {
+            Item::Key(key) | Item::Canary { key, .. } => key,
+        };
+        in_flight_keys.remove(key);
+        *self.in_flight.lock() -= 1;
+        match result {
+            Ok(written) => {
+                if written == Written::Deleted {
+                    leases.release(key);
+                } else if !leases.holds(key, lease) {
+                    // The lease was found lost while this put was unanswered: the key may
+                    // have gone with it, after the put landed.
+                    self.rewrite(key, None);
                 }
-                // Only puts take a lease: a delete must not grant one when all are full.
-                let (key, puts) = match &item {
-                    Item::Key(key) => (key, self.state.lock().desired.contains_key(key)),
-                    Item::Canary { key, .. } => (key, true),
-                };
-                let lease = if puts {
-                    let Some(lease) = self.lease_for(&*backend, &mut leases, key, lease_ttl, &shutdown).await else {
-                        return;
-                    };
-                    lease
-                } else {
-                    0
-                };
-                match self.write(&*backend, &item, lease, &mut leases).await {
-                    Ok(()) => backoff = MIN_BACKOFF,
-                    Err(Error::LeaseLost(lost)) => {
-                        self.requeue(item, false);
-                        self.lose(&mut leases, lost);
-                    }
-                    Err(error) => {
-                        self.stats.lock().errors += 1;
-                        let failed = match &item {
-                            Item::Key(key) | Item::Canary { key, .. } => scope(key).to_owned(),
-                        };
-                        *self.errors_by_scope.lock().entry(failed).or_default() += 1;
-                        tracing::warn!(error = %crate::error_chain(&error), item = ?item, retry_in = ?backoff, "kvstore write failed");
-                        self.requeue(item, true);
-                        tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
+                *backoff = MIN_BACKOFF;
+                false
+            }
+            Err(Error::LeaseLost(lost)) => {
+                self.requeue(item.clone(), false);
+                self.lose(leases, lost);
+                false
+            }
+            Err(error) => {
+                self.stats.lock().errors += 1;
+                *self.errors_by_scope.lock().entry(scope(key).to_owned()).or_default() += 1;
+                tracing::warn!(error = %crate::error_chain(&error), item = ?item, retry_in = ?backoff, "kvstore write failed");
+                self.requeue(item.clone(), true);
+                true
             }
         }
     }
@@ -327,7 +421,10 @@ impl SyncStore {
         }
     }
 
-    fn next_item(&self) -> Option<Item> {
+    /// The next write to send. A key already in flight is skipped: its answer queues it
+    /// again if it still differs, which keeps one write per key in flight, in order. A
+    /// canary waits until nothing is in flight.
+    fn next_item(&self, in_flight: &HashSet<String>) -> Option<Item> {
         let mut state = self.state.lock();
         let mut skipped = 0;
         loop {
@@ -335,10 +432,17 @@ impl SyncStore {
             match &item {
                 Item::Key(key) => {
                     state.queued.remove(key);
+                    if in_flight.contains(key) {
+                        continue;
+                    }
                     if state.needs_write(key) {
                         return Some(item);
                     }
                     state.failing.remove(key);
+                }
+                Item::Canary { .. } if !in_flight.is_empty() => {
+                    state.queue.push_front(item);
+                    return None;
                 }
                 Item::Canary { prefix, .. } => {
                     // A key under the prefix whose write failed was queued before the
@@ -371,18 +475,16 @@ impl SyncStore {
         }
     }
 
-    async fn write<B: Backend>(&self, backend: &B, item: &Item, lease: i64, leases: &mut Leases) -> Result<(), Error> {
+    async fn write<B: Backend>(&self, backend: &B, item: &Item, lease: i64) -> Result<Written, Error> {
         match item {
             Item::Key(key) => {
                 let want = self.state.lock().desired.get(key).cloned();
                 match &want {
                     Some(value) => backend.put(key, value.clone(), lease).await?,
-                    None => {
-                        backend.delete(key).await?;
-                        leases.release(key);
-                    }
+                    None => backend.delete(key).await?,
                 }
-                tracing::debug!(key = %key, deleted = want.is_none(), "kvstore write");
+                let deleted = want.is_none();
+                tracing::debug!(key = %key, deleted, "kvstore write");
                 let mut state = self.state.lock();
                 state.failing.remove(key);
                 match want {
@@ -400,6 +502,9 @@ impl SyncStore {
                         written.insert(key.clone());
                     });
                 }
+                if deleted {
+                    return Ok(Written::Deleted);
+                }
             }
             Item::Canary { key, .. } => {
                 // The canary becomes an ordinary desired key, so it is written again with
@@ -415,7 +520,7 @@ impl SyncStore {
                 });
             }
         }
-        Ok(())
+        Ok(Written::Put)
     }
 }
 
@@ -434,6 +539,15 @@ mod tests {
         next_lease: Mutex<i64>,
         fail_puts: Mutex<usize>,
         puts: Mutex<Vec<String>>,
+        /// When set, every put takes this long (on the paused test clock).
+        latency: Mutex<Option<Duration>>,
+        /// `start <key>` and `done <key>` of every put, in order.
+        events: Mutex<Vec<String>>,
+        /// Keys with a put in progress; the most there ever were at once.
+        active: Mutex<HashSet<String>>,
+        most_active: Mutex<usize>,
+        /// A put started for a key that already had one in progress.
+        overlapping_key: Mutex<Option<String>>,
     }
 
     impl Memory {
@@ -478,6 +592,21 @@ mod tests {
             }
             if !self.leases.lock().contains(&lease) {
                 return Err(Error::LeaseLost(lease));
+            }
+            let latency = *self.latency.lock();
+            if let Some(latency) = latency {
+                self.events.lock().push(format!("start {key}"));
+                {
+                    let mut active = self.active.lock();
+                    if !active.insert(key.to_owned()) {
+                        *self.overlapping_key.lock() = Some(key.to_owned());
+                    }
+                    let mut most = self.most_active.lock();
+                    *most = (*most).max(active.len());
+                }
+                tokio::time::sleep(latency).await;
+                self.active.lock().remove(key);
+                self.events.lock().push(format!("done {key}"));
             }
             self.puts.lock().push(key.to_owned());
             self.keys.lock().insert(key.to_owned(), (value, lease));
@@ -571,7 +700,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn keys_fill_leases_up_to_the_cap_and_a_lost_lease_rewrites_only_its_own_keys() {
         let backend = Arc::new(Memory::default());
-        let store = SyncStore::with_max_keys_per_lease(2);
+        let store = SyncStore::with_options(SyncOptions { max_keys_per_lease: 2, ..SyncOptions::default() });
         let token = CancellationToken::new();
         let worker =
             tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
@@ -594,6 +723,41 @@ mod tests {
             [Some(3), Some(4)],
             "the room left on lease 3 first, then a new lease"
         );
+        token.cancel();
+        worker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_overlap_up_to_the_limit_one_per_key_in_order_and_a_canary_waits_for_all_before_it() {
+        let backend = Arc::new(Memory::default());
+        *backend.latency.lock() = Some(Duration::from_millis(10));
+        let store = SyncStore::with_options(SyncOptions { max_in_flight: 4, ..SyncOptions::default() });
+        let token = CancellationToken::new();
+        let worker =
+            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        for i in 0..12 {
+            store.upsert(format!("p/k{i}"), Bytes::from_static(b"v1"));
+        }
+        store.request_canary("p", "synced/p");
+        store.upsert("q/after".into(), Bytes::from_static(b"v1"));
+        settle().await;
+        // k0 is in flight now; its next value must follow, not overtake, that write.
+        store.upsert("p/k0".into(), Bytes::from_static(b"v2"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+
+        assert_eq!(*backend.most_active.lock(), 4, "four writes in flight at once, never more");
+        assert_eq!(*backend.overlapping_key.lock(), None, "never two writes of one key at once");
+        assert_eq!(backend.value("p/k0").as_deref(), Some("v2"), "the later value wins");
+        let events = backend.events.lock().clone();
+        let at =
+            |event: &str| events.iter().position(|e| e == event).unwrap_or_else(|| panic!("{event} in {events:?}"));
+        let canary = at("start synced/p");
+        for i in 0..12 {
+            assert!(at(&format!("done p/k{i}")) < canary, "p/k{i} answered before the canary is sent");
+        }
+        assert!(at("start q/after") > canary, "what was queued after the canary is sent after it");
+        assert_eq!(store.stats().queued, 0);
         token.cancel();
         worker.await.unwrap();
     }

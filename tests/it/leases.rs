@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clustermesh_apiserver::kvstore::etcd::Etcd;
 use clustermesh_apiserver::sync::leases::MAX_KEYS_PER_LEASE;
-use clustermesh_apiserver::sync::store::SyncStore;
+use clustermesh_apiserver::sync::store::{ETCD_MAX_IN_FLIGHT, SyncOptions, SyncStore};
 use etcd_client::{Client, GetOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +39,7 @@ async fn more_than_a_thousand_keys_spread_over_leases_and_a_lost_lease_rewrites_
     let pki = Pki::new();
     let etcd = EtcdProcess::start(&pki).await;
     let client = etcd.client(&pki, "root").await;
-    let sync = SyncStore::new();
+    let sync = SyncStore::with_options(SyncOptions { max_in_flight: ETCD_MAX_IN_FLIGHT, ..SyncOptions::default() });
     let token = CancellationToken::new();
     // A short TTL, so keep-alives (every TTL/3) notice the revoked lease quickly.
     let writer =

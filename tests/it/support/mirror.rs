@@ -112,6 +112,8 @@ impl Mirror {
                 clustermesh::spawn(Arc::new(Embedded::new(Arc::clone(store))), config, &mut registry, &tracker, &token)
             }
             Target::Etcd(client) => {
+                // As the server runs against an attached etcd: several writes in flight.
+                config.max_writes_in_flight = clustermesh_apiserver::sync::store::ETCD_MAX_IN_FLIGHT;
                 clustermesh::spawn(Arc::new(Etcd::new((**client).clone())), config, &mut registry, &tracker, &token)
             }
         };
