@@ -15,7 +15,8 @@ use tracing::Instrument;
 
 use crate::clustermesh::{self, ClustermeshConfig, Source};
 use crate::config::{
-    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, StoreArgs,
+    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, KvstoremeshArgs,
+    KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat, StoreArgs,
 };
 use crate::etcd::auth::AuthStore;
 use crate::etcd::embedded::{self, EmbeddedConfig};
@@ -24,8 +25,10 @@ use crate::etcd::service::cluster::MemberInfo;
 use crate::etcd::service::watch::WatchConfig;
 use crate::etcd::store::Limits;
 use crate::etcd::tls::TlsFiles;
+use crate::kvstore::Backend;
 use crate::kvstore::embedded::Embedded;
 use crate::kvstore::etcd::{Etcd, EtcdConfig};
+use crate::kvstoremesh::{self, KvstoremeshConfig, ReadyTimeouts, RemovalPolicy};
 use crate::metrics::{self, Routes};
 use crate::translate::model::Settings;
 use crate::{certs, pki, shutdown};
@@ -47,6 +50,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
             crate::mesh::watch(args, token).await
         }
+        Command::Kvstoremesh(args) => run_kvstoremesh(*args).await,
+        Command::KvstoremeshDbg(args) => kvstoremesh_dbg(args).await,
     }
 }
 
@@ -71,6 +76,21 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     };
     let mut config = ClustermeshConfig::new(settings, source);
     config.lease_ttl = args.kvstore_lease_ttl;
+    // `--clustermesh-config`: the kvstoremesh role too, on the same store.
+    let kvstoremesh = match &args.kvstoremesh.clustermesh_config {
+        Some(dir) => {
+            let local = local_cluster(&args.cluster_name, args.cluster_id, args.max_connected_clusters)?;
+            let listeners = &args.kvstoremesh_listeners;
+            let config = kvstoremesh_config(local, dir.clone(), &args.kvstoremesh, args.kvstore_lease_ttl, false);
+            let listeners = KvstoremeshListeners {
+                health: SocketAddr::new(args.health_bind_address, listeners.kvstoremesh_health_port),
+                metrics: crate::config::serve_addr(&listeners.kvstoremesh_prometheus_serve_addr)?,
+                api: Some(listeners.kvstoremesh_api_serve_addr.clone()).filter(|a| !a.trim().is_empty()),
+            };
+            Some((config, listeners))
+        }
+        None => None,
+    };
 
     // Shutdown order: the mirror stops and drains into the store first; only then do the
     // store's gRPC servers close their clients' watch streams.
@@ -80,12 +100,22 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
             let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
-            clustermesh::spawn(Arc::new(Embedded::new(store)), config, &mut registry, &tracker, &token)
+            let backend = Arc::new(Embedded::new(store));
+            let running = clustermesh::spawn(Arc::clone(&backend), config, &mut registry, &tracker, &token);
+            if let Some((config, listeners)) = kvstoremesh {
+                start_kvstoremesh(backend, config, listeners, &tracker, &token).await?;
+            }
+            running
         }
         KvstoreKind::Etcd => {
             let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
             let etcd = EtcdConfig::load(&path)?.connect().await?;
-            clustermesh::spawn(Arc::new(Etcd::new(etcd)), config, &mut registry, &tracker, &token)
+            let backend = Arc::new(Etcd::new(etcd));
+            let running = clustermesh::spawn(Arc::clone(&backend), config, &mut registry, &tracker, &token);
+            if let Some((config, listeners)) = kvstoremesh {
+                start_kvstoremesh(backend, config, listeners, &tracker, &token).await?;
+            }
+            running
         }
     };
     // A store that fails takes the whole process down with it.
@@ -105,6 +135,132 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     wait_for_shutdown(&token, &tracker).await?;
     store_token.cancel();
     wait_for_shutdown(&store_token, &store_tracker).await
+}
+
+async fn run_kvstoremesh(args: KvstoremeshArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let KvstoremeshArgs {
+        cluster_name,
+        cluster_id,
+        max_connected_clusters,
+        kvstore: _,
+        kvstore_opt: _,
+        kvstore_lease_ttl,
+        role,
+        enable_heartbeat,
+        health_port,
+        health_bind_address,
+        prometheus_serve_addr,
+        api_serve_addr,
+        controller_group_metrics: _,
+    } = &args;
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
+    let tracker = TaskTracker::new();
+    let local = local_cluster(cluster_name, *cluster_id, *max_connected_clusters)?;
+    let dir = role.clustermesh_config.clone().context("--clustermesh-config DIR")?;
+    let config = kvstoremesh_config(local, dir, role, *kvstore_lease_ttl, *enable_heartbeat);
+    let listeners = KvstoremeshListeners {
+        health: SocketAddr::new(*health_bind_address, *health_port),
+        metrics: crate::config::serve_addr(prometheus_serve_addr)?,
+        api: Some(api_serve_addr.clone()).filter(|a| !a.trim().is_empty()),
+    };
+    let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
+    let etcd = EtcdConfig::load(&path)?.connect().await?;
+    start_kvstoremesh(Arc::new(Etcd::new(etcd)), config, listeners, &tracker, &token).await?;
+    wait_for_shutdown(&token, &tracker).await
+}
+
+fn local_cluster(name: &str, id: u32, max: u32) -> anyhow::Result<clustermesh_client::LocalCluster> {
+    let name = clustermesh_client::ClusterName::new(name)?;
+    let max = clustermesh_client::MaxConnectedClusters::new(max)?;
+    Ok(clustermesh_client::LocalCluster::new(name, clustermesh_client::ClusterId(id)).with_max_connected_clusters(max))
+}
+
+fn kvstoremesh_config(
+    local: clustermesh_client::LocalCluster,
+    dir: PathBuf,
+    role: &KvstoremeshRoleArgs,
+    lease_ttl: Duration,
+    heartbeat: bool,
+) -> KvstoremeshConfig {
+    let KvstoremeshRoleArgs {
+        clustermesh_config: _,
+        per_cluster_ready_timeout,
+        global_ready_timeout,
+        clustermesh_cache_ttl,
+        disable_drain_on_disconnection,
+        kvstoremesh_drain_grace_period,
+    } = role;
+    KvstoremeshConfig {
+        lease_ttl,
+        ready: ReadyTimeouts { per_cluster: *per_cluster_ready_timeout, global: *global_ready_timeout },
+        cache_ttl: *clustermesh_cache_ttl,
+        removal: RemovalPolicy {
+            grace_period: *kvstoremesh_drain_grace_period,
+            disabled: *disable_drain_on_disconnection,
+            ..RemovalPolicy::default()
+        },
+        heartbeat: heartbeat.then_some(crate::sync::state::HEARTBEAT_INTERVAL),
+        ..KvstoremeshConfig::new(clustermesh_client::ClientOptions::new(local), dir)
+    }
+}
+
+/// Where the kvstoremesh role answers (Cilium's kvstoremesh container: 9881, 9964, 9889).
+struct KvstoremeshListeners {
+    health: SocketAddr,
+    metrics: Option<SocketAddr>,
+    /// `host:port`, resolved when bound (`localhost:9889`).
+    api: Option<String>,
+}
+
+async fn start_kvstoremesh<B: Backend>(
+    backend: Arc<B>,
+    config: KvstoremeshConfig,
+    listeners: KvstoremeshListeners,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut registry = Registry::with_prefix("cilium_kvstoremesh");
+    let running = kvstoremesh::spawn(backend, config, &mut registry, tracker, token).await?;
+    let health = bind(listeners.health).await?;
+    let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
+    tracker.spawn(serve_admin(health, routes, token.child_token(), "kvstoremesh-health"));
+    if let Some(addr) = listeners.metrics {
+        let routes = Routes { metrics: Some(Arc::new(registry)), ..Routes::default() };
+        tracker.spawn(serve_admin(bind(addr).await?, routes, token.child_token(), "kvstoremesh-metrics"));
+    }
+    if let Some(addr) = listeners.api {
+        let listener = tokio::net::TcpListener::bind(addr.as_str()).await.with_context(|| format!("binding {addr}"))?;
+        let span = tracing::info_span!("kvstoremesh_api", addr = ?listener.local_addr().ok());
+        let (source, shutdown) = (running.status_source(), token.child_token());
+        tracker.spawn(
+            async move {
+                if let Err(error) = kvstoremesh::api::serve(listener, source, shutdown).await {
+                    tracing::error!(%error, "kvstoremesh status API failed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    Ok(())
+}
+
+async fn kvstoremesh_dbg(args: KvstoremeshDbgArgs) -> anyhow::Result<()> {
+    let KvstoremeshDbgArgs { host, command } = args;
+    match command {
+        KvstoremeshDbgCommand::Status(status) => {
+            let clusters = kvstoremesh::api::fetch(&host).await.context("Failed to retrieve status information")?;
+            match status.output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&clusters)?),
+                OutputFormat::Text => print!(
+                    "{}",
+                    kvstoremesh::status::format_text(&clusters, status.verbose, std::time::SystemTime::now())
+                ),
+            }
+            Ok(())
+        }
+    }
 }
 
 fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {

@@ -1,0 +1,305 @@
+//! The copies of every configured remote cluster, from a file's arrival to the drain after its
+//! removal: a cluster's [`Reflector`] and sync store live until its data is gone, so that a
+//! cluster re-added during the grace period picks up its own copy again (and a relist deletes
+//! whatever changed meanwhile), while one re-added after the drain started waits for it to end.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustermesh_client::{ClusterName, RawSink, RawSinks};
+use parking_lot::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use super::reflector::{Reflector, drain_prefixes};
+use crate::kvstore::Backend;
+use crate::sync::store::SyncStore;
+
+/// How removals behave (Cilium: `kvstoremesh/remote_cluster.go`, `Remove`).
+#[derive(Debug, Clone)]
+pub struct RemovalPolicy {
+    /// Between deleting the cluster config (agents stop connecting) and deleting the data
+    /// (agents had time to disconnect). Cilium: 3 minutes.
+    pub grace_period: Duration,
+    /// `--disable-drain-on-disconnection`: keep the data; the lease expires it eventually.
+    pub disabled: bool,
+    /// Cilium retries a failed drain 5 times, doubling from 2 s.
+    pub retries: u32,
+    pub retry_delay: Duration,
+}
+
+impl Default for RemovalPolicy {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(180),
+            disabled: false,
+            retries: 5,
+            retry_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One remote cluster's copy and its writer.
+pub struct Copy<B> {
+    pub reflector: Arc<Reflector<B>>,
+    /// Stops the writer; cancelled once the data is drained, or at shutdown after the queue is.
+    writer: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<B: Backend> Copy<B> {
+    pub fn sync(&self) -> &Arc<SyncStore> {
+        self.reflector.sync()
+    }
+}
+
+enum Entry<B> {
+    Active(Arc<Copy<B>>),
+    Removing {
+        copy: Arc<Copy<B>>,
+        /// Cancelled when the cluster comes back within the grace period.
+        abort: CancellationToken,
+        /// The grace period is over: the data is being deleted.
+        draining: bool,
+        /// Cancelled when the removal is over.
+        done: CancellationToken,
+    },
+}
+
+struct Inner<B> {
+    backend: Arc<B>,
+    lease_ttl: Duration,
+    removal: RemovalPolicy,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    entries: Mutex<BTreeMap<ClusterName, Entry<B>>>,
+}
+
+/// Every remote cluster's copy; the [`RawSinks`] of the client's directory follower.
+pub struct Remotes<B> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B> Clone for Remotes<B> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl<B: Backend> Remotes<B> {
+    pub fn new(
+        backend: Arc<B>,
+        lease_ttl: Duration,
+        removal: RemovalPolicy,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let entries = Mutex::new(BTreeMap::new());
+        Self { inner: Arc::new(Inner { backend, lease_ttl, removal, tracker, shutdown, entries }) }
+    }
+
+    /// The copies of the clusters currently configured (not those being removed).
+    pub fn active(&self) -> BTreeMap<ClusterName, Arc<Copy<B>>> {
+        let entries = self.inner.entries.lock();
+        entries
+            .iter()
+            .filter_map(|(name, entry)| match entry {
+                Entry::Active(copy) => Some((name.clone(), Arc::clone(copy))),
+                Entry::Removing { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Every copy still held, removed or not (for the writer metrics).
+    pub fn all(&self) -> Vec<Arc<Copy<B>>> {
+        let entries = self.inner.entries.lock();
+        entries
+            .values()
+            .map(|entry| match entry {
+                Entry::Active(copy) | Entry::Removing { copy, .. } => Arc::clone(copy),
+            })
+            .collect()
+    }
+
+    /// Stops every writer once its queue is empty (or after `timeout`): the last step of a
+    /// shutdown, after the remote connections stopped.
+    pub async fn drain_writers(&self, timeout: Duration) {
+        let copies = self.all();
+        let drained = tokio::time::timeout(timeout, async {
+            while copies.iter().any(|c| c.sync().stats().queued > 0) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutting down with cache writes still queued");
+        }
+        for copy in copies {
+            copy.writer.cancel();
+        }
+    }
+
+    fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<Copy<B>> {
+        let inner = &self.inner;
+        let sync = SyncStore::new();
+        let reflector = Arc::new(Reflector::new(
+            cluster.clone(),
+            Arc::clone(&sync),
+            Arc::clone(&inner.backend),
+            inner.tracker.clone(),
+            inner.shutdown.child_token(),
+        ));
+        // The writer is not a child of the shutdown token: it outlives the connections so that
+        // what was queued reaches the store (see `drain_writers`).
+        let writer = CancellationToken::new();
+        let (backend, ttl, token) = (Arc::clone(&inner.backend), inner.lease_ttl, writer.clone());
+        let span = tracing::info_span!("cache_writer", cluster = %cluster);
+        let task = inner.tracker.spawn(
+            async move {
+                if let Some(previous) = after {
+                    // The previous copy's drain deletes whole prefixes: writing before it ends
+                    // would lose keys.
+                    tokio::select! {
+                        () = previous.cancelled() => {}
+                        () = token.cancelled() => return,
+                    }
+                }
+                sync.run(backend, ttl, token).await;
+            }
+            .instrument(span),
+        );
+        Arc::new(Copy { reflector, writer, task: Mutex::new(Some(task)) })
+    }
+
+    /// The file of `cluster` was removed: delete its cluster config now, its data after the
+    /// grace period.
+    fn remove(&self, cluster: &ClusterName) {
+        let mut entries = self.inner.entries.lock();
+        let Some(Entry::Active(copy)) = entries.remove(cluster) else { return };
+        if self.inner.removal.disabled {
+            // As Cilium: nothing is deleted, not even the cluster config.
+            tracing::warn!(
+                cluster = %cluster,
+                "remote cluster removed, but draining its cached data is disabled; it expires with the lease"
+            );
+            copy.writer.cancel();
+            return;
+        }
+        // First, so that agents (re)starting now do not connect to a cluster going away.
+        copy.sync().delete(&copy.reflector.cluster_config_key());
+        let (abort, done) = (CancellationToken::new(), CancellationToken::new());
+        entries.insert(
+            cluster.clone(),
+            Entry::Removing { copy: Arc::clone(&copy), abort: abort.clone(), draining: false, done: done.clone() },
+        );
+        drop(entries);
+        let this = self.clone();
+        let span = tracing::info_span!("drain", cluster = %cluster);
+        let cluster = cluster.clone();
+        self.inner.tracker.spawn(async move { this.run_removal(cluster, copy, abort, done).await }.instrument(span));
+    }
+
+    async fn run_removal(
+        &self,
+        cluster: ClusterName,
+        copy: Arc<Copy<B>>,
+        abort: CancellationToken,
+        done: CancellationToken,
+    ) {
+        let _done = done.drop_guard();
+        let grace = self.inner.removal.grace_period;
+        tracing::info!(?grace, "waiting before removing cached data, to let agents disconnect");
+        tokio::select! {
+            () = self.inner.shutdown.cancelled() => return,
+            () = abort.cancelled() => return,
+            () = tokio::time::sleep(grace) => {}
+        }
+        {
+            let mut entries = self.inner.entries.lock();
+            if abort.is_cancelled() {
+                return;
+            }
+            if let Some(Entry::Removing { draining, .. }) = entries.get_mut(&cluster) {
+                *draining = true;
+            }
+        }
+        // The writer must not write behind the deletions.
+        copy.writer.cancel();
+        let task = copy.task.lock().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let mut delay = self.inner.removal.retry_delay;
+        let mut attempt = 0;
+        loop {
+            match self.delete_data(&cluster).await {
+                Ok(deleted) => {
+                    tracing::info!(deleted, "removed all cached data of the remote cluster");
+                    break;
+                }
+                Err(error) if attempt >= self.inner.removal.retries => {
+                    tracing::error!(
+                        error = %crate::error_chain(&error),
+                        "failed to remove cached data despite retries; it expires with the lease"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %crate::error_chain(&error), retry_in = ?delay, "failed to remove cached data, retrying");
+                    tokio::select! {
+                        () = self.inner.shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    attempt += 1;
+                    delay *= 2;
+                }
+            }
+        }
+        let mut entries = self.inner.entries.lock();
+        if matches!(entries.get(&cluster), Some(Entry::Removing { .. })) {
+            entries.remove(&cluster);
+        }
+    }
+
+    async fn delete_data(&self, cluster: &ClusterName) -> crate::kvstore::Result<usize> {
+        let mut deleted = 0;
+        // Cilium deletes the cluster config again here: a writer stopped mid-flight may have
+        // put it back.
+        self.inner.backend.delete(&clustermesh_client::wire::cluster_config_key(cluster)).await?;
+        for prefix in drain_prefixes(cluster) {
+            for key in self.inner.backend.keys_with_prefix(&prefix).await? {
+                self.inner.backend.delete(&key).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+impl<B: Backend> RawSinks for Remotes<B> {
+    fn sink(&self, cluster: &ClusterName) -> Arc<dyn RawSink> {
+        let mut entries = self.inner.entries.lock();
+        let copy = match entries.remove(cluster) {
+            Some(Entry::Active(copy)) => copy,
+            Some(Entry::Removing { copy, abort, draining: false, .. }) => {
+                tracing::info!(cluster = %cluster, "remote cluster configured again within the grace period: keeping its cached data");
+                abort.cancel();
+                copy
+            }
+            Some(Entry::Removing { done, .. }) => {
+                tracing::info!(cluster = %cluster, "remote cluster configured again while its cached data is drained: copying after the drain");
+                self.new_copy(cluster, Some(done))
+            }
+            None => self.new_copy(cluster, None),
+        };
+        entries.insert(cluster.clone(), Entry::Active(Arc::clone(&copy)));
+        Arc::clone(&copy.reflector) as Arc<dyn RawSink>
+    }
+
+    fn removed(&self, cluster: &ClusterName) {
+        self.remove(cluster);
+    }
+}
