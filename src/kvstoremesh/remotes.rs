@@ -43,23 +43,23 @@ impl Default for RemovalPolicy {
 }
 
 /// One remote cluster's copy and its writer.
-pub struct Copy<B> {
+pub struct ClusterCopy<B> {
     pub reflector: Arc<Reflector<B>>,
     /// Stops the writer; cancelled once the data is drained, or at shutdown after the queue is.
     writer: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<B: Backend> Copy<B> {
+impl<B: Backend> ClusterCopy<B> {
     pub fn sync(&self) -> &Arc<SyncStore> {
         self.reflector.sync()
     }
 }
 
 enum Entry<B> {
-    Active(Arc<Copy<B>>),
+    Active(Arc<ClusterCopy<B>>),
     Removing {
-        copy: Arc<Copy<B>>,
+        copy: Arc<ClusterCopy<B>>,
         /// Cancelled when the cluster comes back within the grace period.
         abort: CancellationToken,
         /// The grace period is over: the data is being deleted.
@@ -102,7 +102,7 @@ impl<B: Backend> Remotes<B> {
     }
 
     /// The copies of the clusters currently configured (not those being removed).
-    pub fn active(&self) -> BTreeMap<ClusterName, Arc<Copy<B>>> {
+    pub fn active(&self) -> BTreeMap<ClusterName, Arc<ClusterCopy<B>>> {
         let entries = self.inner.entries.lock();
         entries
             .iter()
@@ -114,7 +114,7 @@ impl<B: Backend> Remotes<B> {
     }
 
     /// Every copy still held, removed or not (for the writer metrics).
-    pub fn all(&self) -> Vec<Arc<Copy<B>>> {
+    pub fn all(&self) -> Vec<Arc<ClusterCopy<B>>> {
         let entries = self.inner.entries.lock();
         entries
             .values()
@@ -142,7 +142,7 @@ impl<B: Backend> Remotes<B> {
         }
     }
 
-    fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<Copy<B>> {
+    fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<ClusterCopy<B>> {
         let inner = &self.inner;
         let sync = SyncStore::new();
         let reflector = Arc::new(Reflector::new(
@@ -171,7 +171,7 @@ impl<B: Backend> Remotes<B> {
             }
             .instrument(span),
         );
-        Arc::new(Copy { reflector, writer, task: Mutex::new(Some(task)) })
+        Arc::new(ClusterCopy { reflector, writer, task: Mutex::new(Some(task)) })
     }
 
     /// The file of `cluster` was removed: delete its cluster config now, its data after the
@@ -205,7 +205,7 @@ impl<B: Backend> Remotes<B> {
     async fn run_removal(
         &self,
         cluster: ClusterName,
-        copy: Arc<Copy<B>>,
+        copy: Arc<ClusterCopy<B>>,
         abort: CancellationToken,
         done: CancellationToken,
     ) {

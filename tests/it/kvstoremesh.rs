@@ -446,3 +446,66 @@ async fn the_kvstoremesh_command_fills_a_real_etcd_and_reports_through_its_statu
     cluster4.stop().await;
     drop(etcd);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clustermesh_command_with_a_clustermesh_config_runs_both_roles_on_its_embedded_store() {
+    init_tracing();
+    let pki = Pki::new();
+    let cluster2 = MeshCluster::start(&pki, "cluster2", 2).await;
+    let (objects, peers) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(
+        objects.path().join("node.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNode\nmetadata:\n  name: cluster1-node-a\nspec:\n  addresses:\n  - type: InternalIP\n    ip: 10.1.0.1\n",
+    )
+    .unwrap();
+    write_peer(peers.path(), "cluster2", &cluster2.store.client_url(), &pki, "remote");
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (store, health, kvstoremesh_health, api) = (free(), free(), free(), free());
+    let log_path = objects.path().join("server.log");
+    let child = Command::new(BIN)
+        .args(["clustermesh", "--cluster-name=cluster1", "--cluster-id=1"])
+        .arg(format!("--listen-client-urls=https://127.0.0.1:{store}"))
+        .arg(format!("--cert-file={}", pki.server_cert_path().display()))
+        .arg(format!("--key-file={}", pki.server_key_path().display()))
+        .arg(format!("--trusted-ca-file={}", pki.ca_path().display()))
+        .args(["--health-bind-address=127.0.0.1", &format!("--health-port={health}"), "--prometheus-serve-addr="])
+        .arg(format!("--k8s-objects-dir={}", objects.path().display()))
+        .arg(format!("--clustermesh-config={}", peers.path().display()))
+        .arg(format!("--kvstoremesh-health-port={kvstoremesh_health}"))
+        .args(["--kvstoremesh-prometheus-serve-addr=", &format!("--kvstoremesh-api-serve-addr=127.0.0.1:{api}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("start the server");
+    let mut child = KillOnDrop(child);
+    for (what, port) in [("clustermesh", health), ("kvstoremesh", kvstoremesh_health)] {
+        let ready = tokio::time::timeout(CATCH_UP, async {
+            while !http_get("127.0.0.1", port, "/readyz").await.is_ok_and(|(status, _)| status == 200) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert!(ready.await.is_ok(), "{what} role not ready; log:\n{}", std::fs::read_to_string(&log_path).unwrap());
+    }
+
+    // An agent of cluster1 reads cluster2 from its own cluster's store, as local-cluster1.
+    let agent_dir = tempfile::tempdir().unwrap();
+    write_peer(agent_dir.path(), "cluster2", &format!("https://127.0.0.1:{store}"), &pki, "local-cluster1");
+    let token = CancellationToken::new();
+    let agent = ClusterMesh::start(agent_dir.path(), client_options("cluster1", 1), &token).await.unwrap();
+    if tokio::time::timeout(CATCH_UP, agent.wait_ready()).await.is_err() {
+        panic!("agent not ready: {:#?}", agent.status());
+    }
+    let remote = agent.remote("cluster2").unwrap();
+    assert!(remote.status().config.kvstoremesh);
+    assert!(remote.nodes().get("cluster2-node-a").is_some());
+    agent.shutdown().await;
+
+    let clusters =
+        clustermesh_apiserver::kvstoremesh::api::fetch(&format!("127.0.0.1:{api}")).await.expect("status API");
+    assert_eq!(clusters.len(), 1);
+    assert!(clusters[0].ready && clusters[0].name == "cluster2", "{clusters:#?}");
+
+    let exit = interrupt_and_wait(&mut child.0, Duration::from_secs(15)).await;
+    assert!(exit.success(), "graceful shutdown on SIGINT: {exit}");
+    cluster2.stop().await;
+}
