@@ -30,6 +30,10 @@
 //! # }
 //! ```
 //!
+//! Raw mode ([`RemoteCluster::start_raw`], [`ClusterMesh::start_raw`]) runs the same sessions but
+//! hands every entry to a [`RawSink`] as the bytes the remote stores, undecoded: what KVStoreMesh
+//! needs to copy a cluster byte for byte.
+//!
 //! The pure parts work without a connection: decoding and checking what a remote publishes,
 //! and choosing the backends of a global service.
 //!

@@ -170,9 +170,7 @@ impl<B: Backend> Reflector<B> {
 impl<B: Backend> RawSink for Reflector<B> {
     fn cluster_config(&self, config: &ClusterConfig) {
         self.connected_once.store(true, std::sync::atomic::Ordering::Relaxed);
-        let key = self.cluster_config_key();
-        self.sync.track_written(&key);
-        self.sync.upsert(key, cached_cluster_config(config));
+        self.sync.upsert(self.cluster_config_key(), cached_cluster_config(config));
     }
 
     fn upsert(&self, kind: Kind, key: &str, value: &Bytes) {

@@ -16,7 +16,12 @@ use tracing::Instrument as _;
 
 use super::reflector::{Reflector, drain_prefixes};
 use crate::kvstore::Backend;
+use crate::sync::state;
 use crate::sync::store::SyncStore;
+
+/// How often each cached cluster config is compared with the store (the clustermesh role's
+/// interval for its own).
+const CLUSTER_CONFIG_CHECK: Duration = Duration::from_secs(5);
 
 /// How removals behave (Cilium: `kvstoremesh/remote_cluster.go`, `Remove`).
 #[derive(Debug, Clone)]
@@ -171,6 +176,18 @@ impl<B: Backend> Remotes<B> {
             }
             .instrument(span),
         );
+        // Agents refuse a cluster without its config, and a wrong ID makes them drop it: put it
+        // back when someone else edits or deletes it (Cilium's `EnforceClusterConfig`).
+        inner.tracker.spawn(
+            state::run_cluster_config_enforcer(
+                Arc::clone(reflector.sync()),
+                Arc::clone(&inner.backend),
+                reflector.cluster_config_key(),
+                CLUSTER_CONFIG_CHECK,
+                writer.clone(),
+            )
+            .instrument(tracing::info_span!("cluster_config", cluster = %cluster)),
+        );
         Arc::new(ClusterCopy { reflector, writer, task: Mutex::new(Some(task)) })
     }
 
@@ -301,5 +318,109 @@ impl<B: Backend> RawSinks for Remotes<B> {
 
     fn removed(&self, cluster: &ClusterName) {
         self.remove(cluster);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use clustermesh_client::wire::{Capabilities, ClusterConfig};
+    use clustermesh_client::{ClusterId, Kind};
+
+    use super::*;
+    use crate::etcd::auth::AuthStore;
+    use crate::etcd::store::{Identity, Limits, Store};
+    use crate::kvstore::embedded::Embedded;
+
+    const GRACE: Duration = Duration::from_secs(10);
+    const NODE: &str = "cilium/cache/nodes/v1/c2/n1";
+    const CONFIG: &str = "cilium/cluster-config/c2";
+
+    fn setup() -> (Remotes<Embedded>, Arc<Embedded>, CancellationToken) {
+        let backend = Arc::new(Embedded::new(Store::new(Identity::random(), Limits::default(), AuthStore::default())));
+        let token = CancellationToken::new();
+        let removal = RemovalPolicy { grace_period: GRACE, ..RemovalPolicy::default() };
+        let remotes =
+            Remotes::new(Arc::clone(&backend), Duration::from_secs(900), removal, TaskTracker::new(), token.clone());
+        (remotes, backend, token)
+    }
+
+    /// One session of c2: its config, one node, the list of every kind done.
+    fn copy_one_node(sink: &Arc<dyn RawSink>) {
+        sink.cluster_config(&ClusterConfig { id: ClusterId(2), capabilities: Capabilities::default() });
+        sink.upsert(Kind::Nodes, "n1", &Bytes::from_static(b"node"));
+        for kind in Kind::ALL {
+            sink.synced(kind, if kind == Kind::Nodes { &["n1"] } else { &[] });
+        }
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    async fn get(backend: &Embedded, key: &str) -> Option<Bytes> {
+        backend.get(key).await.unwrap()
+    }
+
+    fn name() -> ClusterName {
+        ClusterName::new("c2").unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_cluster_loses_its_config_at_once_and_its_data_after_the_grace_period() {
+        let (remotes, backend, token) = setup();
+        copy_one_node(&remotes.sink(&name()));
+        settle().await;
+        assert!(get(&backend, NODE).await.is_some());
+        assert!(get(&backend, "cilium/synced/c2/cilium/cache/ip/v1").await.is_some(), "canary of an empty prefix");
+
+        remotes.removed(&name());
+        settle().await;
+        assert_eq!(get(&backend, CONFIG).await, None, "the config goes at once");
+        assert!(get(&backend, NODE).await.is_some(), "the data stays during the grace period");
+        tokio::time::sleep(GRACE).await;
+        settle().await;
+        assert_eq!(backend.keys_with_prefix("cilium/").await.unwrap(), Vec::<String>::new());
+        assert!(remotes.all().is_empty());
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_configured_again_within_the_grace_period_keeps_its_copy() {
+        let (remotes, backend, token) = setup();
+        copy_one_node(&remotes.sink(&name()));
+        settle().await;
+        remotes.removed(&name());
+        tokio::time::sleep(GRACE / 2).await;
+        let again = remotes.sink(&name());
+        tokio::time::sleep(GRACE * 2).await;
+        assert!(get(&backend, NODE).await.is_some(), "not drained");
+        // The new session relists: what vanished meanwhile goes, the config comes back.
+        again.cluster_config(&ClusterConfig { id: ClusterId(2), capabilities: Capabilities::default() });
+        again.synced(Kind::Nodes, &[]);
+        settle().await;
+        assert_eq!(get(&backend, NODE).await, None);
+        assert!(get(&backend, CONFIG).await.is_some());
+
+        backend.delete(CONFIG).await.unwrap();
+        tokio::time::sleep(CLUSTER_CONFIG_CHECK * 2).await;
+        assert!(get(&backend, CONFIG).await.is_some(), "a config deleted by someone else comes back");
+        token.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_configured_again_while_drained_is_copied_after_the_drain() {
+        let (remotes, backend, token) = setup();
+        copy_one_node(&remotes.sink(&name()));
+        settle().await;
+        remotes.removed(&name());
+        tokio::time::sleep(GRACE).await;
+        // The drain has started (or ended): the new copy must not race it.
+        let again = remotes.sink(&name());
+        copy_one_node(&again);
+        settle().await;
+        assert!(get(&backend, NODE).await.is_some(), "written after the drain, not deleted by it");
+        assert!(get(&backend, CONFIG).await.is_some());
+        token.cancel();
     }
 }

@@ -370,7 +370,7 @@ async fn the_kvstoremesh_command_fills_a_real_etcd_and_reports_through_its_statu
         .args(["--health-bind-address=127.0.0.1", &format!("--health-port={health}")])
         .arg(format!("--prometheus-serve-addr=127.0.0.1:{metrics}"))
         .arg(format!("--api-serve-addr=127.0.0.1:{api}"))
-        .args(["--per-cluster-ready-timeout=1s", "--controller-group-metrics=all"])
+        .args(["--per-cluster-ready-timeout=1s", "--controller-group-metrics=all", "--enable-heartbeat"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -399,6 +399,7 @@ async fn the_kvstoremesh_command_fills_a_real_etcd_and_reports_through_its_statu
         "the canary of a kind not offered is faked, so agents do not wait for it"
     );
     assert!(local.get("cilium/cluster-config/cluster9").await.is_none());
+    assert!(local.get("cilium/.heartbeat").await.is_some(), "--enable-heartbeat keeps the local heartbeat");
 
     let dbg = |args: &[&str]| {
         let output = Command::new(BIN)
