@@ -385,13 +385,6 @@ impl RemoteCluster {
         }
     }
 
-    /// Waits until the cluster is connected (`true`) or not (`false`).
-    pub async fn wait_connected(&self, connected: bool) {
-        let mut session = self.inner.session.subscribe();
-        // The sender lives as long as `self`, so this cannot fail.
-        let _ = session.wait_for(|s| s.connected == connected).await;
-    }
-
     /// Deletes every entry of `kind` (reporting the deletions), e.g. to revoke what a cluster
     /// unreachable for too long published; the next list of `kind` brings the entries back.
     pub fn drain(&self, kind: Kind) {

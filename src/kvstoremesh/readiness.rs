@@ -69,3 +69,52 @@ async fn cluster_ready<B: Backend>(reflector: &Reflector<B>, per_cluster: Durati
         () = not_connected_in_time => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clustermesh_client::wire::ClusterConfig;
+    use clustermesh_client::{ClusterName, RawSink};
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::etcd::auth::AuthStore;
+    use crate::etcd::store::{Identity, Limits, Store};
+    use crate::kvstore::embedded::Embedded;
+    use crate::sync::store::SyncStore;
+
+    const TIMEOUTS: ReadyTimeouts =
+        ReadyTimeouts { per_cluster: Duration::from_secs(1), global: Duration::from_secs(10) };
+
+    /// A copy whose writer never runs: its canaries never appear.
+    fn stuck(connected: bool) -> Arc<Reflector<Embedded>> {
+        let backend = Arc::new(Embedded::new(Store::new(Identity::random(), Limits::default(), AuthStore::default())));
+        let name = ClusterName::new("c2").unwrap();
+        let reflector = Reflector::new(name, SyncStore::new(), backend, TaskTracker::new(), CancellationToken::new());
+        if connected {
+            reflector.cluster_config(&ClusterConfig::default());
+        }
+        Arc::new(reflector)
+    }
+
+    async fn ready_after(reflector: Arc<Reflector<Embedded>>) -> Duration {
+        let (tx, mut ready) = watch::channel(false);
+        let bootstrap = Bootstrap::default();
+        let started = Instant::now();
+        tokio::spawn(run_readiness(vec![reflector], TIMEOUTS, tx, Arc::clone(&bootstrap), CancellationToken::new()));
+        ready.wait_for(|r| *r).await.unwrap();
+        assert!(bootstrap.lock().is_some(), "bootstrap_seconds is recorded");
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_that_never_connects_is_not_waited_for_past_the_per_cluster_timeout() {
+        let took = ready_after(stuck(false)).await;
+        assert!(took >= TIMEOUTS.per_cluster && took < TIMEOUTS.global, "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connected_cluster_that_never_syncs_holds_readiness_until_the_global_timeout() {
+        let took = ready_after(stuck(true)).await;
+        assert!(took >= TIMEOUTS.global, "{took:?}");
+    }
+}
