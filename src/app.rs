@@ -15,7 +15,8 @@ use tracing::Instrument;
 
 use crate::clustermesh::{self, ClustermeshConfig, Source};
 use crate::config::{
-    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, StoreArgs,
+    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, KvstoremeshArgs,
+    KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat, StoreArgs,
 };
 use crate::etcd::auth::AuthStore;
 use crate::etcd::embedded::{self, EmbeddedConfig};
@@ -24,9 +25,12 @@ use crate::etcd::service::cluster::MemberInfo;
 use crate::etcd::service::watch::WatchConfig;
 use crate::etcd::store::Limits;
 use crate::etcd::tls::TlsFiles;
+use crate::kvstore::Backend;
 use crate::kvstore::embedded::Embedded;
 use crate::kvstore::etcd::{Etcd, EtcdConfig};
+use crate::kvstore::instrumented::{Instrumented, KvstoreMetrics};
 use crate::kvstore::quorum;
+use crate::kvstoremesh::{self, KvstoremeshConfig, ReadyTimeouts, RemovalPolicy};
 use crate::metrics::{self, Routes};
 use crate::process_metrics::ProcessCollector;
 use crate::sync::state::HEARTBEAT_KEY;
@@ -52,6 +56,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
             crate::mesh::watch(args, token).await
         }
+        Command::Kvstoremesh(args) => run_kvstoremesh(*args).await,
+        Command::KvstoremeshDbg(args) => kvstoremesh_dbg(args).await,
     }
 }
 
@@ -79,6 +85,21 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     };
     let mut config = ClustermeshConfig::new(settings, source);
     config.lease_ttl = args.kvstore_lease_ttl;
+    // `--clustermesh-config`: the kvstoremesh role too, on the same store.
+    let kvstoremesh = match &args.kvstoremesh.clustermesh_config {
+        Some(dir) => {
+            let local = local_cluster(&args.cluster_name, args.cluster_id, args.max_connected_clusters)?;
+            let listeners = &args.kvstoremesh_listeners;
+            let config = kvstoremesh_config(local, dir.clone(), &args.kvstoremesh, args.kvstore_lease_ttl, false);
+            let listeners = KvstoremeshListeners {
+                health: SocketAddr::new(args.health_bind_address, listeners.kvstoremesh_health_port),
+                metrics: crate::config::serve_addr(&listeners.kvstoremesh_prometheus_serve_addr)?,
+                api: Some(listeners.kvstoremesh_api_serve_addr.clone()).filter(|a| !a.trim().is_empty()),
+            };
+            Some((config, listeners))
+        }
+        None => None,
+    };
 
     // Shutdown order: the mirror stops and drains into the store first; only then do the
     // store's gRPC servers close their clients' watch streams.
@@ -91,7 +112,12 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             if args.cluster_users_enabled {
                 spawn_users(EmbeddedUsers(Arc::clone(&store)), &args, &tracker, &token);
             }
-            clustermesh::spawn(Arc::new(Embedded::new(store)), config, registry, &tracker, &token)
+            let backend = Arc::new(Embedded::new(store));
+            let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
+            if let Some((config, listeners)) = kvstoremesh {
+                start_kvstoremesh(backend, config, listeners, &tracker, &token).await?;
+            }
+            running
         }
         KvstoreKind::Etcd => {
             let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
@@ -101,12 +127,16 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             }
             // Each write to etcd is a round trip (and a disk sync): overlap them as Cilium does.
             config.max_writes_in_flight = ETCD_MAX_IN_FLIGHT;
-            let running = clustermesh::spawn(Arc::new(Etcd::new(etcd.clone())), config, registry, &tracker, &token);
+            let backend = Arc::new(Etcd::new(etcd.clone()));
+            let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
             let errors = running.kvstore_metrics.quorum_errors.clone();
             tracker.spawn(
                 quorum::run(etcd, HEARTBEAT_KEY, errors, quorum::CHECK_INTERVAL, token.child_token())
                     .instrument(tracing::info_span!("quorum_check")),
             );
+            if let Some((config, listeners)) = kvstoremesh {
+                start_kvstoremesh(backend, config, listeners, &tracker, &token).await?;
+            }
             running
         }
     };
@@ -134,6 +164,144 @@ fn spawn_users<A: UserAdmin>(admin: A, args: &ClustermeshArgs, tracker: &TaskTra
     let path = args.cluster_users_config_path.clone();
     let manager = UsersManager::new(admin, path, args.cluster_name.clone());
     tracker.spawn(manager.run(users::POLL_INTERVAL, token.child_token()).instrument(tracing::info_span!("users")));
+}
+
+async fn run_kvstoremesh(args: KvstoremeshArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let KvstoremeshArgs {
+        cluster_name,
+        cluster_id,
+        max_connected_clusters,
+        kvstore: _,
+        kvstore_opt: _,
+        kvstore_lease_ttl,
+        role,
+        enable_heartbeat,
+        health_port,
+        health_bind_address,
+        prometheus_serve_addr,
+        api_serve_addr,
+        controller_group_metrics: _,
+    } = &args;
+    let token = CancellationToken::new();
+    shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
+    let tracker = TaskTracker::new();
+    let local = local_cluster(cluster_name, *cluster_id, *max_connected_clusters)?;
+    let dir = role.clustermesh_config.clone().context("--clustermesh-config DIR")?;
+    let config = kvstoremesh_config(local, dir, role, *kvstore_lease_ttl, *enable_heartbeat);
+    let listeners = KvstoremeshListeners {
+        health: SocketAddr::new(*health_bind_address, *health_port),
+        metrics: crate::config::serve_addr(prometheus_serve_addr)?,
+        api: Some(api_serve_addr.clone()).filter(|a| !a.trim().is_empty()),
+    };
+    let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
+    let etcd = EtcdConfig::load(&path)?.connect().await?;
+    let kvstore_metrics =
+        start_kvstoremesh(Arc::new(Etcd::new(etcd.clone())), config, listeners, &tracker, &token).await?;
+    tracker.spawn(
+        quorum::run(etcd, HEARTBEAT_KEY, kvstore_metrics.quorum_errors, quorum::CHECK_INTERVAL, token.child_token())
+            .instrument(tracing::info_span!("quorum_check")),
+    );
+    wait_for_shutdown(&token, &tracker).await
+}
+
+fn local_cluster(name: &str, id: u32, max: u32) -> anyhow::Result<clustermesh_client::LocalCluster> {
+    let name = clustermesh_client::ClusterName::new(name)?;
+    let max = clustermesh_client::MaxConnectedClusters::new(max)?;
+    Ok(clustermesh_client::LocalCluster::new(name, clustermesh_client::ClusterId(id)).with_max_connected_clusters(max))
+}
+
+fn kvstoremesh_config(
+    local: clustermesh_client::LocalCluster,
+    dir: PathBuf,
+    role: &KvstoremeshRoleArgs,
+    lease_ttl: Duration,
+    heartbeat: bool,
+) -> KvstoremeshConfig {
+    let KvstoremeshRoleArgs {
+        clustermesh_config: _,
+        per_cluster_ready_timeout,
+        global_ready_timeout,
+        clustermesh_cache_ttl,
+        disable_drain_on_disconnection,
+        kvstoremesh_drain_grace_period,
+    } = role;
+    KvstoremeshConfig {
+        lease_ttl,
+        ready: ReadyTimeouts { per_cluster: *per_cluster_ready_timeout, global: *global_ready_timeout },
+        cache_ttl: *clustermesh_cache_ttl,
+        removal: RemovalPolicy {
+            grace_period: *kvstoremesh_drain_grace_period,
+            disabled: *disable_drain_on_disconnection,
+            ..RemovalPolicy::default()
+        },
+        heartbeat: heartbeat.then_some(crate::sync::state::HEARTBEAT_INTERVAL),
+        ..KvstoremeshConfig::new(clustermesh_client::ClientOptions::new(local), dir)
+    }
+}
+
+/// Where the kvstoremesh role answers (Cilium's kvstoremesh container: 9881, 9964, 9889).
+struct KvstoremeshListeners {
+    health: SocketAddr,
+    metrics: Option<SocketAddr>,
+    /// `host:port`, resolved when bound (`localhost:9889`).
+    api: Option<String>,
+}
+
+/// Starts the role and its listeners; returns its kvstore metrics (for the quorum check of an
+/// attached store).
+async fn start_kvstoremesh<B: Backend>(
+    backend: Arc<B>,
+    config: KvstoremeshConfig,
+    listeners: KvstoremeshListeners,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) -> anyhow::Result<KvstoreMetrics> {
+    let mut root = Registry::default();
+    root.register_collector(Box::new(ProcessCollector));
+    let registry = root.sub_registry_with_prefix("cilium_kvstoremesh");
+    // The cache writes are timed under Cilium's kvstore families, as the clustermesh role's.
+    let kvstore_metrics = KvstoreMetrics::register(registry);
+    let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
+    let running = kvstoremesh::spawn(backend, config, registry, tracker, token).await?;
+    let health = bind(listeners.health).await?;
+    let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
+    tracker.spawn(serve_admin(health, routes, token.child_token(), "kvstoremesh-health"));
+    if let Some(addr) = listeners.metrics {
+        let routes = Routes { metrics: Some(Arc::new(root)), ..Routes::default() };
+        tracker.spawn(serve_admin(bind(addr).await?, routes, token.child_token(), "kvstoremesh-metrics"));
+    }
+    if let Some(addr) = listeners.api {
+        let listener = tokio::net::TcpListener::bind(addr.as_str()).await.with_context(|| format!("binding {addr}"))?;
+        let span = tracing::info_span!("kvstoremesh_api", addr = ?listener.local_addr().ok());
+        let (source, shutdown) = (running.status_source(), token.child_token());
+        tracker.spawn(
+            async move {
+                if let Err(error) = kvstoremesh::api::serve(listener, source, shutdown).await {
+                    tracing::error!(%error, "kvstoremesh status API failed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    Ok(kvstore_metrics)
+}
+
+async fn kvstoremesh_dbg(args: KvstoremeshDbgArgs) -> anyhow::Result<()> {
+    let KvstoremeshDbgArgs { host, command } = args;
+    match command {
+        KvstoremeshDbgCommand::Status(status) => {
+            let clusters = kvstoremesh::api::fetch(&host).await.context("Failed to retrieve status information")?;
+            match status.output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&clusters)?),
+                OutputFormat::Text => print!(
+                    "{}",
+                    kvstoremesh::status::format_text(&clusters, status.verbose, std::time::SystemTime::now())
+                ),
+            }
+            Ok(())
+        }
+    }
 }
 
 fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {

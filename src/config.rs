@@ -37,6 +37,11 @@ pub enum Command {
     /// Certificates for a clustermesh-apiserver.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Copy every remote cluster of --clustermesh-config into the local store (attached with
+    /// --kvstore-opt etcd.config=FILE) under cilium/cache/..., for local agents.
+    Kvstoremesh(Box<KvstoremeshArgs>),
+    /// Inspect a running kvstoremesh through its status API.
+    KvstoremeshDbg(KvstoremeshDbgArgs),
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +266,12 @@ pub struct ClustermeshArgs {
     pub prometheus_serve_addr: String,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// With --clustermesh-config, the kvstoremesh role runs in this process too, on the same
+    /// store, with its own health, metrics and status API listeners.
+    #[command(flatten)]
+    pub kvstoremesh: KvstoremeshRoleArgs,
+    #[command(flatten)]
+    pub kvstoremesh_listeners: KvstoremeshListenerArgs,
 }
 
 impl ClustermeshArgs {
@@ -288,13 +299,161 @@ impl ClustermeshArgs {
 
     /// `:9962` → all interfaces; empty → off.
     pub fn prometheus_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        let text = self.prometheus_serve_addr.trim();
-        if text.is_empty() {
-            return Ok(None);
-        }
-        let full = if text.starts_with(':') { format!("0.0.0.0{text}") } else { text.to_owned() };
-        full.parse().map(Some).map_err(|_| ConfigError::BadAddr(text.to_owned()))
+        serve_addr(&self.prometheus_serve_addr)
     }
+}
+
+/// Cilium's `--prometheus-serve-addr` spelling: `:9962` → all interfaces; empty → off.
+pub fn serve_addr(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let full = if text.starts_with(':') { format!("0.0.0.0{text}") } else { text.to_owned() };
+    full.parse().map(Some).map_err(|_| ConfigError::BadAddr(text.to_owned()))
+}
+
+/// The kvstoremesh role's own settings (Cilium's flag names), shared by the `kvstoremesh`
+/// command and `clustermesh --clustermesh-config`.
+#[derive(Debug, Args, Clone)]
+pub struct KvstoremeshRoleArgs {
+    /// Directory with one etcd client config per remote cluster, named after it (Helm mounts
+    /// the cilium-kvstoremesh Secret at /var/lib/cilium/clustermesh).
+    #[arg(long)]
+    pub clustermesh_config: Option<PathBuf>,
+    /// Remote clusters that cannot connect within this are not waited for by /readyz.
+    #[arg(long, value_parser = humantime_secs, default_value = "15s")]
+    pub per_cluster_ready_timeout: Duration,
+    /// /readyz turns ready after this even if some remote clusters are not synchronized.
+    #[arg(long, value_parser = humantime_secs, default_value = "10m")]
+    pub global_ready_timeout: Duration,
+    /// Revoke the cached services of a remote cluster disconnected for longer than this;
+    /// 0s never revokes.
+    #[arg(long, value_parser = humantime_secs, default_value = "0s")]
+    pub clustermesh_cache_ttl: Duration,
+    /// Keep the cached data of a removed remote cluster (it expires with the lease).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub disable_drain_on_disconnection: bool,
+    /// Between deleting a removed cluster's config and deleting its cached data, so agents
+    /// can disconnect first (Cilium hard-codes 3 minutes; this flag is ours).
+    #[arg(long, value_parser = humantime_secs, default_value = "3m")]
+    pub kvstoremesh_drain_grace_period: Duration,
+}
+
+/// The listeners of the kvstoremesh role inside `clustermesh` (the ports of Cilium's
+/// kvstoremesh container, so probes and scrapers written for it keep working).
+#[derive(Debug, Args, Clone)]
+pub struct KvstoremeshListenerArgs {
+    /// Port of the kvstoremesh role's /healthz and /readyz.
+    #[arg(long, default_value_t = 9881)]
+    pub kvstoremesh_health_port: u16,
+    /// Address of the kvstoremesh role's /metrics (`cilium_kvstoremesh_*`); empty turns it off.
+    #[arg(long, default_value = ":9964")]
+    pub kvstoremesh_prometheus_serve_addr: String,
+    /// Address of the kvstoremesh status API (`GET /v1/cluster`); empty turns it off.
+    #[arg(long, default_value = "localhost:9889")]
+    pub kvstoremesh_api_serve_addr: String,
+}
+
+/// Which store kvstoremesh writes to: only an attached etcd-compatible one (the local
+/// clustermesh-apiserver's store), as in Cilium's pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvstoremeshBackend {
+    Etcd,
+}
+
+/// `clustermesh-apiserver kvstoremesh`, with Cilium's flag names.
+#[derive(Debug, Args)]
+pub struct KvstoremeshArgs {
+    /// This cluster's name (a remote config file with this name is ignored).
+    #[arg(long, default_value = "default")]
+    pub cluster_name: String,
+    /// This cluster's ID, 1..=--max-connected-clusters.
+    #[arg(long, default_value_t = 0)]
+    pub cluster_id: u32,
+    /// 255 or 511; remote clusters must agree unless 255.
+    #[arg(long, default_value_t = 255)]
+    pub max_connected_clusters: u32,
+    /// The local store's kind.
+    #[arg(long, value_enum, default_value_t = KvstoremeshBackend::Etcd)]
+    pub kvstore: KvstoremeshBackend,
+    /// `key=value` options of the local store; `etcd.config=FILE` is required (etcd.qps and
+    /// the other rate options Cilium's chart passes are accepted and ignored).
+    #[arg(long, value_delimiter = ',')]
+    pub kvstore_opt: Vec<String>,
+    /// TTL of the lease every cached key is written with.
+    #[arg(long, value_parser = humantime_secs, default_value = "15m")]
+    pub kvstore_lease_ttl: Duration,
+    #[command(flatten)]
+    pub role: KvstoremeshRoleArgs,
+    /// Also keep cilium/.heartbeat fresh in the local store (for a store no clustermesh role
+    /// writes to).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_heartbeat: bool,
+    /// Port of /healthz and /readyz (Cilium's chart: 9881).
+    #[arg(long, default_value_t = 9881)]
+    pub health_port: u16,
+    /// Address the health port listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_bind_address: std::net::IpAddr,
+    /// Address of /metrics (`cilium_kvstoremesh_*`); empty turns it off.
+    #[arg(long, default_value = ":9964")]
+    pub prometheus_serve_addr: String,
+    /// Address of the status API read by `kvstoremesh-dbg` (`GET /v1/cluster`); empty turns it off.
+    #[arg(long, default_value = "localhost:9889")]
+    pub api_serve_addr: String,
+    /// Accepted for Cilium's command lines; this server has no controller groups.
+    #[arg(long, hide = true)]
+    pub controller_group_metrics: Option<String>,
+}
+
+impl KvstoremeshArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_cluster_name(&self.cluster_name)?;
+        if !matches!(self.max_connected_clusters, 255 | 511) {
+            return Err(ConfigError::MaxConnectedClusters(self.max_connected_clusters));
+        }
+        if self.cluster_id == 0 || self.cluster_id > self.max_connected_clusters {
+            return Err(ConfigError::ClusterId { id: self.cluster_id, max: self.max_connected_clusters });
+        }
+        if self.etcd_config().is_none() {
+            return Err(ConfigError::NoEtcdConfig);
+        }
+        if self.role.clustermesh_config.is_none() {
+            return Err(ConfigError::NoClustermeshConfig);
+        }
+        serve_addr(&self.prometheus_serve_addr)?;
+        Ok(())
+    }
+
+    /// `--kvstore-opt etcd.config=FILE`.
+    pub fn etcd_config(&self) -> Option<PathBuf> {
+        self.kvstore_opt.iter().find_map(|opt| opt.strip_prefix("etcd.config=")).map(PathBuf::from)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct KvstoremeshDbgArgs {
+    /// The kvstoremesh status API.
+    #[arg(short = 'H', long, global = true, default_value = "localhost:9889")]
+    pub host: String,
+    #[command(subcommand)]
+    pub command: KvstoremeshDbgCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvstoremeshDbgCommand {
+    /// Display status of remote clusters.
+    Status(KvstoremeshDbgStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KvstoremeshDbgStatusArgs {
+    /// Output verbose status information for ready clusters as well.
+    #[arg(long)]
+    pub verbose: bool,
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
 }
 
 /// Cilium's rule (enforced since 1.17): the name becomes part of keys, DNS names and
@@ -345,6 +504,8 @@ pub enum ConfigError {
     MaxConnectedClusters(u32),
     #[error("--kvstore etcd needs --kvstore-opt etcd.config=FILE")]
     NoEtcdConfig,
+    #[error("--clustermesh-config DIR is required")]
+    NoClustermeshConfig,
     #[error("invalid address {0:?}")]
     BadAddr(String),
 }

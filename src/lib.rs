@@ -15,6 +15,7 @@ pub mod demo;
 pub mod etcd;
 pub mod k8s;
 pub mod kvstore;
+pub mod kvstoremesh;
 pub mod mesh;
 pub mod metrics;
 pub mod pki;

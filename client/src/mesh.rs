@@ -16,6 +16,7 @@ use crate::cache::Event;
 use crate::cluster_config::ClusterIds;
 use crate::config::{self, ConfigDir, PeerFile};
 use crate::options::ClientOptions;
+use crate::raw::RawSink;
 use crate::remote::{RemoteCluster, RemoteStatus};
 use crate::wire::{ClusterName, ClusterService};
 
@@ -37,8 +38,19 @@ impl MeshStatus {
     }
 }
 
+/// Raw mode for a whole directory: where each remote cluster's entries go, and what happens
+/// when its file is removed.
+pub trait RawSinks: Send + Sync + 'static {
+    /// A cluster appeared in the directory: the sink of its new connection.
+    fn sink(&self, cluster: &ClusterName) -> Arc<dyn RawSink>;
+    /// Its file was removed: the connection is stopped and its ID released, but nothing was
+    /// drained; what was copied is the implementation's to drop.
+    fn removed(&self, cluster: &ClusterName);
+}
+
 struct Inner {
     dir: ConfigDir,
+    raw: Option<Arc<dyn RawSinks>>,
     options: Arc<ClientOptions>,
     ids: ClusterIds,
     events: broadcast::Sender<Event>,
@@ -61,6 +73,26 @@ impl ClusterMesh {
         options: ClientOptions,
         shutdown: &CancellationToken,
     ) -> Result<Self, config::Error> {
+        Self::start_with(dir.into(), options, None, shutdown).await
+    }
+
+    /// Like [`ClusterMesh::start`], with every remote cluster in raw mode
+    /// ([`RemoteCluster::start_raw`]); the typed caches and [`ClusterMesh::events`] stay empty.
+    pub async fn start_raw(
+        dir: impl Into<PathBuf>,
+        options: ClientOptions,
+        sinks: Arc<dyn RawSinks>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, config::Error> {
+        Self::start_with(dir.into(), options, Some(sinks), shutdown).await
+    }
+
+    async fn start_with(
+        dir: PathBuf,
+        options: ClientOptions,
+        raw: Option<Arc<dyn RawSinks>>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, config::Error> {
         let dir = ConfigDir::new(dir);
         let initial = scan(&dir, &options.local.name).await?;
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
@@ -69,6 +101,7 @@ impl ClusterMesh {
             ids: ClusterIds::new(options.local.id),
             options: Arc::new(options),
             dir,
+            raw,
             events,
             remotes: RwLock::new(BTreeMap::new()),
             members,
@@ -170,6 +203,7 @@ impl Inner {
             Arc::clone(&self.options),
             self.ids.clone(),
             self.events.clone(),
+            self.raw.as_ref().map(|sinks| sinks.sink(&name)),
             &self.token,
         );
         self.remotes.write().unwrap_or_else(PoisonError::into_inner).insert(name, (remote, file));
@@ -198,7 +232,13 @@ impl Inner {
                 self.publish_members();
                 if let Some((remote, _)) = removed {
                     tracing::info!(cluster = %name, "remote cluster configuration removed");
-                    remote.remove().await;
+                    match &self.raw {
+                        Some(sinks) => {
+                            remote.disconnect().await;
+                            sinks.removed(&name);
+                        }
+                        None => remote.remove().await,
+                    }
                 }
             }
             for (name, file) in changes.changed {

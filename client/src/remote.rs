@@ -27,6 +27,7 @@ use crate::config::{self, EtcdConfig};
 use crate::connect::{self, Connection};
 use crate::heartbeat::{self, HeartbeatTimeout};
 use crate::options::ClientOptions;
+use crate::raw::{RawCache, RawCaches, RawSink};
 use crate::wire::{
     ClusterConfig, ClusterId, ClusterName, ClusterService, Entry, Identity, IntoAny, IpCacheEntry, Kind, Node,
     ServiceExport, Validation,
@@ -202,6 +203,8 @@ struct Inner {
     options: Arc<ClientOptions>,
     ids: ClusterIds,
     caches: Caches,
+    /// Raw mode: entries go to a sink as bytes, and the typed caches stay empty.
+    raw: Option<RawCaches>,
     events: broadcast::Sender<Event>,
     session: watch::Sender<SessionStatus>,
     /// The cluster ID reserved for this remote, kept across sessions until it changes.
@@ -237,7 +240,23 @@ impl RemoteCluster {
     ) -> Self {
         let ids = ClusterIds::new(options.local.id);
         let (events, _) = broadcast::channel(EVENTS_CAPACITY);
-        Self::spawn(name, config_path.into(), Arc::new(options), ids, events, shutdown)
+        Self::spawn(name, config_path.into(), Arc::new(options), ids, events, None, shutdown)
+    }
+
+    /// Like [`RemoteCluster::start`], in raw mode: every entry goes to `sink` as the bytes the
+    /// remote store holds, undecoded and unchecked, and the typed caches stay empty. Only the
+    /// cluster config is read and validated (and its ID reserved in `ids`, shared with the
+    /// other remote clusters), as for an agent.
+    pub fn start_raw(
+        name: ClusterName,
+        config_path: impl Into<PathBuf>,
+        options: ClientOptions,
+        ids: ClusterIds,
+        sink: Arc<dyn RawSink>,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let (events, _) = broadcast::channel(EVENTS_CAPACITY);
+        Self::spawn(name, config_path.into(), Arc::new(options), ids, events, Some(sink), shutdown)
     }
 
     pub(crate) fn spawn(
@@ -246,6 +265,7 @@ impl RemoteCluster {
         options: Arc<ClientOptions>,
         ids: ClusterIds,
         events: broadcast::Sender<Event>,
+        raw: Option<Arc<dyn RawSink>>,
         shutdown: &CancellationToken,
     ) -> Self {
         let (session, _) = watch::channel(SessionStatus {
@@ -259,6 +279,7 @@ impl RemoteCluster {
         });
         let inner = Arc::new(Inner {
             caches: Caches::new(&name, &events),
+            raw: raw.map(RawCaches::new),
             name,
             config_path,
             options,
@@ -286,6 +307,11 @@ impl RemoteCluster {
 
     pub fn caches(&self) -> &Caches {
         &self.inner.caches
+    }
+
+    /// The raw cache of `kind`, in raw mode ([`RemoteCluster::start_raw`]).
+    pub fn raw(&self, kind: Kind) -> Option<&RawCache> {
+        self.inner.raw.as_ref().map(|raw| raw.get(kind))
     }
 
     pub fn nodes(&self) -> &Cache<Node> {
@@ -317,7 +343,7 @@ impl RemoteCluster {
     pub fn status(&self) -> RemoteStatus {
         let session = self.inner.session.borrow().clone();
         let prefixes: BTreeMap<Kind, CacheStatus> =
-            session.watched.iter().map(|kind| (*kind, self.inner.caches.status(*kind))).collect();
+            session.watched.iter().map(|kind| (*kind, self.inner.kind_status(*kind))).collect();
         let ready = session.connected
             && session.config.retrieved
             && !prefixes.is_empty()
@@ -348,7 +374,7 @@ impl RemoteCluster {
     /// Never returns while it cannot connect: bound it with a timeout.
     pub async fn wait_ready(&self) {
         let mut session = self.inner.session.subscribe();
-        let mut caches: Vec<_> = Kind::ALL.iter().map(|k| self.inner.caches.watch_status(*k)).collect();
+        let mut caches: Vec<_> = Kind::ALL.iter().map(|k| self.inner.kind_watch_status(*k)).collect();
         while !self.is_ready() {
             let mut changes: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> =
                 vec![Box::pin(async { session.changed().await.unwrap_or(()) })];
@@ -357,6 +383,12 @@ impl RemoteCluster {
             }
             futures::future::select_all(changes).await;
         }
+    }
+
+    /// Deletes every entry of `kind` (reporting the deletions), e.g. to revoke what a cluster
+    /// unreachable for too long published; the next list of `kind` brings the entries back.
+    pub fn drain(&self, kind: Kind) {
+        self.inner.kind_drain(kind);
     }
 
     /// Drops the current connection and connects again at once (e.g. the config file changed).
@@ -379,20 +411,54 @@ impl RemoteCluster {
     /// Stops, then deletes every cached entry (emitting the deletions) and releases the cluster
     /// ID: the cluster was removed from the configuration.
     pub async fn remove(&self) {
-        self.stop().await;
+        self.disconnect().await;
         for kind in Kind::ALL {
-            self.inner.caches.drain(kind);
+            self.inner.kind_drain(kind);
         }
+        tracing::info!(cluster = %self.inner.name, "remote cluster disconnected and drained");
+    }
+
+    /// Stops and releases the cluster ID, keeping every entry: the cluster was removed, and the
+    /// owner of a raw sink decides when its copy goes (KVStoreMesh: after a grace period).
+    pub async fn disconnect(&self) {
+        self.stop().await;
         if let Some(id) = self.inner.reserved.lock().unwrap_or_else(PoisonError::into_inner).take() {
             self.inner.ids.release(id, &self.inner.name);
         }
-        tracing::info!(cluster = %self.inner.name, "remote cluster disconnected and drained");
     }
 }
 
 impl Inner {
     fn update(&self, f: impl FnOnce(&mut SessionStatus)) {
         self.session.send_modify(f);
+    }
+
+    fn kind_status(&self, kind: Kind) -> CacheStatus {
+        match &self.raw {
+            Some(raw) => raw.get(kind).status(),
+            None => self.caches.status(kind),
+        }
+    }
+
+    fn kind_watch_status(&self, kind: Kind) -> watch::Receiver<CacheStatus> {
+        match &self.raw {
+            Some(raw) => raw.get(kind).watch_status(),
+            None => self.caches.watch_status(kind),
+        }
+    }
+
+    fn kind_set_unsynced(&self, kind: Kind) {
+        match &self.raw {
+            Some(raw) => raw.get(kind).set_unsynced(),
+            None => self.caches.set_unsynced(kind),
+        }
+    }
+
+    fn kind_drain(&self, kind: Kind) {
+        match &self.raw {
+            Some(raw) => raw.get(kind).drain(),
+            None => self.caches.drain(kind),
+        }
     }
 
     async fn run(self: Arc<Self>) {
@@ -407,7 +473,7 @@ impl Inner {
             };
             token.cancel();
             for kind in Kind::ALL {
-                self.caches.set_unsynced(kind);
+                self.kind_set_unsynced(kind);
             }
             self.update(|s| {
                 s.connected = false;
@@ -518,9 +584,16 @@ impl Inner {
             };
             s.watched = kinds.clone();
         });
+        if let Some(raw) = &self.raw {
+            // Before any prefix starts: a copy must describe the cluster before holding its data.
+            raw.cluster_config(&config);
+        }
         for kind in Kind::ALL.into_iter().filter(|k| !kinds.contains(k)) {
             // No longer offered (or no longer wanted): nothing may linger.
-            self.caches.drain(kind);
+            match &self.raw {
+                Some(raw) => raw.get(kind).not_offered(),
+                None => self.caches.drain(kind),
+            }
         }
 
         // 3. Canaries, then one list+watch per prefix.
@@ -543,6 +616,10 @@ impl Inner {
         let start =
             PrefixStart { connection: &connection, validation: &validation, canaries: &canaries, cached, token };
         for kind in &kinds {
+            if let Some(raw) = &self.raw {
+                start.spawn_raw(&mut tasks, raw.get(*kind));
+                continue;
+            }
             match kind {
                 Kind::Nodes => start.spawn(&mut tasks, &self.caches.nodes),
                 Kind::Services => start.spawn(&mut tasks, &self.caches.services),
@@ -586,7 +663,7 @@ impl Inner {
         {
             tracing::info!(old = %old, new = %id, "remote cluster ID changed: draining all known entries");
             for kind in Kind::ALL {
-                self.caches.drain(kind);
+                self.kind_drain(kind);
             }
             self.ids.release(old, &self.name);
             *reserved = None;
@@ -611,28 +688,59 @@ impl PrefixStart<'_> {
         let kind = T::KIND;
         let prefix = kind.watch_prefix(&self.validation.cluster, self.cached);
         cache.set_prefix(&prefix);
-        let canary = self.canaries.clone().map(|canaries| (canaries, kind.canary_name(self.cached)));
+        let canary = self.canary(kind);
         let (cache, connection, validation, token) =
             (cache.clone(), self.connection.clone(), self.validation.clone(), self.token.clone());
         let span = tracing::info_span!("prefix", %kind);
         tasks.spawn(
             async move {
-                if let Some((mut canaries, name)) = canary {
-                    tracing::debug!(canary = %name, "waiting for the sync canary");
-                    tokio::select! {
-                        () = token.cancelled() => return Ok(()),
-                        present = canaries.wait_for(&name) => if !present {
-                            // The canary watcher ended; the session ends with its error.
-                            token.cancelled().await;
-                            return Ok(());
-                        },
-                    }
+                if !wait_for_canary(canary, &token).await {
+                    return Ok(());
                 }
                 tracing::debug!(%prefix, "starting list+watch");
                 cache.run(&connection, prefix, validation, &token).await.map_err(SessionError::from)
             }
             .instrument(span),
         );
+    }
+
+    fn spawn_raw(&self, tasks: &mut JoinSet<Result<(), SessionError>>, cache: &RawCache) {
+        let kind = cache.kind();
+        let prefix = kind.watch_prefix(&self.validation.cluster, self.cached);
+        cache.set_prefix(&prefix);
+        let canary = self.canary(kind);
+        let (cache, connection, token) = (cache.clone(), self.connection.clone(), self.token.clone());
+        let span = tracing::info_span!("raw_prefix", %kind);
+        tasks.spawn(
+            async move {
+                if !wait_for_canary(canary, &token).await {
+                    return Ok(());
+                }
+                tracing::debug!(%prefix, "starting raw list+watch");
+                cache.run(&connection, prefix, &token).await.map_err(SessionError::from)
+            }
+            .instrument(span),
+        );
+    }
+
+    fn canary(&self, kind: Kind) -> Option<(Canaries, String)> {
+        self.canaries.clone().map(|canaries| (canaries, kind.canary_name(self.cached)))
+    }
+}
+
+/// Waits for the canary, if the remote writes them; `false` when the session ends first.
+async fn wait_for_canary(canary: Option<(Canaries, String)>, token: &CancellationToken) -> bool {
+    let Some((mut canaries, name)) = canary else { return true };
+    tracing::debug!(canary = %name, "waiting for the sync canary");
+    tokio::select! {
+        () = token.cancelled() => false,
+        present = canaries.wait_for(&name) => {
+            if !present {
+                // The canary watcher ended; the session ends with its error.
+                token.cancelled().await;
+            }
+            present
+        }
     }
 }
 

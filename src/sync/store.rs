@@ -25,9 +25,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
 
 /// The metrics scope of a key, as Cilium labels its sync stores: the two segments after
-/// `cilium/state/` (`nodes/v1`, `identities/v1`, `ip/v1`, ...), otherwise the first two.
+/// `cilium/state/` or `cilium/cache/` (`nodes/v1`, `identities/v1`, `ip/v1`, ...), otherwise
+/// the first two.
 pub fn scope(key: &str) -> &str {
-    let rest = key.strip_prefix("cilium/state/").unwrap_or(key);
+    let rest = key.strip_prefix("cilium/state/").or_else(|| key.strip_prefix("cilium/cache/")).unwrap_or(key);
     let end = rest.match_indices('/').nth(1).map_or(rest.len(), |(i, _)| i);
     &rest[..end]
 }
@@ -217,6 +218,11 @@ impl SyncStore {
         drop(state);
         self.wake.notify_one();
         pruned
+    }
+
+    /// The keys wanted under `prefix`.
+    pub fn desired_keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.state.lock().desired.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
     }
 
     pub fn desired_value(&self, key: &str) -> Option<Bytes> {
@@ -644,6 +650,7 @@ mod tests {
     fn scopes_name_the_state_prefix_as_ciliums_metrics_do() {
         assert_eq!(scope("cilium/state/nodes/v1/c1/n1"), "nodes/v1");
         assert_eq!(scope("cilium/state/ip/v1/default/10.0.0.1"), "ip/v1");
+        assert_eq!(scope("cilium/cache/identities/v1/c2/id/65537"), "identities/v1");
         assert_eq!(scope("cilium/cluster-config/c1"), "cilium/cluster-config");
         assert_eq!(scope("cilium/.heartbeat"), "cilium/.heartbeat");
     }

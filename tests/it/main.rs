@@ -8,6 +8,7 @@ mod differential;
 mod etcdctl_parity;
 mod fake_k8s_selftest;
 mod harness_selftest;
+mod kvstoremesh;
 mod leases;
 mod mesh_commands;
 mod metrics;

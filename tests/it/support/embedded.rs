@@ -42,8 +42,24 @@ impl EmbeddedStore {
 
     /// Starts with certificate files made elsewhere (e.g. by `certs generate`).
     pub async fn start_with_files(files: &ServerFiles, auth: AuthStore, limits: Limits) -> Self {
-        install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        Self::start_on(listener, files, auth, limits)
+    }
+
+    /// Starts on a given address, e.g. the one of a store just stopped: a restart, as clients
+    /// configured with that endpoint see it (a fresh store, with a new etcd cluster ID).
+    pub async fn start_at(pki: &Pki, auth: AuthStore, addr: SocketAddr) -> Self {
+        let files = ServerFiles {
+            cert: pki.server_cert_path().to_owned(),
+            key: pki.server_key_path().to_owned(),
+            ca: pki.ca_path().to_owned(),
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::start_on(listener, &files, auth, Limits::default())
+    }
+
+    fn start_on(listener: tokio::net::TcpListener, files: &ServerFiles, auth: AuthStore, limits: Limits) -> Self {
+        install_crypto_provider();
         let addr = listener.local_addr().expect("local addr");
         let config = EmbeddedConfig {
             tls: TlsFiles {

@@ -102,8 +102,15 @@ impl Target {
 
 impl Mirror {
     pub fn start(target: &Target, settings: Settings, kube: kube::Client) -> Self {
+        Self::start_with_heartbeat(target, settings, kube, clustermesh_apiserver::sync::state::HEARTBEAT_INTERVAL)
+    }
+
+    /// With the heartbeat rewritten every `heartbeat`, for clients that must notice a stopped
+    /// server within a test's time (Cilium's clients wait 2 × 60 s).
+    pub fn start_with_heartbeat(target: &Target, settings: Settings, kube: kube::Client, heartbeat: Duration) -> Self {
         let mut config = ClustermeshConfig::new(settings, Source::Kubernetes(kube));
         config.cluster_config_check = Duration::from_millis(200);
+        config.heartbeat = heartbeat;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut registry = Registry::with_prefix("cilium_clustermesh_apiserver");

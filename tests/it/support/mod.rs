@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod etcdctl;
 pub mod eventually;
 pub mod fake_k8s;
+pub mod kvstoremesh;
 pub mod mirror;
 pub mod process;
 
