@@ -90,7 +90,10 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         Some(dir) => {
             let local = local_cluster(&args.cluster_name, args.cluster_id, args.max_connected_clusters)?;
             let listeners = &args.kvstoremesh_listeners;
-            let config = kvstoremesh_config(local, dir.clone(), &args.kvstoremesh, args.kvstore_lease_ttl, false);
+            let mut config = kvstoremesh_config(local, dir.clone(), &args.kvstoremesh, args.kvstore_lease_ttl, false);
+            if args.kvstore == KvstoreKind::Etcd {
+                config.writer.max_in_flight = KVSTOREMESH_ETCD_MAX_IN_FLIGHT;
+            }
             let listeners = KvstoremeshListeners {
                 health: SocketAddr::new(args.health_bind_address, listeners.kvstoremesh_health_port),
                 metrics: crate::config::serve_addr(&listeners.kvstoremesh_prometheus_serve_addr)?,
@@ -188,7 +191,8 @@ async fn run_kvstoremesh(args: KvstoremeshArgs) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let local = local_cluster(cluster_name, *cluster_id, *max_connected_clusters)?;
     let dir = role.clustermesh_config.clone().context("--clustermesh-config DIR")?;
-    let config = kvstoremesh_config(local, dir, role, *kvstore_lease_ttl, *enable_heartbeat);
+    let mut config = kvstoremesh_config(local, dir, role, *kvstore_lease_ttl, *enable_heartbeat);
+    config.writer.max_in_flight = KVSTOREMESH_ETCD_MAX_IN_FLIGHT;
     let listeners = KvstoremeshListeners {
         health: SocketAddr::new(*health_bind_address, *health_port),
         metrics: crate::config::serve_addr(prometheus_serve_addr)?,
@@ -210,6 +214,10 @@ fn local_cluster(name: &str, id: u32, max: u32) -> anyhow::Result<clustermesh_cl
     let max = clustermesh_client::MaxConnectedClusters::new(max)?;
     Ok(clustermesh_client::LocalCluster::new(name, clustermesh_client::ClusterId(id)).with_max_connected_clusters(max))
 }
+
+/// Cache writes overlapped toward an attached etcd: Cilium's chart runs kvstoremesh with
+/// `etcd.maxInflight=10`.
+const KVSTOREMESH_ETCD_MAX_IN_FLIGHT: usize = 10;
 
 fn kvstoremesh_config(
     local: clustermesh_client::LocalCluster,

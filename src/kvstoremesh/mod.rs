@@ -37,7 +37,7 @@ use tracing::Instrument as _;
 use crate::kvstore::Backend;
 use crate::sync::metrics::Bootstrap;
 use crate::sync::state;
-use crate::sync::store::SyncStore;
+use crate::sync::store::{SyncOptions, SyncStore};
 
 pub use readiness::ReadyTimeouts;
 pub use remotes::RemovalPolicy;
@@ -64,6 +64,8 @@ pub struct KvstoremeshConfig {
     /// `--clustermesh-cache-ttl`; zero never revokes (Cilium's default).
     pub cache_ttl: Duration,
     pub removal: RemovalPolicy,
+    /// How each cache writer uses the local store (writes in flight, keys per lease).
+    pub writer: SyncOptions,
     /// `--enable-heartbeat`: also keep `cilium/.heartbeat` fresh in the local store, for a store
     /// no clustermesh role writes to (Cilium's external kvstore mode).
     pub heartbeat: Option<Duration>,
@@ -78,6 +80,7 @@ impl KvstoremeshConfig {
             ready: ReadyTimeouts::default(),
             cache_ttl: Duration::ZERO,
             removal: RemovalPolicy::default(),
+            writer: SyncOptions::default(),
             heartbeat: None,
         }
     }
@@ -131,9 +134,11 @@ pub async fn spawn<B: Backend>(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Running<B>, Error> {
-    let KvstoremeshConfig { client, config_dir, lease_ttl, ready: timeouts, cache_ttl, removal, heartbeat } = config;
+    let KvstoremeshConfig { client, config_dir, lease_ttl, ready: timeouts, cache_ttl, removal, writer, heartbeat } =
+        config;
     let local = client.local().name.clone();
-    let remotes = remotes::Remotes::new(Arc::clone(&backend), lease_ttl, removal, tracker.clone(), shutdown.clone());
+    let remotes =
+        remotes::Remotes::new(Arc::clone(&backend), lease_ttl, writer, removal, tracker.clone(), shutdown.clone());
     let mesh = ClusterMesh::start_raw(
         config_dir,
         client.with_service_exports(true),

@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 use super::reflector::{Reflector, drain_prefixes};
 use crate::kvstore::Backend;
 use crate::sync::state;
-use crate::sync::store::SyncStore;
+use crate::sync::store::{SyncOptions, SyncStore};
 
 /// How often each cached cluster config is compared with the store (the clustermesh role's
 /// interval for its own).
@@ -77,6 +77,7 @@ enum Entry<B> {
 struct Inner<B> {
     backend: Arc<B>,
     lease_ttl: Duration,
+    writer: SyncOptions,
     removal: RemovalPolicy,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -98,12 +99,13 @@ impl<B: Backend> Remotes<B> {
     pub fn new(
         backend: Arc<B>,
         lease_ttl: Duration,
+        writer: SyncOptions,
         removal: RemovalPolicy,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         let entries = Mutex::new(BTreeMap::new());
-        Self { inner: Arc::new(Inner { backend, lease_ttl, removal, tracker, shutdown, entries }) }
+        Self { inner: Arc::new(Inner { backend, lease_ttl, writer, removal, tracker, shutdown, entries }) }
     }
 
     /// The copies of the clusters currently configured (not those being removed).
@@ -149,7 +151,7 @@ impl<B: Backend> Remotes<B> {
 
     fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<ClusterCopy<B>> {
         let inner = &self.inner;
-        let sync = SyncStore::new();
+        let sync = SyncStore::with_options(inner.writer);
         let reflector = Arc::new(Reflector::new(
             cluster.clone(),
             Arc::clone(&sync),
@@ -340,8 +342,14 @@ mod tests {
         let backend = Arc::new(Embedded::new(Store::new(Identity::random(), Limits::default(), AuthStore::default())));
         let token = CancellationToken::new();
         let removal = RemovalPolicy { grace_period: GRACE, ..RemovalPolicy::default() };
-        let remotes =
-            Remotes::new(Arc::clone(&backend), Duration::from_secs(900), removal, TaskTracker::new(), token.clone());
+        let remotes = Remotes::new(
+            Arc::clone(&backend),
+            Duration::from_secs(900),
+            SyncOptions::default(),
+            removal,
+            TaskTracker::new(),
+            token.clone(),
+        );
         (remotes, backend, token)
     }
 
