@@ -1,11 +1,11 @@
 //! Objects from the Kubernetes API: one kube-runtime watcher per kind, decoded through
-//! `DeserializeGuard` so that one malformed object never stops a stream.
+//! [`Guarded`] (a `DeserializeGuard` that decodes once) so that one malformed object never
+//! stops a stream.
 
 use std::fmt::Debug;
 
 use futures::StreamExt;
 use kube::api::{Api, ObjectMeta};
-use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::SourceEvent;
+use super::guard::Guarded;
 use crate::translate::model::{Kind, Object, ObjectKey};
 
 fn object_key(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
@@ -68,7 +69,7 @@ async fn watch<K>(
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let api: Api<DeserializeGuard<K>> = Api::all(client);
+    let api: Api<Guarded<K>> = Api::all(client);
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     loop {
@@ -85,7 +86,7 @@ async fn watch<K>(
             None => return,
         };
         // An object that does not decode becomes `Invalid`, whatever the event carrying it.
-        let decoded = |guard: DeserializeGuard<K>, event: fn(Object) -> SourceEvent| match guard.0 {
+        let decoded = |guard: Guarded<K>, event: fn(Object) -> SourceEvent| match guard.0 {
             Ok(object) => event(wrap(object)),
             Err(invalid) => SourceEvent::Invalid { key: object_key(kind, &invalid.metadata), reason: invalid.error },
         };

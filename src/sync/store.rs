@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
@@ -43,17 +44,19 @@ enum Item {
     },
 }
 
+/// The per-key maps use foldhash, not SipHash: they are hashed several times per key on
+/// every write (see Cargo.toml).
 #[derive(Default)]
 struct State {
-    desired: HashMap<String, Bytes>,
+    desired: FastMap<String, Bytes>,
     /// What the backend holds, as far as this process knows. `None` marks a key that is
     /// there but not ours to keep (found by pruning): the worker deletes it.
-    written: HashMap<String, Option<Bytes>>,
+    written: FastMap<String, Option<Bytes>>,
     queue: VecDeque<Item>,
-    queued: HashSet<String>,
+    queued: FastSet<String>,
     /// Keys whose last write failed; a canary waits for them.
-    failing: HashSet<String>,
-    canary_keys: HashSet<String>,
+    failing: FastSet<String>,
+    canary_keys: FastSet<String>,
 }
 
 impl State {

@@ -4,9 +4,11 @@
 //! claimant stays authoritative; later claimants queue up in arrival order, and when the owner
 //! lets the IP go the next claimant's entry is written (Cilium `CachedConverter`/`entryGroup`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
+// foldhash, not SipHash: every ipcache key is looked up here on every endpoint update.
+use foldhash::HashMap;
 
 use super::model::{ObjectKey, Tx};
 

@@ -26,8 +26,9 @@ use crate::etcd::pb::etcdserverpb::{
     WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request::FilterType,
     watch_request::RequestUnion, watch_server::Watch,
 };
+use crate::etcd::pb::mvccpb::KeyValue;
 use crate::etcd::pb::mvccpb::{Event, event::EventType};
-use crate::etcd::store::{KeyRange, Revision, Store};
+use crate::etcd::store::{KeyRange, Store};
 
 /// Responses queued towards one client before its stream task stops reading history.
 const OUTBOUND_BUFFER: usize = 64;
@@ -89,13 +90,19 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn wants(&self, event: &Event) -> bool {
-        let Some(kv) = &event.kv else { return false };
-        let is_put = event.r#type == EventType::Put as i32;
-        if (is_put && self.no_put) || (!is_put && self.no_delete) {
-            return false;
-        }
-        KeyRange::new(&self.key, &self.range_end).contains(&kv.key)
+    /// Whether this watcher is to be sent the change `kv` (of type `r#type`).
+    fn wants(&self, kv: &KeyValue, r#type: EventType) -> bool {
+        kv.mod_revision >= self.next_revision
+            && !match r#type {
+                EventType::Put => self.no_put,
+                EventType::Delete => self.no_delete,
+            }
+            && KeyRange::new(&self.key, &self.range_end).contains(&kv.key)
+    }
+
+    fn wants_event(&self, event: &Event) -> bool {
+        let r#type = EventType::try_from(event.r#type).unwrap_or(EventType::Put);
+        event.kv.as_ref().is_some_and(|kv| self.wants(kv, r#type))
     }
 }
 
@@ -253,18 +260,23 @@ impl Session {
             self.answer_progress_request();
             return;
         };
-        let revisions = match self.store.history_from(from) {
-            Ok(revisions) => revisions,
+        // Only the events some watcher wants are built, and `prev_kv` only looked up when one
+        // of them asked for it.
+        let prev_kv = self.watchers.values().any(|w| w.prev_kv && w.next_revision <= current);
+        let watchers = &self.watchers;
+        let wanted = |kv: &KeyValue, r#type: EventType| watchers.values().any(|w| w.wants(kv, r#type));
+        let read = match self.store.history_from(from, prev_kv, wanted) {
+            Ok(read) => read,
             Err(compact_revision) => return self.cancel_compacted(compact_revision),
         };
-        let upto = revisions.last().map_or(current, |r| r.revision);
+        let upto = read.upto.unwrap_or(current);
         let header = self.store.header_at(upto);
         let max_bytes = self.store.limits().max_request_bytes;
         for (&id, watcher) in self.watchers.iter_mut() {
             if watcher.next_revision > current {
                 continue;
             }
-            let events = matching_events(watcher, &revisions);
+            let events = matching_events(watcher, &read.events);
             watcher.next_revision = watcher.next_revision.max(upto + 1);
             if events.is_empty() {
                 continue;
@@ -329,18 +341,18 @@ impl Drop for Session {
     }
 }
 
-fn matching_events(watcher: &Watcher, revisions: &[Arc<Revision>]) -> Vec<Event> {
-    let mut events = Vec::new();
-    for revision in revisions.iter().filter(|r| r.revision >= watcher.next_revision) {
-        for event in revision.events.iter().filter(|e| watcher.wants(e)) {
-            let mut event = event.clone();
+fn matching_events(watcher: &Watcher, events: &[Event]) -> Vec<Event> {
+    events
+        .iter()
+        .filter(|e| watcher.wants_event(e))
+        .map(|e| {
+            let mut event = e.clone();
             if !watcher.prev_kv {
                 event.prev_kv = None;
             }
-            events.push(event);
-        }
-    }
-    events
+            event
+        })
+        .collect()
 }
 
 /// etcd's `sendFragments`: a response over the request size limit is split into pieces of

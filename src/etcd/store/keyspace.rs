@@ -6,28 +6,8 @@ use std::ops::Bound;
 
 use bytes::Bytes;
 
+use super::versions::{Version, Versions};
 use crate::etcd::pb::mvccpb::KeyValue;
-
-/// One version of a key: what it held from `mod_revision` until the next version.
-/// `None` is a tombstone (the key was deleted at `mod_revision`).
-#[derive(Debug, Clone)]
-struct Version {
-    mod_revision: i64,
-    live: Option<Live>,
-}
-
-#[derive(Debug, Clone)]
-struct Live {
-    create_revision: i64,
-    version: i64,
-    value: Bytes,
-    lease: i64,
-}
-
-/// A key's versions in increasing `mod_revision` order; never empty while in the map.
-/// Almost every key holds exactly one version after a compaction, so range reads cost one
-/// comparison per key rather than a search.
-type History = Vec<Version>;
 
 /// Which keys a request addresses, in etcd's encoding: an empty `range_end` is the single
 /// key, `"\0"` is every key from `key` on, anything else is `[key, range_end)`.
@@ -63,14 +43,14 @@ impl<'a> KeyRange<'a> {
     }
 
     /// An inverted range (`range_end <= key`) addresses nothing, as in etcd.
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         !matches!(self.range_end, [] | [0]) && self.range_end <= self.key
     }
 }
 
 #[derive(Debug, Default)]
 pub struct Keyspace {
-    keys: BTreeMap<Bytes, History>,
+    keys: BTreeMap<Bytes, Versions>,
     live_keys: usize,
     /// Bytes of live keys and values: what `db size` and the size metrics report.
     live_bytes: usize,
@@ -91,8 +71,8 @@ impl Keyspace {
         if range.is_empty() {
             return;
         }
-        for (key, history) in self.keys.range::<[u8], _>(range.bounds()) {
-            if let Some(kv) = at_revision(key, history, revision)
+        for (key, versions) in self.keys.range::<[u8], _>(range.bounds()) {
+            if let Some(kv) = at_revision(key, versions, revision)
                 && !visit(kv)
             {
                 return;
@@ -107,26 +87,35 @@ impl Keyspace {
         }
         self.keys
             .range::<[u8], _>(range.bounds())
-            .filter(|(_, history)| version_at(history, revision).is_some_and(|v| v.live.is_some()))
+            .filter(|(_, versions)| versions.at(revision).is_some_and(Version::is_live))
             .count()
     }
 
     /// The current value of a single key.
     pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
-        let (key, history) = self.keys.get_key_value(key)?;
-        latest(key, history)
+        let (key, versions) = self.keys.get_key_value(key)?;
+        latest(key, versions)
     }
 
     /// Writes `key` at `revision` and returns the previous live value.
     pub fn put(&mut self, key: Bytes, value: Bytes, lease: i64, revision: i64) -> Option<KeyValue> {
         let added = key.len() + value.len();
-        let history = self.keys.entry(key.clone()).or_default();
-        let previous = latest(&key, history);
-        let (create_revision, version) = match &previous {
-            Some(prev) => (prev.create_revision, prev.version + 1),
-            None => (revision, 1),
+        let new = |create_revision, version| Version { mod_revision: revision, create_revision, version, lease, value };
+        let previous = match self.keys.get_mut(&key) {
+            Some(versions) => {
+                let previous = latest(&key, versions);
+                let version = match &previous {
+                    Some(prev) => new(prev.create_revision, prev.version + 1),
+                    None => new(revision, 1),
+                };
+                versions.push(version);
+                previous
+            }
+            None => {
+                self.keys.insert(key, Versions::One(new(revision, 1)));
+                None
+            }
         };
-        history.push(Version { mod_revision: revision, live: Some(Live { create_revision, version, value, lease }) });
         match &previous {
             Some(prev) => self.live_bytes = self.live_bytes + added - (prev.key.len() + prev.value.len()),
             None => {
@@ -139,13 +128,18 @@ impl Keyspace {
 
     /// Deletes `key` at `revision` if it is live, returning what it held.
     pub fn delete(&mut self, key: &[u8], revision: i64) -> Option<KeyValue> {
-        let key = self.keys.get_key_value(key)?.0.clone();
-        let history = self.keys.get_mut(&key)?;
-        let previous = latest(&key, history)?;
-        history.push(Version { mod_revision: revision, live: None });
+        let (key, versions) = self.keys.get_key_value(key)?;
+        let previous = latest(key, versions)?;
+        self.keys.get_mut(&previous.key)?.push(Version::tombstone(revision));
         self.live_keys -= 1;
         self.live_bytes -= previous.key.len() + previous.value.len();
         Some(previous)
+    }
+
+    /// The key-value `key` held as of `revision`, if it was live then.
+    pub fn get_at(&self, key: &[u8], revision: i64) -> Option<KeyValue> {
+        let (key, versions) = self.keys.get_key_value(key)?;
+        at_revision(key, versions, revision)
     }
 
     /// The live keys of `range` now, for a delete or a range compare.
@@ -161,45 +155,26 @@ impl Keyspace {
     /// Forgets every version that no read at `revision` or later can see: per key, all but
     /// the newest version at or below `revision`, and that one too when it is a tombstone.
     pub fn compact(&mut self, revision: i64) {
-        self.keys.retain(|_, history| {
-            let visible = history.partition_point(|v| v.mod_revision <= revision);
-            if visible == 0 {
-                return true;
-            }
-            let keep_from = if history[visible - 1].live.is_some() { visible - 1 } else { visible };
-            history.drain(..keep_from);
-            !history.is_empty()
-        });
+        self.keys.retain(|_, versions| versions.compact(revision));
     }
 }
 
-fn version_at(history: &History, revision: i64) -> Option<&Version> {
-    match history.last() {
-        Some(last) if last.mod_revision <= revision => Some(last),
-        _ => {
-            let visible = history.partition_point(|v| v.mod_revision <= revision);
-            visible.checked_sub(1).map(|i| &history[i])
-        }
-    }
+fn at_revision(key: &Bytes, versions: &Versions, revision: i64) -> Option<KeyValue> {
+    versions.at(revision).and_then(|v| to_key_value(key, v))
 }
 
-fn at_revision(key: &Bytes, history: &History, revision: i64) -> Option<KeyValue> {
-    version_at(history, revision).and_then(|v| to_key_value(key, v))
-}
-
-fn latest(key: &Bytes, history: &History) -> Option<KeyValue> {
-    history.last().and_then(|v| to_key_value(key, v))
+fn latest(key: &Bytes, versions: &Versions) -> Option<KeyValue> {
+    to_key_value(key, versions.latest())
 }
 
 fn to_key_value(key: &Bytes, version: &Version) -> Option<KeyValue> {
-    let live = version.live.as_ref()?;
-    Some(KeyValue {
+    version.is_live().then(|| KeyValue {
         key: key.clone(),
-        create_revision: live.create_revision,
+        create_revision: version.create_revision,
         mod_revision: version.mod_revision,
-        version: live.version,
-        value: live.value.clone(),
-        lease: live.lease,
+        version: version.version,
+        value: version.value.clone(),
+        lease: version.lease,
     })
 }
 

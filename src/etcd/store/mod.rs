@@ -4,21 +4,23 @@
 //! Requests and responses are etcd's own protobuf types: the store is etcd's semantics, the
 //! services only add transport concerns (authorisation, size limits, streaming).
 
+mod count;
 mod history;
 mod keyspace;
 mod lease;
 mod txn;
+mod versions;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use history::{MAX_EVENTS_PER_READ, Revision};
+pub use history::MAX_EVENTS_PER_READ;
 pub use keyspace::KeyRange;
 pub use lease::{MAX_LEASE_TTL, MIN_LEASE_TTL};
 
@@ -31,6 +33,7 @@ use super::pb::etcdserverpb::{
     TxnResponse,
 };
 use super::pb::mvccpb::{Event, KeyValue, event::EventType};
+use count::CountCache;
 use history::History;
 use keyspace::Keyspace;
 use lease::Leases;
@@ -80,6 +83,15 @@ struct State {
     compact_revision: i64,
 }
 
+/// What one [`Store::history_from`] read found.
+#[derive(Debug, Default)]
+pub struct HistoryRead {
+    /// The wanted events, in revision order.
+    pub events: Vec<Event>,
+    /// The last revision looked at; `None` when the history holds nothing from `from` on.
+    pub upto: Option<i64>,
+}
+
 /// What [`Store::status`] reports about the data held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -96,6 +108,8 @@ pub struct Store {
     limits: Limits,
     state: RwLock<State>,
     auth: RwLock<AuthStore>,
+    /// Counts of ranges at committed revisions, for paged lists. Locked after `state`.
+    counts: Mutex<CountCache>,
     /// The current revision, published after every write; watch streams wait on it.
     revision_tx: watch::Sender<i64>,
     /// Wakes the expiry task when a lease may now expire earlier than it planned.
@@ -116,6 +130,7 @@ impl Store {
             limits,
             state: RwLock::new(state),
             auth: RwLock::new(auth),
+            counts: Mutex::new(CountCache::default()),
             revision_tx: watch::Sender::new(1),
             lease_granted: Notify::new(),
         })
@@ -169,7 +184,8 @@ impl Store {
 
     pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
         let state = self.state.read();
-        let mut response = txn::range(&state.keyspace, request, state.revision, state.compact_revision)?;
+        let (revision, compacted) = (state.revision, state.compact_revision);
+        let mut response = txn::range(&state.keyspace, request, revision, compacted, Some(&self.counts))?;
         response.header = Some(self.header_at(state.revision));
         Ok(response)
     }
@@ -217,6 +233,7 @@ impl Store {
         state.keyspace.compact(request.revision);
         state.history.compact(request.revision);
         state.compact_revision = request.revision;
+        self.counts.lock().compact(request.revision);
         Ok(CompactionResponse { header: Some(self.header_at(state.revision)) })
     }
 
@@ -288,14 +305,36 @@ impl Store {
         self.revision_tx.subscribe()
     }
 
-    /// The revisions from `from` on (bounded; call again from the last one + 1), or
+    /// The events from revision `from` on that `wanted` accepts (bounded: whole revisions,
+    /// about [`MAX_EVENTS_PER_READ`] events looked at; call again from `upto + 1`), or
     /// `Err(compact_revision)` when `from` has been compacted away.
-    pub fn history_from(&self, from: i64) -> Result<Vec<Arc<Revision>>, i64> {
+    ///
+    /// With `prev_kv`, each event carries what its key held at `mod_revision - 1`, read from
+    /// the keyspace as etcd reads it: absent when that revision is compacted.
+    pub fn history_from(
+        &self,
+        from: i64,
+        prev_kv: bool,
+        mut wanted: impl FnMut(&KeyValue, EventType) -> bool,
+    ) -> Result<HistoryRead, i64> {
         let state = self.state.read();
         if from < state.compact_revision {
             return Err(state.compact_revision);
         }
-        Ok(state.history.read_from(from))
+        let mut events = Vec::new();
+        let upto = state.history.read_from(from, |change| {
+            let r#type = if history::is_put(change) { EventType::Put } else { EventType::Delete };
+            if !wanted(change, r#type) {
+                return;
+            }
+            let mut event = Event { r#type: r#type as i32, kv: Some(change.clone()), prev_kv: None };
+            let before = change.mod_revision - 1;
+            if prev_kv && before >= state.compact_revision {
+                event.prev_kv = state.keyspace.get_at(&change.key, before);
+            }
+            events.push(event);
+        });
+        Ok(HistoryRead { events, upto })
     }
 
     /// Revokes leases as their deadlines pass, until `shutdown`.
@@ -367,18 +406,19 @@ impl Store {
 pub(crate) struct Write<'a> {
     state: &'a mut State,
     revision: i64,
-    events: Vec<Event>,
+    /// This write's changes, in order: the key-value written, or a tombstone.
+    changes: Vec<KeyValue>,
 }
 
 impl<'a> Write<'a> {
     fn begin(state: &'a mut State) -> Self {
         let revision = state.revision + 1;
-        Self { state, revision, events: Vec::new() }
+        Self { state, revision, changes: Vec::new() }
     }
 
     /// The revision reads inside this write see: the pending one once anything changed.
     fn read_revision(&self) -> i64 {
-        if self.events.is_empty() { self.state.revision } else { self.revision }
+        if self.changes.is_empty() { self.state.revision } else { self.revision }
     }
 
     fn keyspace(&self) -> &Keyspace {
@@ -426,8 +466,7 @@ impl<'a> Write<'a> {
             Some(prev) => (prev.create_revision, prev.version + 1),
             None => (self.revision, 1),
         };
-        let kv = KeyValue { key, create_revision, mod_revision: self.revision, version, value, lease };
-        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: previous.clone() });
+        self.changes.push(KeyValue { key, create_revision, mod_revision: self.revision, version, value, lease });
         Ok(PutResponse { header: None, prev_kv: previous.filter(|_| request.prev_kv) })
     }
 
@@ -446,8 +485,7 @@ impl<'a> Write<'a> {
         if kv.lease != 0 {
             self.state.leases.detach(kv.lease, &kv.key);
         }
-        let tombstone = KeyValue { key: kv.key.clone(), mod_revision: self.revision, ..KeyValue::default() };
-        self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(tombstone), prev_kv: Some(kv.clone()) });
+        self.changes.push(KeyValue { key: kv.key.clone(), mod_revision: self.revision, ..KeyValue::default() });
     }
 
     fn revoke(&mut self, id: i64) -> Result<()> {
@@ -465,11 +503,11 @@ impl<'a> Write<'a> {
 
     /// Publishes the write; returns the store's revision afterwards.
     fn commit(self, revision_tx: &watch::Sender<i64>) -> i64 {
-        if self.events.is_empty() {
+        if self.changes.is_empty() {
             return self.state.revision;
         }
         self.state.revision = self.revision;
-        self.state.history.append(Revision { revision: self.revision, events: self.events });
+        self.state.history.append(self.changes);
         revision_tx.send_replace(self.revision);
         self.revision
     }
@@ -579,9 +617,9 @@ mod tests {
         }
         store.lease_revoke(&LeaseRevokeRequest { id: lease }).expect("revoke");
         assert_eq!(store.revision(), 4);
-        let history = store.history_from(4).expect("not compacted");
-        let deleted: Vec<_> =
-            history[0].events.iter().map(|e| (e.r#type, e.kv.as_ref().unwrap().key.clone())).collect();
+        let history = store.history_from(4, true, |_, _| true).expect("not compacted");
+        let deleted: Vec<_> = history.events.iter().map(|e| (e.r#type, e.kv.as_ref().unwrap().key.clone())).collect();
+        assert!(history.events.iter().all(|e| e.prev_kv.as_ref().is_some_and(|p| p.mod_revision < 4)));
         let delete = EventType::Delete as i32;
         assert_eq!(deleted, vec![(delete, Bytes::from_static(b"k1")), (delete, Bytes::from_static(b"k2"))]);
     }
@@ -595,7 +633,7 @@ mod tests {
         store.compact(&CompactionRequest { revision: 4, physical: false }).expect("compact");
         let old = RangeRequest { key: b"k".to_vec().into(), revision: 3, ..Default::default() };
         assert_eq!(store.range(&old).unwrap_err(), Error::Compacted);
-        assert_eq!(store.history_from(3).unwrap_err(), 4);
+        assert_eq!(store.history_from(3, false, |_, _| true).unwrap_err(), 4);
         let at = RangeRequest { key: b"k".to_vec().into(), revision: 4, ..Default::default() };
         assert_eq!(store.range(&at).unwrap().kvs[0].value, Bytes::from_static(b"2"));
         let future = RangeRequest { key: b"k".to_vec().into(), revision: 9, ..Default::default() };

@@ -5,7 +5,10 @@ use std::cmp::Ordering;
 
 use bytes::Bytes;
 
+use parking_lot::Mutex;
+
 use super::Write;
+use super::count::{self, CountCache};
 use super::keyspace::{KeyRange, Keyspace};
 use crate::etcd::error::{Error, Result};
 use crate::etcd::pb::etcdserverpb::{
@@ -23,11 +26,15 @@ use crate::etcd::pb::mvccpb::KeyValue;
 /// Mirrors etcd's `applierV3backend.Range`: limits are pushed into the scan only when no
 /// sort or revision filter needs the whole range first; `count` is the number of keys in the
 /// range before filters and limit; the header revision is always the current one.
+///
+/// `counts` remembers counts across requests; only reads at committed revisions may use it
+/// (a txn's own reads see its pending revision, which its later writes still change).
 pub(crate) fn range(
     keyspace: &Keyspace,
     request: &RangeRequest,
     current: i64,
     compact_revision: i64,
+    counts: Option<&Mutex<CountCache>>,
 ) -> Result<RangeResponse> {
     if request.key.is_empty() {
         return Err(Error::EmptyKey);
@@ -40,7 +47,10 @@ pub(crate) fn range(
         r => r,
     };
     let key_range = KeyRange::new(&request.key, &request.range_end);
-    let count = keyspace.count(key_range, revision) as i64;
+    let count = match counts {
+        Some(cache) => count::count(cache, keyspace, key_range, revision),
+        None => keyspace.count(key_range, revision),
+    } as i64;
     let mut response = RangeResponse { header: None, kvs: Vec::new(), more: false, count };
     if request.count_only {
         return Ok(response);
@@ -279,7 +289,7 @@ fn execute_op(write: &mut Write<'_>, op: RequestOp, path: &mut impl Iterator<Ite
     let response = match op.request {
         Some(Request::RequestRange(r)) => {
             let current = write.read_revision();
-            let mut response = range(write.keyspace(), &r, current, write.compact_revision())?;
+            let mut response = range(write.keyspace(), &r, current, write.compact_revision(), None)?;
             response.header = Some(inner_header(current));
             Response::ResponseRange(response)
         }
