@@ -293,6 +293,33 @@ async fn transactions_answer_like_etcd() {
                 .and_then([TxnOp::put("w", "1", None), TxnOp::get("x", Some(GetOptions::new().with_revision(1000)))]),
         )
         .await;
+        // Found by differential_prop: etcd checks puts against deletes as `[key, range_end)`
+        // in byte order, level by level, so these pass there and must pass here.
+        run.txn(
+            "a from-key or all-keys delete conflicts with no put",
+            Txn::new().and_then([
+                TxnOp::delete("a", Some(DeleteOptions::new().with_from_key())),
+                TxnOp::delete("", Some(DeleteOptions::new().with_all_keys())),
+                TxnOp::put("b", "1", None),
+            ]),
+        )
+        .await;
+        run.txn(
+            "a nested put before a nested delete of the same key",
+            Txn::new().or_else([
+                TxnOp::txn(Txn::new().or_else([TxnOp::put("q", "1", None)])),
+                TxnOp::txn(Txn::new().or_else([TxnOp::delete("q", None)])),
+            ]),
+        )
+        .await;
+        run.txn(
+            "a nested delete before a nested put of the same key",
+            Txn::new().and_then([
+                TxnOp::txn(Txn::new().and_then([TxnOp::delete("q", None)])),
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("q", "1", None)])),
+            ]),
+        )
+        .await;
         run.txn("empty", Txn::new()).await;
         run.get("", Some(GetOptions::new().with_all_keys())).await;
     })

@@ -2,9 +2,11 @@
 
 mod auth_mtls;
 mod certs;
+mod chaos;
 mod client_remote;
 mod conformance;
 mod differential;
+mod differential_prop;
 mod etcdctl_parity;
 mod fake_k8s_selftest;
 mod harness_selftest;

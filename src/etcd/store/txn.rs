@@ -157,56 +157,69 @@ pub(crate) fn check_txn(request: &TxnRequest, max_ops: usize) -> Result<()> {
     Ok(())
 }
 
-/// The writes one branch makes: the keys it puts and the ranges it deletes. A nested txn
-/// contributes both of its branches, since either may run.
+/// etcd's `checkIntervals` (v3rpc/key.go), rule for rule, since clients see its exact
+/// verdicts: a put may not hit a key put or deleted elsewhere in the same branch, except that
+/// the two branches of a nested txn are alternatives. Like etcd, a nested txn's puts are checked
+/// only against the deletes of this level and of the nested txns before it, and a delete's
+/// range is `[key, range_end)` compared as plain bytes, so a from-key or all-keys delete
+/// (`range_end` = `\0`) is an empty interval that conflicts with nothing.
 fn check_branch_writes(ops: &[RequestOp]) -> Result<()> {
-    let mut puts: Vec<&Bytes> = Vec::new();
-    let mut deletes: Vec<&DeleteRangeRequest> = Vec::new();
-    collect_writes(ops, &mut puts, &mut deletes)?;
-    for put in &puts {
-        if deletes.iter().any(|d| KeyRange::new(&d.key, &d.range_end).contains(put)) {
-            return Err(Error::DuplicateKey);
-        }
-    }
-    Ok(())
+    check_intervals(ops).map(drop)
 }
 
-fn collect_writes<'a>(
-    ops: &'a [RequestOp],
-    puts: &mut Vec<&'a Bytes>,
-    deletes: &mut Vec<&'a DeleteRangeRequest>,
-) -> Result<()> {
-    let mut own_puts: Vec<&'a Bytes> = Vec::new();
+/// A delete's interval: one key, or `[key, range_end)`.
+fn delete_interval(d: &DeleteRangeRequest) -> (&[u8], Option<&[u8]>) {
+    (&d.key, (!d.range_end.is_empty()).then_some(&d.range_end[..]))
+}
+
+fn intersects(deletes: &[(&[u8], Option<&[u8]>)], key: &[u8]) -> bool {
+    deletes.iter().any(|(start, end)| match end {
+        None => *start == key,
+        Some(end) => *start <= key && key < *end,
+    })
+}
+
+type Writes<'a> = (Vec<&'a [u8]>, Vec<(&'a [u8], Option<&'a [u8]>)>);
+
+fn check_intervals(ops: &[RequestOp]) -> Result<Writes<'_>> {
+    let mut deletes: Vec<(&[u8], Option<&[u8]>)> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(Request::RequestDeleteRange(d)) => Some(delete_interval(d)),
+            _ => None,
+        })
+        .collect();
+    let mut puts: Vec<&[u8]> = Vec::new();
     for op in ops {
-        match &op.request {
-            Some(Request::RequestPut(p)) => {
-                if own_puts.contains(&&p.key) || puts.contains(&&p.key) {
-                    return Err(Error::DuplicateKey);
-                }
-                own_puts.push(&p.key);
+        let Some(Request::RequestTxn(t)) = &op.request else { continue };
+        let (puts_then, deletes_then) = check_intervals(&t.success)?;
+        let (puts_else, deletes_else) = check_intervals(&t.failure)?;
+        for key in &puts_then {
+            if puts.contains(key) || intersects(&deletes, key) {
+                return Err(Error::DuplicateKey);
             }
-            Some(Request::RequestDeleteRange(d)) => deletes.push(d),
-            Some(Request::RequestTxn(t)) => {
-                // The two nested branches are alternatives: each is checked against this
-                // branch's writes, but not against each other.
-                let mut success_puts = Vec::new();
-                let mut failure_puts = Vec::new();
-                collect_writes(&t.success, &mut success_puts, deletes)?;
-                collect_writes(&t.failure, &mut failure_puts, deletes)?;
-                for key in success_puts.into_iter().chain(failure_puts) {
-                    if own_puts.contains(&key) {
-                        return Err(Error::DuplicateKey);
-                    }
-                    if !own_puts.contains(&key) {
-                        own_puts.push(key);
-                    }
-                }
-            }
-            _ => {}
+            puts.push(key);
         }
+        for key in &puts_else {
+            // The same key in both branches of one nested txn is fine: only one runs.
+            if (puts.contains(key) && !puts_then.contains(key)) || intersects(&deletes, key) {
+                return Err(Error::DuplicateKey);
+            }
+            if !puts.contains(key) {
+                puts.push(key);
+            }
+        }
+        deletes.extend(deletes_then);
+        deletes.extend(deletes_else);
     }
-    puts.extend(own_puts);
-    Ok(())
+    for op in ops {
+        let Some(Request::RequestPut(p)) = &op.request else { continue };
+        if puts.contains(&&p.key[..]) || intersects(&deletes, &p.key) {
+            return Err(Error::DuplicateKey);
+        }
+        puts.push(&p.key);
+    }
+    Ok((puts, deletes))
 }
 
 /// Evaluates the compares, then runs the chosen branch inside `write`.
