@@ -207,6 +207,8 @@ async fn writes_deletes_and_their_errors_answer_like_etcd() {
         run.put("k", "", Some(PutOptions::new().with_ignore_value())).await;
         run.put("k", "x", Some(PutOptions::new().with_ignore_value())).await;
         run.put("nope", "", Some(PutOptions::new().with_ignore_value())).await;
+        // Found by differential_prop: the lease is looked up before the key.
+        run.put("nope", "", Some(PutOptions::new().with_ignore_value().with_lease(777))).await;
         run.put("k", "v3", Some(PutOptions::new().with_ignore_lease())).await;
         run.put("k", "v", Some(PutOptions::new().with_lease(12345))).await;
         run.put("", "v", None).await;

@@ -425,7 +425,7 @@ impl Server {
     }
 
     /// Watches from relative revision `start`, then writes the sentinel (a put and a delete
-    /// of `~s`, the same on both servers) and records every event up to the sentinel's:
+    /// of `~s`, the same on both servers) and records every event up to this sentinel's:
     /// events arrive in revision order, so the sentinel marks the end without any timeout.
     async fn watch(
         &mut self,
@@ -451,11 +451,14 @@ impl Server {
         let mut stream = self.client.watch(from.unwrap_or(""), Some(options)).await?;
         let mut out = String::new();
         let created = stream.message().await?;
-        self.client.put(SENTINEL, "", None).await?;
+        let put = self.client.put(SENTINEL, "", None).await?;
+        let put_revision = put.header().map_or(0, |h| h.revision());
         let r = self.client.delete(SENTINEL, None).await?;
+        let delete_revision = r.header().map_or(0, |h| h.revision());
         self.header(r.header());
-        // With NoDelete, the sentinel's put is the last event to come.
-        let last = if filter == 2 { EventType::Put } else { EventType::Delete };
+        // The last event to come is this sentinel's delete, or with NoDelete its put (earlier
+        // cases' sentinels are in the replayed history too, and batching differs).
+        let last = if filter == 2 { put_revision } else { delete_revision };
         let mut response = created;
         loop {
             let Some(message) = response else {
@@ -476,7 +479,7 @@ impl Server {
                 let kv = event.kv().map(|kv| self.kv(kv)).unwrap_or_default();
                 let prev = event.prev_kv().map(|kv| self.kv(kv)).unwrap_or_default();
                 let _ = write!(out, " | {kind} {kv} prev=[{prev}]");
-                done |= event.event_type() == last && event.kv().is_some_and(|kv| kv.key() == SENTINEL.as_bytes());
+                done |= event.kv().is_some_and(|kv| kv.mod_revision() == last);
             }
             if done {
                 break;

@@ -9,6 +9,7 @@ mod differential;
 mod differential_prop;
 mod etcdctl_parity;
 mod fake_k8s_selftest;
+mod fuzz_smoke;
 mod harness_selftest;
 mod mesh_commands;
 mod mirror;

@@ -390,6 +390,10 @@ impl<'a> Write<'a> {
     }
 
     fn put(&mut self, request: PutRequest) -> Result<PutResponse> {
+        // etcd looks the lease up before the key (found by differential_prop).
+        if request.lease != 0 && !self.state.leases.contains(request.lease) {
+            return Err(Error::LeaseNotFound);
+        }
         let existing = self.state.keyspace.get(&request.key);
         if (request.ignore_value || request.ignore_lease) && existing.is_none() {
             return Err(Error::KeyNotFound);

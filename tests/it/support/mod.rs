@@ -12,6 +12,7 @@ pub mod etcd_cluster;
 pub mod etcdctl;
 pub mod eventually;
 pub mod fake_k8s;
+pub mod fuzz_targets;
 pub mod mirror;
 pub mod process;
 pub mod server;
