@@ -14,5 +14,6 @@ mod harness_selftest;
 mod mesh_commands;
 mod mirror;
 mod process;
+mod soak;
 mod support;
 mod watch_semantics;
