@@ -15,6 +15,7 @@ pub mod fake_k8s;
 pub mod fuzz_targets;
 pub mod mirror;
 pub mod process;
+pub mod relay;
 pub mod server;
 
 pub use certs::{ClientCert, Pki};
