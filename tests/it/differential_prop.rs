@@ -34,7 +34,7 @@ use crate::support::{EmbeddedStore, EtcdProcess, Pki};
 const KEYS: [&str; 6] = ["a", "b", "b/1", "b/2", "b/3", "c"];
 const SENTINEL: &str = "~s";
 /// Bound on any single answer.
-const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+const STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Debug)]
 enum Range {
