@@ -349,6 +349,17 @@ async fn watches_replay_history_and_report_compaction_like_etcd() {
         )
         .await;
         run.watch("", WatchOptions::new().with_all_keys().with_start_revision(2), 5).await;
+        // Found by differential_prop: a key put and deleted in one txn reports, in both events,
+        // its state before the txn as prev_kv.
+        run.txn(
+            "put then delete from key",
+            Txn::new().and_then([
+                TxnOp::put("w/a", "3", None),
+                TxnOp::delete("w/", Some(DeleteOptions::new().with_from_key())),
+            ]),
+        )
+        .await;
+        run.watch("w/", WatchOptions::new().with_prefix().with_start_revision(6).with_prev_key(), 3).await;
         let compacted =
             run.client.compact(5, None).await.map(|r| format!("rev={}", r.header().map_or(0, |h| h.revision())));
         run.record("compact 5", compacted);

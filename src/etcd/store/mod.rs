@@ -468,9 +468,24 @@ impl<'a> Write<'a> {
     }
 
     /// Publishes the write; returns the store's revision afterwards.
-    fn commit(self, revision_tx: &watch::Sender<i64>) -> i64 {
+    fn commit(mut self, revision_tx: &watch::Sender<i64>) -> i64 {
         if self.events.is_empty() {
             return self.state.revision;
+        }
+        // etcd's watch prev_kv is the key at the previous revision: a key changed twice in one
+        // txn (a put, then a from-key delete) reports its state before the txn both times
+        // (found by differential_prop).
+        if self.events.len() > 1 {
+            let mut before: std::collections::HashMap<Bytes, Option<KeyValue>> = std::collections::HashMap::new();
+            for event in &mut self.events {
+                let key = event.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
+                match before.get(&key) {
+                    Some(first) => event.prev_kv = first.clone(),
+                    None => {
+                        before.insert(key, event.prev_kv.clone());
+                    }
+                }
+            }
         }
         self.state.revision = self.revision;
         self.state.history.append(Revision { revision: self.revision, events: self.events });
