@@ -350,7 +350,8 @@ async fn watches_replay_history_and_report_compaction_like_etcd() {
         .await;
         run.watch("", WatchOptions::new().with_all_keys().with_start_revision(2), 5).await;
         // Found by differential_prop: a key put and deleted in one txn reports, in both events,
-        // its state before the txn as prev_kv.
+        // its state before the txn as prev_kv; a key deleted and put again is a creation,
+        // without prev_kv.
         run.txn(
             "put then delete from key",
             Txn::new().and_then([
@@ -359,7 +360,15 @@ async fn watches_replay_history_and_report_compaction_like_etcd() {
             ]),
         )
         .await;
-        run.watch("w/", WatchOptions::new().with_prefix().with_start_revision(6).with_prev_key(), 3).await;
+        run.txn(
+            "delete every key, then put one again",
+            Txn::new().and_then([
+                TxnOp::delete("", Some(DeleteOptions::new().with_all_keys())),
+                TxnOp::put("w/b", "4", None),
+            ]),
+        )
+        .await;
+        run.watch("w/", WatchOptions::new().with_prefix().with_start_revision(6).with_prev_key(), 4).await;
         let compacted =
             run.client.compact(5, None).await.map(|r| format!("rev={}", r.header().map_or(0, |h| h.revision())));
         run.record("compact 5", compacted);

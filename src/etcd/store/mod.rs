@@ -472,19 +472,16 @@ impl<'a> Write<'a> {
         if self.events.is_empty() {
             return self.state.revision;
         }
-        // etcd's watch prev_kv is the key at the previous revision: a key changed twice in one
-        // txn (a put, then a from-key delete) reports its state before the txn both times
-        // (found by differential_prop).
+        // etcd's watch prev_kv is the key at the previous revision, and none for a creation
+        // (v3rpc's sendLoop): a key changed twice in one txn reports its state before the txn,
+        // and a key deleted then put again in one txn is a creation (found by differential_prop).
         if self.events.len() > 1 {
             let mut before: std::collections::HashMap<Bytes, Option<KeyValue>> = std::collections::HashMap::new();
             for event in &mut self.events {
-                let key = event.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
-                match before.get(&key) {
-                    Some(first) => event.prev_kv = first.clone(),
-                    None => {
-                        before.insert(key, event.prev_kv.clone());
-                    }
-                }
+                let Some(kv) = event.kv.as_ref() else { continue };
+                let created = event.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
+                let first = before.entry(kv.key.clone()).or_insert_with(|| event.prev_kv.clone()).clone();
+                event.prev_kv = if created { None } else { first };
             }
         }
         self.state.revision = self.revision;
