@@ -4,7 +4,8 @@
 //! coverage-guided runs: `bash .ci/fuzz-smoke` (see the README).
 //!
 //! Knobs: `FUZZ_SMOKE_RUNS` (inputs per target, default 20000), `FUZZ_SMOKE_SEED` (default:
-//! random, printed). A failing input is printed in hex; save it as a file and replay it with
+//! random, printed), `FUZZ_SMOKE_INPUT` (replay one input file), `FUZZ_DEBUG` (print the
+//! store target's requests). A failing input is printed in hex; save it as a file and replay it with
 //! `cargo fuzz run <target> FILE`.
 
 use rand::rngs::StdRng;
@@ -19,6 +20,14 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Runs `target` on `FUZZ_SMOKE_RUNS` random inputs of random length; on a panic, reports the
 /// seed and the input.
 fn smoke(name: &str, target: fn(&[u8])) {
+    // FUZZ_SMOKE_INPUT=FILE replays one input (e.g. a cargo-fuzz crash artifact) instead.
+    if let Some(path) = std::env::var_os("FUZZ_SMOKE_INPUT") {
+        let input = std::fs::read(&path).expect("read FUZZ_SMOKE_INPUT");
+        if std::panic::catch_unwind(|| target(&input)).is_err() {
+            panic!("{name}: {path:?} panicked");
+        }
+        return;
+    }
     let seed: u64 = env_or("FUZZ_SMOKE_SEED", rand::random());
     let runs: usize = env_or("FUZZ_SMOKE_RUNS", 20000);
     println!("fuzz_smoke {name}: FUZZ_SMOKE_SEED={seed} FUZZ_SMOKE_RUNS={runs}");

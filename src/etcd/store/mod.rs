@@ -585,6 +585,28 @@ mod tests {
         assert!(get(&store, "a").is_none());
     }
 
+    /// Found by the store fuzz target: an empty op after a delete left the delete half done.
+    #[test]
+    fn a_txn_with_an_empty_op_is_refused_as_etcd_does_and_changes_nothing() {
+        let store = store();
+        put(&store, "a", "1");
+        let ops = vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                    key: b"a".to_vec().into(),
+                    ..Default::default()
+                })),
+            },
+            RequestOp { request: None },
+        ];
+        let error = store.txn(TxnRequest { compare: vec![], success: ops, failure: vec![] }).unwrap_err();
+        assert_eq!(error, Error::KeyNotFound);
+        assert_eq!(store.revision(), 2);
+        assert!(get(&store, "a").is_some());
+        put(&store, "b", "1");
+        assert!(get(&store, "a").is_some(), "no pending delete surfaces with the next write");
+    }
+
     #[test]
     fn revoking_a_lease_deletes_its_keys_in_one_revision_visible_to_watchers() {
         let store = store();

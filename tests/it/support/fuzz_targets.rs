@@ -339,7 +339,7 @@ fn check_invariants(store: &Store, last_revision: &mut i64) {
         assert!(kv.create_revision <= kv.mod_revision && kv.mod_revision <= revision, "revisions in order: {kv:?}");
         if kv.lease != 0 {
             let keys = store.lease_keys(kv.lease).expect("a key's lease exists");
-            assert!(keys.iter().any(|k| k == &kv.key), "the lease lists its key");
+            assert!(keys.iter().any(|k| k == &kv.key), "lease {} does not list its key {kv:?}: {keys:?}", kv.lease);
         }
     }
 }
@@ -358,15 +358,28 @@ pub fn store_requests(data: &[u8]) {
 
 fn store_inner(u: &mut Unstructured<'_>, store: &Store, last: &mut i64) -> Result<()> {
     let steps = u.int_in_range(1..=24)?;
+    // FUZZ_DEBUG=1 prints each request, to turn a failing input into a readable case.
+    let debug = std::env::var_os("FUZZ_DEBUG").is_some();
     for _ in 0..steps {
-        match u.int_in_range(0..=8)? {
+        let choice = u.int_in_range(0..=8)?;
+        if debug {
+            eprintln!("op {choice}");
+        }
+        match choice {
             0 => {
                 let _ = store.range(&range_request(u)?);
             }
             1 | 2 => {
                 let put = put_request(u)?;
                 let (k, v, ignore_value) = (put.key.clone(), put.value.clone(), put.ignore_value);
-                if store.put(put).is_ok() && !ignore_value {
+                if debug {
+                    eprintln!("put {put:?}");
+                }
+                let answer = store.put(put);
+                if debug {
+                    eprintln!("  -> {answer:?}");
+                }
+                if answer.is_ok() && !ignore_value {
                     let read = store.range(&RangeRequest { key: k, ..Default::default() }).expect("read back");
                     assert_eq!(read.kvs.first().map(|kv| &kv.value), Some(&v), "a put is visible to the next read");
                 }
@@ -379,21 +392,38 @@ fn store_inner(u: &mut Unstructured<'_>, store: &Store, last: &mut i64) -> Resul
                 });
             }
             4 | 5 => {
-                let _ = store.txn(txn_request(u, 2)?);
+                let request = txn_request(u, 2)?;
+                if debug {
+                    eprintln!("txn {request:?}");
+                }
+                let answer = store.txn(request);
+                if debug {
+                    eprintln!("  -> {answer:?}");
+                }
             }
             6 => {
                 let _ = store.compact(&CompactionRequest { revision: small(u)?, physical: u.arbitrary()? });
             }
             7 => {
-                let _ = store.lease_grant(&LeaseGrantRequest { ttl: small(u)?, id: u.int_in_range(0..=4)? });
+                let request = LeaseGrantRequest { ttl: small(u)?, id: u.int_in_range(0..=4)? };
+                let answer = store.lease_grant(&request);
+                if debug {
+                    eprintln!("grant {request:?} -> {answer:?}");
+                }
             }
             _ => {
                 let id = u.int_in_range(0..=4)?;
                 if u.arbitrary()? {
-                    let _ = store.lease_revoke(&LeaseRevokeRequest { id });
+                    let answer = store.lease_revoke(&LeaseRevokeRequest { id });
+                    if debug {
+                        eprintln!("revoke {id} -> {answer:?}");
+                    }
                 } else {
-                    let _ = store.lease_time_to_live(&LeaseTimeToLiveRequest { id, keys: u.arbitrary()? });
-                    let _ = store.lease_keep_alive(id);
+                    let ttl = store.lease_time_to_live(&LeaseTimeToLiveRequest { id, keys: u.arbitrary()? });
+                    let renewed = store.lease_keep_alive(id);
+                    if debug {
+                        eprintln!("time to live {id} -> {ttl:?}; keep-alive -> {renewed:?}");
+                    }
                 }
             }
         }
