@@ -607,6 +607,34 @@ mod tests {
         assert!(get(&store, "a").is_some(), "no pending delete surfaces with the next write");
     }
 
+    /// Found by the store fuzz target: a put that needs its key, after a delete of that key in
+    /// the same txn, failed only once the delete had run.
+    #[test]
+    fn a_txn_whose_put_needs_a_key_deleted_before_it_is_refused_and_changes_nothing() {
+        let store = store();
+        put(&store, "b", "1");
+        let ops = vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                    key: b"b".to_vec().into(),
+                    range_end: b"\0".to_vec().into(),
+                    ..Default::default()
+                })),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: b"b".to_vec().into(),
+                    ignore_lease: true,
+                    ..Default::default()
+                })),
+            },
+        ];
+        let error = store.txn(TxnRequest { compare: vec![], success: ops, failure: vec![] }).unwrap_err();
+        assert_eq!(error, Error::KeyNotFound);
+        assert_eq!(store.revision(), 2);
+        assert!(get(&store, "b").is_some());
+    }
+
     #[test]
     fn revoking_a_lease_deletes_its_keys_in_one_revision_visible_to_watchers() {
         let store = store();

@@ -235,7 +235,7 @@ pub(crate) fn execute(write: &mut Write<'_>, request: TxnRequest) -> Result<TxnR
     choose_path(write.keyspace(), &request, &mut path);
     // etcd validates every put's lease and key before applying anything, so a bad op
     // leaves no partial transaction behind.
-    validate_ops(write, &request, &mut path.iter().copied())?;
+    validate_ops(write, &request, &mut path.iter().copied(), &mut Vec::new())?;
     execute_path(write, request, &mut path.into_iter())
 }
 
@@ -264,7 +264,15 @@ fn execute_path(
     Ok(TxnResponse { header: None, succeeded, responses })
 }
 
-fn validate_ops(write: &Write<'_>, txn: &TxnRequest, path: &mut impl Iterator<Item = bool>) -> Result<()> {
+/// `trail`: the writes of the ops before this one on the path, in execution order, so that a
+/// put that needs its key (`ignore_value`, `ignore_lease`) sees the deletes and puts before it
+/// (found by the store fuzz target: a delete then such a put of the same key failed half way).
+fn validate_ops<'t>(
+    write: &Write<'_>,
+    txn: &'t TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+    trail: &mut Vec<&'t RequestOp>,
+) -> Result<()> {
     let ops = if path.next().unwrap_or(false) { &txn.success } else { &txn.failure };
     for op in ops {
         match &op.request {
@@ -281,15 +289,29 @@ fn validate_ops(write: &Write<'_>, txn: &TxnRequest, path: &mut impl Iterator<It
                 if p.lease != 0 && !write.state.leases.contains(p.lease) {
                     return Err(Error::LeaseNotFound);
                 }
-                if (p.ignore_value || p.ignore_lease) && write.keyspace().get(&p.key).is_none() {
+                if (p.ignore_value || p.ignore_lease) && !exists_after(write, trail, &p.key) {
                     return Err(Error::KeyNotFound);
                 }
             }
-            Some(Request::RequestTxn(nested)) => validate_ops(write, nested, path)?,
+            Some(Request::RequestTxn(nested)) => validate_ops(write, nested, path, trail)?,
+            _ => {}
+        }
+        trail.push(op);
+    }
+    Ok(())
+}
+
+/// Whether `key` exists once the writes in `trail` have run: the last write touching it
+/// decides, else the state before the txn.
+fn exists_after(write: &Write<'_>, trail: &[&RequestOp], key: &[u8]) -> bool {
+    for op in trail.iter().rev() {
+        match &op.request {
+            Some(Request::RequestPut(p)) if p.key == key => return true,
+            Some(Request::RequestDeleteRange(d)) if KeyRange::new(&d.key, &d.range_end).contains(key) => return false,
             _ => {}
         }
     }
-    Ok(())
+    write.keyspace().get(key).is_some()
 }
 
 fn execute_op(write: &mut Write<'_>, op: RequestOp, path: &mut impl Iterator<Item = bool>) -> Result<ResponseOp> {
