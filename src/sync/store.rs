@@ -477,6 +477,10 @@ impl SyncStore {
             Item::Key(key) => {
                 if failed {
                     state.failing.insert(key.clone());
+                    // A failed request may still have been applied (the answer was lost, not
+                    // the request): the key's content is unknown now, so whatever is desired
+                    // next, even its absence, is written again.
+                    state.written.insert(key.clone(), None);
                 }
                 state.enqueue(key);
             }
@@ -547,6 +551,8 @@ mod tests {
         leases: Mutex<HashSet<i64>>,
         next_lease: Mutex<i64>,
         fail_puts: Mutex<usize>,
+        /// Puts applied whose answer is then lost (an error for the caller).
+        lose_answers: Mutex<usize>,
         puts: Mutex<Vec<String>>,
         /// When set, every put takes this long (on the paused test clock).
         latency: Mutex<Option<Duration>>,
@@ -619,6 +625,11 @@ mod tests {
             }
             self.puts.lock().push(key.to_owned());
             self.keys.lock().insert(key.to_owned(), (value, lease));
+            let mut lose = self.lose_answers.lock();
+            if *lose > 0 {
+                *lose -= 1;
+                return Err(Error::Config { path: key.into(), reason: "answer lost".into() });
+            }
             Ok(())
         }
 
@@ -686,6 +697,24 @@ mod tests {
         assert!(backend.value("cilium/synced/c/cilium/state/nodes/v1").is_some());
         assert!(store.canaries().borrow().contains("cilium/synced/c/cilium/state/nodes/v1"));
         assert_eq!(store.stats().errors, 2);
+        token.cancel();
+        worker.await.unwrap();
+    }
+
+    /// Found by the chaos test (an etcd member killed mid-request): a put whose answer is lost
+    /// was applied all the same; deleting the key before the retry must still delete it.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_deleted_after_a_put_with_a_lost_answer_is_deleted() {
+        let backend = Arc::new(Memory::default());
+        *backend.lose_answers.lock() = 1;
+        let (store, token, worker) = start(&backend);
+        store.upsert("k".into(), Bytes::from_static(b"v"));
+        settle().await;
+        assert_eq!(backend.value("k").as_deref(), Some("v"), "applied, though reported failed");
+        store.delete("k");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(backend.value("k"), None);
         token.cancel();
         worker.await.unwrap();
     }

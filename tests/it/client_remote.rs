@@ -661,3 +661,61 @@ async fn a_silent_heartbeat_or_a_missing_cluster_config_fails_the_connection_and
     remote.stop().await;
     store.stop().await;
 }
+
+/// A connection cut in the middle of the initial paginated list of a large prefix (here after
+/// 256 KiB of answers, within about 1.5 MiB of nodes), with keys added and removed while the
+/// client reconnects: the client ends with exactly the remote's nodes, no more, no fewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_mid_list_ends_with_exactly_the_remotes_data() {
+    init_tracing();
+    let pki = Pki::new();
+    let store = EmbeddedStore::start(&pki).await;
+    let target = Target::embedded(&store);
+    target.put("cilium/cluster-config/cluster1", &cluster_config(1, false)).await;
+    target.put("cilium/.heartbeat", "2026-05-04T09:22:00Z").await;
+    let node_key = |i: usize| format!("cilium/state/nodes/v1/cluster1/node-{i:05}");
+    let node = |i: usize| {
+        node_value("cluster1", 1, &format!("node-{i:05}"), &format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+    };
+    const NODES: usize = 8000;
+    for i in 0..NODES {
+        target.put(&node_key(i), &node(i)).await;
+    }
+    let relay = crate::support::relay::CuttingRelay::start(store.addr, 256 * 1024).await;
+
+    let dir = tempfile::tempdir().expect("config dir");
+    let path = write_peer(dir.path(), "cluster1", &format!("https://{}", relay.addr), &pki, "");
+    let shutdown = CancellationToken::new();
+    let remote = RemoteCluster::start(name("cluster1"), path, options(), &shutdown);
+    eventually("the first connection cut", CATCH_UP, || async { relay.has_cut() }).await;
+    assert!(!remote.nodes().is_synced(), "the cut came before the nodes list completed");
+    // Meanwhile the remote changes: some nodes go, some come, one changes.
+    for i in (0..NODES).step_by(7) {
+        target.delete(&node_key(i)).await;
+    }
+    for i in NODES..NODES + 50 {
+        target.put(&node_key(i), &node(i)).await;
+    }
+    target.put(&node_key(1), &node_value("cluster1", 1, "node-00001", "10.200.0.1")).await;
+
+    wait_ready(&remote).await;
+    let expected: BTreeSet<String> = target
+        .dump("cilium/state/nodes/v1/cluster1/")
+        .await
+        .into_keys()
+        .map(|k| k.trim_start_matches("cilium/state/nodes/v1/cluster1/").to_string())
+        .collect();
+    eventually("the client's nodes to equal the remote's", CATCH_UP, || async {
+        remote.nodes().snapshot().keys().cloned().collect::<BTreeSet<String>>() == expected
+    })
+    .await;
+    let snapshot = remote.nodes().snapshot();
+    assert_eq!(snapshot.len(), NODES - NODES.div_ceil(7) + 50);
+    let changed = format!("{:?}", snapshot["node-00001"]);
+    assert!(changed.contains("10.200.0.1"), "the changed node has its new value: {changed}");
+    // The client may retry the interrupted page on a new connection (the gRPC channel
+    // reconnects by itself) or relist; either way it went through a second connection.
+    assert!(relay.connections() >= 2, "reconnected through the relay");
+    remote.stop().await;
+    store.stop().await;
+}

@@ -207,6 +207,8 @@ async fn writes_deletes_and_their_errors_answer_like_etcd() {
         run.put("k", "", Some(PutOptions::new().with_ignore_value())).await;
         run.put("k", "x", Some(PutOptions::new().with_ignore_value())).await;
         run.put("nope", "", Some(PutOptions::new().with_ignore_value())).await;
+        // Found by differential_prop: the lease is looked up before the key.
+        run.put("nope", "", Some(PutOptions::new().with_ignore_value().with_lease(777))).await;
         run.put("k", "v3", Some(PutOptions::new().with_ignore_lease())).await;
         run.put("k", "v", Some(PutOptions::new().with_lease(12345))).await;
         run.put("", "v", None).await;
@@ -293,6 +295,33 @@ async fn transactions_answer_like_etcd() {
                 .and_then([TxnOp::put("w", "1", None), TxnOp::get("x", Some(GetOptions::new().with_revision(1000)))]),
         )
         .await;
+        // Found by differential_prop: etcd checks puts against deletes as `[key, range_end)`
+        // in byte order, level by level, so these pass there and must pass here.
+        run.txn(
+            "a from-key or all-keys delete conflicts with no put",
+            Txn::new().and_then([
+                TxnOp::delete("a", Some(DeleteOptions::new().with_from_key())),
+                TxnOp::delete("", Some(DeleteOptions::new().with_all_keys())),
+                TxnOp::put("b", "1", None),
+            ]),
+        )
+        .await;
+        run.txn(
+            "a nested put before a nested delete of the same key",
+            Txn::new().or_else([
+                TxnOp::txn(Txn::new().or_else([TxnOp::put("q", "1", None)])),
+                TxnOp::txn(Txn::new().or_else([TxnOp::delete("q", None)])),
+            ]),
+        )
+        .await;
+        run.txn(
+            "a nested delete before a nested put of the same key",
+            Txn::new().and_then([
+                TxnOp::txn(Txn::new().and_then([TxnOp::delete("q", None)])),
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("q", "1", None)])),
+            ]),
+        )
+        .await;
         run.txn("empty", Txn::new()).await;
         run.get("", Some(GetOptions::new().with_all_keys())).await;
     })
@@ -320,6 +349,26 @@ async fn watches_replay_history_and_report_compaction_like_etcd() {
         )
         .await;
         run.watch("", WatchOptions::new().with_all_keys().with_start_revision(2), 5).await;
+        // Found by differential_prop: a key put and deleted in one txn reports, in both events,
+        // its state before the txn as prev_kv; a key deleted and put again is a creation,
+        // without prev_kv.
+        run.txn(
+            "put then delete from key",
+            Txn::new().and_then([
+                TxnOp::put("w/a", "3", None),
+                TxnOp::delete("w/", Some(DeleteOptions::new().with_from_key())),
+            ]),
+        )
+        .await;
+        run.txn(
+            "delete every key, then put one again",
+            Txn::new().and_then([
+                TxnOp::delete("", Some(DeleteOptions::new().with_all_keys())),
+                TxnOp::put("w/b", "4", None),
+            ]),
+        )
+        .await;
+        run.watch("w/", WatchOptions::new().with_prefix().with_start_revision(6).with_prev_key(), 4).await;
         let compacted =
             run.client.compact(5, None).await.map(|r| format!("rev={}", r.header().map_or(0, |h| h.revision())));
         run.record("compact 5", compacted);

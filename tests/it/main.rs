@@ -2,11 +2,14 @@
 
 mod auth_mtls;
 mod certs;
+mod chaos;
 mod client_remote;
 mod conformance;
 mod differential;
+mod differential_prop;
 mod etcdctl_parity;
 mod fake_k8s_selftest;
+mod fuzz_smoke;
 mod harness_selftest;
 mod kvstoremesh;
 mod leases;
@@ -14,6 +17,7 @@ mod mesh_commands;
 mod metrics;
 mod mirror;
 mod process;
+mod soak;
 mod support;
 mod users;
 mod watch_semantics;

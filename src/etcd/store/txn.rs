@@ -159,6 +159,10 @@ pub(crate) fn check_txn(request: &TxnRequest, max_ops: usize) -> Result<()> {
             Some(Request::RequestPut(p)) => check_put(p)?,
             Some(Request::RequestDeleteRange(d)) => check_delete(d)?,
             Some(Request::RequestTxn(t)) => check_txn(t, max_ops)?,
+            // etcd's checkRequestOp refuses an empty op before anything runs; found by the
+            // store fuzz target: refused only when reached, it left the ops before it half
+            // applied (a key deleted yet live, its lease no longer listing it).
+            None => return Err(Error::KeyNotFound),
             _ => {}
         }
     }
@@ -167,56 +171,69 @@ pub(crate) fn check_txn(request: &TxnRequest, max_ops: usize) -> Result<()> {
     Ok(())
 }
 
-/// The writes one branch makes: the keys it puts and the ranges it deletes. A nested txn
-/// contributes both of its branches, since either may run.
+/// etcd's `checkIntervals` (v3rpc/key.go), rule for rule, since clients see its exact
+/// verdicts: a put may not hit a key put or deleted elsewhere in the same branch, except that
+/// the two branches of a nested txn are alternatives. Like etcd, a nested txn's puts are checked
+/// only against the deletes of this level and of the nested txns before it, and a delete's
+/// range is `[key, range_end)` compared as plain bytes, so a from-key or all-keys delete
+/// (`range_end` = `\0`) is an empty interval that conflicts with nothing.
 fn check_branch_writes(ops: &[RequestOp]) -> Result<()> {
-    let mut puts: Vec<&Bytes> = Vec::new();
-    let mut deletes: Vec<&DeleteRangeRequest> = Vec::new();
-    collect_writes(ops, &mut puts, &mut deletes)?;
-    for put in &puts {
-        if deletes.iter().any(|d| KeyRange::new(&d.key, &d.range_end).contains(put)) {
-            return Err(Error::DuplicateKey);
-        }
-    }
-    Ok(())
+    check_intervals(ops).map(drop)
 }
 
-fn collect_writes<'a>(
-    ops: &'a [RequestOp],
-    puts: &mut Vec<&'a Bytes>,
-    deletes: &mut Vec<&'a DeleteRangeRequest>,
-) -> Result<()> {
-    let mut own_puts: Vec<&'a Bytes> = Vec::new();
+/// A delete's interval: one key, or `[key, range_end)`.
+fn delete_interval(d: &DeleteRangeRequest) -> (&[u8], Option<&[u8]>) {
+    (&d.key, (!d.range_end.is_empty()).then_some(&d.range_end[..]))
+}
+
+fn intersects(deletes: &[(&[u8], Option<&[u8]>)], key: &[u8]) -> bool {
+    deletes.iter().any(|(start, end)| match end {
+        None => *start == key,
+        Some(end) => *start <= key && key < *end,
+    })
+}
+
+type Writes<'a> = (Vec<&'a [u8]>, Vec<(&'a [u8], Option<&'a [u8]>)>);
+
+fn check_intervals(ops: &[RequestOp]) -> Result<Writes<'_>> {
+    let mut deletes: Vec<(&[u8], Option<&[u8]>)> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(Request::RequestDeleteRange(d)) => Some(delete_interval(d)),
+            _ => None,
+        })
+        .collect();
+    let mut puts: Vec<&[u8]> = Vec::new();
     for op in ops {
-        match &op.request {
-            Some(Request::RequestPut(p)) => {
-                if own_puts.contains(&&p.key) || puts.contains(&&p.key) {
-                    return Err(Error::DuplicateKey);
-                }
-                own_puts.push(&p.key);
+        let Some(Request::RequestTxn(t)) = &op.request else { continue };
+        let (puts_then, deletes_then) = check_intervals(&t.success)?;
+        let (puts_else, deletes_else) = check_intervals(&t.failure)?;
+        for key in &puts_then {
+            if puts.contains(key) || intersects(&deletes, key) {
+                return Err(Error::DuplicateKey);
             }
-            Some(Request::RequestDeleteRange(d)) => deletes.push(d),
-            Some(Request::RequestTxn(t)) => {
-                // The two nested branches are alternatives: each is checked against this
-                // branch's writes, but not against each other.
-                let mut success_puts = Vec::new();
-                let mut failure_puts = Vec::new();
-                collect_writes(&t.success, &mut success_puts, deletes)?;
-                collect_writes(&t.failure, &mut failure_puts, deletes)?;
-                for key in success_puts.into_iter().chain(failure_puts) {
-                    if own_puts.contains(&key) {
-                        return Err(Error::DuplicateKey);
-                    }
-                    if !own_puts.contains(&key) {
-                        own_puts.push(key);
-                    }
-                }
-            }
-            _ => {}
+            puts.push(key);
         }
+        for key in &puts_else {
+            // The same key in both branches of one nested txn is fine: only one runs.
+            if (puts.contains(key) && !puts_then.contains(key)) || intersects(&deletes, key) {
+                return Err(Error::DuplicateKey);
+            }
+            if !puts.contains(key) {
+                puts.push(key);
+            }
+        }
+        deletes.extend(deletes_then);
+        deletes.extend(deletes_else);
     }
-    puts.extend(own_puts);
-    Ok(())
+    for op in ops {
+        let Some(Request::RequestPut(p)) = &op.request else { continue };
+        if puts.contains(&&p.key[..]) || intersects(&deletes, &p.key) {
+            return Err(Error::DuplicateKey);
+        }
+        puts.push(&p.key);
+    }
+    Ok((puts, deletes))
 }
 
 /// Evaluates the compares, then runs the chosen branch inside `write`.
@@ -228,7 +245,7 @@ pub(crate) fn execute(write: &mut Write<'_>, request: TxnRequest) -> Result<TxnR
     choose_path(write.keyspace(), &request, &mut path);
     // etcd validates every put's lease and key before applying anything, so a bad op
     // leaves no partial transaction behind.
-    validate_ops(write, &request, &mut path.iter().copied())?;
+    validate_ops(write, &request, &mut path.iter().copied(), &mut Vec::new())?;
     execute_path(write, request, &mut path.into_iter())
 }
 
@@ -257,7 +274,15 @@ fn execute_path(
     Ok(TxnResponse { header: None, succeeded, responses })
 }
 
-fn validate_ops(write: &Write<'_>, txn: &TxnRequest, path: &mut impl Iterator<Item = bool>) -> Result<()> {
+/// `trail`: the writes of the ops before this one on the path, in execution order, so that a
+/// put that needs its key (`ignore_value`, `ignore_lease`) sees the deletes and puts before it
+/// (found by the store fuzz target: a delete then such a put of the same key failed half way).
+fn validate_ops<'t>(
+    write: &Write<'_>,
+    txn: &'t TxnRequest,
+    path: &mut impl Iterator<Item = bool>,
+    trail: &mut Vec<&'t RequestOp>,
+) -> Result<()> {
     let ops = if path.next().unwrap_or(false) { &txn.success } else { &txn.failure };
     for op in ops {
         match &op.request {
@@ -274,15 +299,29 @@ fn validate_ops(write: &Write<'_>, txn: &TxnRequest, path: &mut impl Iterator<It
                 if p.lease != 0 && !write.state.leases.contains(p.lease) {
                     return Err(Error::LeaseNotFound);
                 }
-                if (p.ignore_value || p.ignore_lease) && write.keyspace().get(&p.key).is_none() {
+                if (p.ignore_value || p.ignore_lease) && !exists_after(write, trail, &p.key) {
                     return Err(Error::KeyNotFound);
                 }
             }
-            Some(Request::RequestTxn(nested)) => validate_ops(write, nested, path)?,
+            Some(Request::RequestTxn(nested)) => validate_ops(write, nested, path, trail)?,
+            _ => {}
+        }
+        trail.push(op);
+    }
+    Ok(())
+}
+
+/// Whether `key` exists once the writes in `trail` have run: the last write touching it
+/// decides, else the state before the txn.
+fn exists_after(write: &Write<'_>, trail: &[&RequestOp], key: &[u8]) -> bool {
+    for op in trail.iter().rev() {
+        match &op.request {
+            Some(Request::RequestPut(p)) if p.key == key => return true,
+            Some(Request::RequestDeleteRange(d)) if KeyRange::new(&d.key, &d.range_end).contains(key) => return false,
             _ => {}
         }
     }
-    Ok(())
+    write.keyspace().get(key).is_some()
 }
 
 fn execute_op(write: &mut Write<'_>, op: RequestOp, path: &mut impl Iterator<Item = bool>) -> Result<ResponseOp> {

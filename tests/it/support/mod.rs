@@ -8,12 +8,16 @@
 pub mod certs;
 pub mod embedded;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod etcdctl;
 pub mod eventually;
 pub mod fake_k8s;
+pub mod fuzz_targets;
 pub mod kvstoremesh;
 pub mod mirror;
 pub mod process;
+pub mod relay;
+pub mod server;
 
 pub use certs::{ClientCert, Pki};
 pub use embedded::EmbeddedStore;
