@@ -50,21 +50,9 @@ fn options() -> ClientOptions {
         .with_config_poll_interval(Duration::from_millis(100))
 }
 
-/// Writes the etcd client file for cluster `cluster` as Helm does (atomically, so the
-/// directory poller never reads half a file).
+/// The etcd client file of `cluster` for the `remote` user, with `extra` settings.
 fn write_peer(dir: &Path, cluster: &str, url: &str, pki: &Pki, extra: &str) -> PathBuf {
-    let cert = pki.client("remote");
-    let text = format!(
-        "endpoints:\n- {url}\ntrusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n{extra}",
-        pki.ca_path().display(),
-        cert.cert_path.display(),
-        cert.key_path.display()
-    );
-    let path = dir.join(cluster);
-    let tmp = dir.join(format!(".{cluster}.tmp"));
-    std::fs::write(&tmp, text).expect("write peer config");
-    std::fs::rename(&tmp, &path).expect("rename peer config");
-    path
+    pki.write_peer_config(dir, cluster, url, "remote", extra)
 }
 
 fn keys<T>(map: &std::collections::BTreeMap<String, T>) -> Vec<&str> {

@@ -80,6 +80,23 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// Writes the etcd client file of `cluster` into `dir` as Helm does (atomically, so a
+    /// directory poller never reads half a file), authenticating as `user`; `extra` is appended.
+    pub fn write_peer_config(&self, dir: &Path, cluster: &str, url: &str, user: &str, extra: &str) -> PathBuf {
+        let cert = self.client(user);
+        let text = format!(
+            "endpoints:\n- {url}\ntrusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n{extra}",
+            self.ca_path().display(),
+            cert.cert_path.display(),
+            cert.key_path.display()
+        );
+        let path = dir.join(cluster);
+        let tmp = dir.join(format!(".{cluster}.tmp"));
+        fs::write(&tmp, text).expect("write peer config");
+        fs::rename(&tmp, &path).expect("rename peer config");
+        path
+    }
+
     /// Creates a CA ("Cilium CA"), a second unrelated CA (for "another CA is refused" tests) and a
     /// server certificate, and writes them to a fresh temp dir.
     pub fn new() -> Pki {

@@ -40,21 +40,9 @@ pub fn client_options(name: &str, id: u32) -> ClientOptions {
         .with_heartbeat_timeout(HEARTBEAT_TIMEOUT)
 }
 
-/// Writes the etcd client file of `cluster` into `dir` as Helm does (atomically, so the poller
-/// never reads half a file), authenticating as `user`.
+/// The etcd client file of `cluster`, authenticating as `user`.
 pub fn write_peer(dir: &Path, cluster: &str, url: &str, pki: &Pki, user: &str) -> PathBuf {
-    let cert = pki.client(user);
-    let text = format!(
-        "endpoints:\n- {url}\ntrusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n",
-        pki.ca_path().display(),
-        cert.cert_path.display(),
-        cert.key_path.display()
-    );
-    let path = dir.join(cluster);
-    let tmp = dir.join(format!(".{cluster}.tmp"));
-    std::fs::write(&tmp, text).expect("write peer config");
-    std::fs::rename(&tmp, &path).expect("rename peer config");
-    path
+    pki.write_peer_config(dir, cluster, url, user, "")
 }
 
 /// What one cluster publishes: a node, an identity in its ID range, an endpoint with that
