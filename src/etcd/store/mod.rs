@@ -34,7 +34,7 @@ use super::pb::etcdserverpb::{
 };
 use super::pb::mvccpb::{Event, KeyValue, event::EventType};
 use count::CountCache;
-use history::History;
+use history::{Change, History};
 use keyspace::Keyspace;
 use lease::Leases;
 
@@ -309,6 +309,9 @@ impl Store {
     /// about [`MAX_EVENTS_PER_READ`] events looked at; call again from `upto + 1`), or
     /// `Err(compact_revision)` when `from` has been compacted away.
     ///
+    /// `wanted` sees an event's key, `mod_revision` and type only: the rest of a put's
+    /// key-value is read from the keyspace for the events it accepts.
+    ///
     /// With `prev_kv`, each event carries what its key held at `mod_revision - 1`, read from
     /// the keyspace as etcd reads it: absent when that revision is compacted.
     pub fn history_from(
@@ -323,16 +326,23 @@ impl Store {
         }
         let mut events = Vec::new();
         let upto = state.history.read_from(from, |change| {
-            let r#type = if history::is_put(change) { EventType::Put } else { EventType::Delete };
-            if !wanted(change, r#type) {
+            let r#type = if change.is_put() { EventType::Put } else { EventType::Delete };
+            // A delete's `kv` is exactly this: etcd sends only the key and `mod_revision`.
+            let mut kv = KeyValue { key: change.key().clone(), mod_revision: change.revision(), ..KeyValue::default() };
+            if !wanted(&kv, r#type) {
                 return;
             }
-            let mut event = Event { r#type: r#type as i32, kv: Some(change.clone()), prev_kv: None };
-            let before = change.mod_revision - 1;
-            if prev_kv && before >= state.compact_revision {
-                event.prev_kv = state.keyspace.get_at(&change.key, before);
+            if change.is_put() {
+                // The keyspace keeps every version the history still holds.
+                match state.keyspace.get_at(change.key(), change.revision()) {
+                    Some(written) => kv = written,
+                    None => return debug_assert!(false, "a put in the history is in the keyspace"),
+                }
             }
-            events.push(event);
+            let before = kv.mod_revision - 1;
+            let prev_kv =
+                (prev_kv && before >= state.compact_revision).then(|| state.keyspace.get_at(&kv.key, before)).flatten();
+            events.push(Event { r#type: r#type as i32, kv: Some(kv), prev_kv });
         });
         Ok(HistoryRead { events, upto })
     }
@@ -406,8 +416,8 @@ impl Store {
 pub(crate) struct Write<'a> {
     state: &'a mut State,
     revision: i64,
-    /// This write's changes, in order: the key-value written, or a tombstone.
-    changes: Vec<KeyValue>,
+    /// This write's changes, in order.
+    changes: Vec<Change>,
 }
 
 impl<'a> Write<'a> {
@@ -452,7 +462,7 @@ impl<'a> Write<'a> {
             Some(prev) => prev.key.clone(),
             None => Bytes::copy_from_slice(&request.key),
         };
-        let previous = self.state.keyspace.put(key.clone(), value.clone(), lease, self.revision);
+        let previous = self.state.keyspace.put(key.clone(), value, lease, self.revision);
         if let Some(prev) = &previous
             && prev.lease != 0
             && prev.lease != lease
@@ -462,11 +472,7 @@ impl<'a> Write<'a> {
         if lease != 0 {
             self.state.leases.attach(lease, &key);
         }
-        let (create_revision, version) = match &previous {
-            Some(prev) => (prev.create_revision, prev.version + 1),
-            None => (self.revision, 1),
-        };
-        self.changes.push(KeyValue { key, create_revision, mod_revision: self.revision, version, value, lease });
+        self.changes.push(Change::put(key, self.revision));
         Ok(PutResponse { header: None, prev_kv: previous.filter(|_| request.prev_kv) })
     }
 
@@ -485,7 +491,7 @@ impl<'a> Write<'a> {
         if kv.lease != 0 {
             self.state.leases.detach(kv.lease, &kv.key);
         }
-        self.changes.push(KeyValue { key: kv.key.clone(), mod_revision: self.revision, ..KeyValue::default() });
+        self.changes.push(Change::delete(kv.key.clone(), self.revision));
     }
 
     fn revoke(&mut self, id: i64) -> Result<()> {
