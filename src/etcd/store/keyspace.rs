@@ -142,6 +142,12 @@ impl Keyspace {
         at_revision(key, versions, revision)
     }
 
+    /// What `key` was put with at exactly `revision` (see [`Versions::put_at`]), for watchers.
+    pub fn put_at(&self, key: &[u8], revision: i64) -> Option<KeyValue> {
+        let (key, versions) = self.keys.get_key_value(key)?;
+        versions.put_at(revision).and_then(|v| to_key_value(key, v))
+    }
+
     /// The live keys of `range` now, for a delete or a range compare.
     pub fn live_in(&self, range: KeyRange<'_>) -> Vec<KeyValue> {
         let mut out = Vec::new();

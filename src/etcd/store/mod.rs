@@ -34,7 +34,7 @@ use super::pb::etcdserverpb::{
 };
 use super::pb::mvccpb::{Event, KeyValue, event::EventType};
 use count::CountCache;
-use history::History;
+use history::{Change, History};
 use keyspace::Keyspace;
 use lease::Leases;
 
@@ -309,6 +309,9 @@ impl Store {
     /// about [`MAX_EVENTS_PER_READ`] events looked at; call again from `upto + 1`), or
     /// `Err(compact_revision)` when `from` has been compacted away.
     ///
+    /// `wanted` sees an event's key, `mod_revision` and type only: the rest of a put's
+    /// key-value is read from the keyspace for the events it accepts.
+    ///
     /// With `prev_kv`, each event carries what its key held at `mod_revision - 1`, read from
     /// the keyspace as etcd reads it: absent when that revision is compacted.
     pub fn history_from(
@@ -323,19 +326,27 @@ impl Store {
         }
         let mut events = Vec::new();
         let upto = state.history.read_from(from, |change| {
-            let r#type = if history::is_put(change) { EventType::Put } else { EventType::Delete };
-            if !wanted(change, r#type) {
+            let r#type = if change.is_put() { EventType::Put } else { EventType::Delete };
+            // A delete's `kv` is exactly this: etcd sends only the key and `mod_revision`.
+            let mut kv = KeyValue { key: change.key().clone(), mod_revision: change.revision(), ..KeyValue::default() };
+            if !wanted(&kv, r#type) {
                 return;
             }
-            let mut event = Event { r#type: r#type as i32, kv: Some(change.clone()), prev_kv: None };
-            let before = change.mod_revision - 1;
+            if change.is_put() {
+                // The keyspace keeps every version the history still holds.
+                match state.keyspace.put_at(change.key(), change.revision()) {
+                    Some(written) => kv = written,
+                    None => return debug_assert!(false, "a put in the history is in the keyspace"),
+                }
+            }
+            let before = kv.mod_revision - 1;
             // etcd's sendLoop gives a creation no prev_kv, even a key deleted and put again in
             // one txn, whose state at `before` exists (found by differential_prop).
-            let created = r#type == EventType::Put && change.create_revision == change.mod_revision;
-            if prev_kv && !created && before >= state.compact_revision {
-                event.prev_kv = state.keyspace.get_at(&change.key, before);
-            }
-            events.push(event);
+            let created = r#type == EventType::Put && kv.create_revision == kv.mod_revision;
+            let prev_kv = (prev_kv && !created && before >= state.compact_revision)
+                .then(|| state.keyspace.get_at(&kv.key, before))
+                .flatten();
+            events.push(Event { r#type: r#type as i32, kv: Some(kv), prev_kv });
         });
         Ok(HistoryRead { events, upto })
     }
@@ -409,8 +420,8 @@ impl Store {
 pub(crate) struct Write<'a> {
     state: &'a mut State,
     revision: i64,
-    /// This write's changes, in order: the key-value written, or a tombstone.
-    changes: Vec<KeyValue>,
+    /// This write's changes, in order.
+    changes: Vec<Change>,
 }
 
 impl<'a> Write<'a> {
@@ -459,7 +470,7 @@ impl<'a> Write<'a> {
             Some(prev) => prev.key.clone(),
             None => Bytes::copy_from_slice(&request.key),
         };
-        let previous = self.state.keyspace.put(key.clone(), value.clone(), lease, self.revision);
+        let previous = self.state.keyspace.put(key.clone(), value, lease, self.revision);
         if let Some(prev) = &previous
             && prev.lease != 0
             && prev.lease != lease
@@ -469,11 +480,7 @@ impl<'a> Write<'a> {
         if lease != 0 {
             self.state.leases.attach(lease, &key);
         }
-        let (create_revision, version) = match &previous {
-            Some(prev) => (prev.create_revision, prev.version + 1),
-            None => (self.revision, 1),
-        };
-        self.changes.push(KeyValue { key, create_revision, mod_revision: self.revision, version, value, lease });
+        self.changes.push(Change::put(key, self.revision));
         Ok(PutResponse { header: None, prev_kv: previous.filter(|_| request.prev_kv) })
     }
 
@@ -492,7 +499,7 @@ impl<'a> Write<'a> {
         if kv.lease != 0 {
             self.state.leases.detach(kv.lease, &kv.key);
         }
-        self.changes.push(KeyValue { key: kv.key.clone(), mod_revision: self.revision, ..KeyValue::default() });
+        self.changes.push(Change::delete(kv.key.clone(), self.revision));
     }
 
     fn revoke(&mut self, id: i64) -> Result<()> {
@@ -612,6 +619,50 @@ mod tests {
         assert_eq!(error, Error::LeaseNotFound);
         assert_eq!(store.revision(), 1);
         assert!(get(&store, "a").is_none());
+    }
+
+    /// etcd accepts a put in one nested txn and a delete of the same key in a later one (its
+    /// `checkIntervals` checks a nested put only against the deletes before it): watchers see
+    /// both events at the one revision, the put with its value.
+    #[test]
+    fn a_key_put_then_deleted_in_one_txn_shows_both_events_to_watchers() {
+        let store = store();
+        let nested = |op: request_op::Request| RequestOp {
+            request: Some(request_op::Request::RequestTxn(TxnRequest {
+                compare: vec![],
+                success: vec![RequestOp { request: Some(op) }],
+                failure: vec![],
+            })),
+        };
+        let put = request_op::Request::RequestPut(PutRequest {
+            key: b"a".to_vec().into(),
+            value: b"1".to_vec().into(),
+            ..Default::default()
+        });
+        let delete = request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+            key: b"a".to_vec().into(),
+            ..Default::default()
+        });
+        let revision = store
+            .txn(TxnRequest { compare: vec![], success: vec![nested(put), nested(delete)], failure: vec![] })
+            .expect("accepted as etcd accepts it")
+            .header
+            .expect("header")
+            .revision;
+        assert!(get(&store, "a").is_none());
+        let read = store.history_from(revision, true, |_, _| true).expect("not compacted");
+        let seen: Vec<_> = read
+            .events
+            .iter()
+            .map(|e| (e.r#type, e.kv.as_ref().map(|kv| (kv.value.to_vec(), kv.mod_revision))))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (EventType::Put as i32, Some((b"1".to_vec(), revision))),
+                (EventType::Delete as i32, Some((Vec::new(), revision))),
+            ]
+        );
     }
 
     /// Found by the store fuzz target: an empty op after a delete left the delete half done.

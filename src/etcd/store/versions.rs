@@ -62,6 +62,18 @@ impl Versions {
         }
     }
 
+    /// The live version written at exactly `revision`. A key put and deleted in one txn holds
+    /// both at that revision: a read at it sees the tombstone, a watcher is owed the put.
+    pub fn put_at(&self, revision: i64) -> Option<&Version> {
+        match self {
+            Versions::One(v) => (v.mod_revision == revision && v.is_live()).then_some(v),
+            Versions::Many(vs) => {
+                let end = vs.partition_point(|v| v.mod_revision <= revision);
+                vs[..end].iter().rev().take_while(|v| v.mod_revision == revision).find(|v| v.is_live())
+            }
+        }
+    }
+
     /// Appends a newer version.
     pub fn push(&mut self, version: Version) {
         match self {
