@@ -255,7 +255,7 @@ async fn thousands_of_watchers_under_churn_each_see_exactly_their_slice_of_the_r
             last = r.header().expect("header").revision();
             log.push((last, 0, k.into_bytes(), false, value.into_bytes()));
         }
-        log.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        log.sort_by_key(|entry| (entry.0, entry.1));
         log_total += log.len();
 
         // Every watcher catches up to the last sentinel it selects.
