@@ -276,13 +276,7 @@ pub struct ClustermeshArgs {
 
 impl ClustermeshArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_cluster_name(&self.cluster_name)?;
-        if !matches!(self.max_connected_clusters, 255 | 511) {
-            return Err(ConfigError::MaxConnectedClusters(self.max_connected_clusters));
-        }
-        if self.cluster_id == 0 || self.cluster_id > self.max_connected_clusters {
-            return Err(ConfigError::ClusterId { id: self.cluster_id, max: self.max_connected_clusters });
-        }
+        validate_local_cluster(&self.cluster_name, self.cluster_id, self.max_connected_clusters)?;
         if self.kvstore == KvstoreKind::Etcd && self.etcd_config().is_none() {
             return Err(ConfigError::NoEtcdConfig);
         }
@@ -294,13 +288,30 @@ impl ClustermeshArgs {
 
     /// `--kvstore-opt etcd.config=FILE`.
     pub fn etcd_config(&self) -> Option<PathBuf> {
-        self.kvstore_opt.iter().find_map(|opt| opt.strip_prefix("etcd.config=")).map(PathBuf::from)
+        etcd_config_opt(&self.kvstore_opt)
     }
 
     /// `:9962` → all interfaces; empty → off.
     pub fn prometheus_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         serve_addr(&self.prometheus_serve_addr)
     }
+}
+
+/// The local cluster's identity, checked as Cilium checks it at start-up.
+fn validate_local_cluster(name: &str, id: u32, max_connected_clusters: u32) -> Result<(), ConfigError> {
+    validate_cluster_name(name)?;
+    if !matches!(max_connected_clusters, 255 | 511) {
+        return Err(ConfigError::MaxConnectedClusters(max_connected_clusters));
+    }
+    if id == 0 || id > max_connected_clusters {
+        return Err(ConfigError::ClusterId { id, max: max_connected_clusters });
+    }
+    Ok(())
+}
+
+/// The file of `--kvstore-opt etcd.config=FILE`, if given.
+fn etcd_config_opt(options: &[String]) -> Option<PathBuf> {
+    options.iter().find_map(|opt| opt.strip_prefix("etcd.config=")).map(PathBuf::from)
 }
 
 /// Cilium's `--prometheus-serve-addr` spelling: `:9962` → all interfaces; empty → off.
@@ -409,13 +420,7 @@ pub struct KvstoremeshArgs {
 
 impl KvstoremeshArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_cluster_name(&self.cluster_name)?;
-        if !matches!(self.max_connected_clusters, 255 | 511) {
-            return Err(ConfigError::MaxConnectedClusters(self.max_connected_clusters));
-        }
-        if self.cluster_id == 0 || self.cluster_id > self.max_connected_clusters {
-            return Err(ConfigError::ClusterId { id: self.cluster_id, max: self.max_connected_clusters });
-        }
+        validate_local_cluster(&self.cluster_name, self.cluster_id, self.max_connected_clusters)?;
         if self.etcd_config().is_none() {
             return Err(ConfigError::NoEtcdConfig);
         }
@@ -428,7 +433,7 @@ impl KvstoremeshArgs {
 
     /// `--kvstore-opt etcd.config=FILE`.
     pub fn etcd_config(&self) -> Option<PathBuf> {
-        self.kvstore_opt.iter().find_map(|opt| opt.strip_prefix("etcd.config=")).map(PathBuf::from)
+        etcd_config_opt(&self.kvstore_opt)
     }
 }
 
