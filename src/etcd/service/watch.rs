@@ -26,7 +26,6 @@ use crate::etcd::pb::etcdserverpb::{
     WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse, watch_create_request::FilterType,
     watch_request::RequestUnion, watch_server::Watch,
 };
-use crate::etcd::pb::mvccpb::KeyValue;
 use crate::etcd::pb::mvccpb::{Event, event::EventType};
 use crate::etcd::store::{KeyRange, Store};
 
@@ -91,18 +90,18 @@ struct Watcher {
 
 impl Watcher {
     /// Whether this watcher is to be sent the change `kv` (of type `r#type`).
-    fn wants(&self, kv: &KeyValue, r#type: EventType) -> bool {
-        kv.mod_revision >= self.next_revision
+    fn wants(&self, key: &[u8], mod_revision: i64, r#type: EventType) -> bool {
+        mod_revision >= self.next_revision
             && !match r#type {
                 EventType::Put => self.no_put,
                 EventType::Delete => self.no_delete,
             }
-            && KeyRange::new(&self.key, &self.range_end).contains(&kv.key)
+            && KeyRange::new(&self.key, &self.range_end).contains(key)
     }
 
     fn wants_event(&self, event: &Event) -> bool {
         let r#type = EventType::try_from(event.r#type).unwrap_or(EventType::Put);
-        event.kv.as_ref().is_some_and(|kv| self.wants(kv, r#type))
+        event.kv.as_ref().is_some_and(|kv| self.wants(&kv.key, kv.mod_revision, r#type))
     }
 }
 
@@ -264,7 +263,9 @@ impl Session {
         // of them asked for it.
         let prev_kv = self.watchers.values().any(|w| w.prev_kv && w.next_revision <= current);
         let watchers = &self.watchers;
-        let wanted = |kv: &KeyValue, r#type: EventType| watchers.values().any(|w| w.wants(kv, r#type));
+        let wanted = |key: &[u8], mod_revision: i64, r#type: EventType| {
+            watchers.values().any(|w| w.wants(key, mod_revision, r#type))
+        };
         let read = match self.store.history_from(from, prev_kv, wanted) {
             Ok(read) => read,
             Err(compact_revision) => return self.cancel_compacted(compact_revision),

@@ -12,8 +12,8 @@
 //! went from 1,430 to 436 bytes per key over the raw keys and values (RSS growth 491 → 206
 //! MiB), about three quarters of that saving here.
 //!
-//! A change now holds only its key and revision (40 bytes, was a 96-byte `KeyValue`): a
-//! put's value, lease and versions are read back from the keyspace, which keeps the version
+//! A change now holds only its key and revision (16 bytes with the key a [`Blob`]; was a
+//! 96-byte `KeyValue`): a put's value, lease and versions are read back from the keyspace, which keeps the version
 //! written at that revision for as long as the history holds it (there is one change per key
 //! per revision: txns refuse duplicate keys, and a key deleted twice changes once). With the
 //! `VecDeque`'s growth slack and the value's no longer needed shared-buffer header, this
@@ -22,27 +22,27 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use super::blob::Blob;
 
 /// One key's change at one revision: a put or a delete.
 #[derive(Debug, Clone)]
 pub struct Change {
-    key: Bytes,
+    key: Blob,
     /// The revision, negated for a delete (revisions start at 2), which keeps the put/delete
-    /// flag from padding the entry to 48 bytes.
+    /// flag from padding the entry to 24 bytes.
     signed_revision: i64,
 }
 
 impl Change {
-    pub fn put(key: Bytes, revision: i64) -> Self {
+    pub fn put(key: Blob, revision: i64) -> Self {
         Self { key, signed_revision: revision }
     }
 
-    pub fn delete(key: Bytes, revision: i64) -> Self {
+    pub fn delete(key: Blob, revision: i64) -> Self {
         Self { key, signed_revision: -revision }
     }
 
-    pub fn key(&self) -> &Bytes {
+    pub fn key(&self) -> &Blob {
         &self.key
     }
 
@@ -112,11 +112,11 @@ mod tests {
     use super::*;
 
     fn put(revision: i64) -> Change {
-        Change::put(Bytes::new(), revision)
+        Change::put(Blob::empty(), revision)
     }
 
     fn delete(revision: i64) -> Change {
-        Change::delete(Bytes::new(), revision)
+        Change::delete(Blob::empty(), revision)
     }
 
     fn read(h: &History, from: i64) -> (Vec<i64>, Option<i64>) {

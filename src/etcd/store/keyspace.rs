@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use bytes::Bytes;
-
+use super::blob::Blob;
 use super::versions::{Version, Versions};
 use crate::etcd::pb::mvccpb::KeyValue;
 
@@ -48,12 +47,23 @@ impl<'a> KeyRange<'a> {
     }
 }
 
+/// Rust's B-tree splits a full node into two part-full ones, so keys inserted in order (an
+/// initial sync of a sorted Kubernetes list) leave its nodes just over half full: 96 bytes
+/// of tree per 48-byte entry, 74 for keys in random order, where a tree built in one pass
+/// from sorted entries needs 52. The keyspace is rebuilt that way each time it has grown by
+/// a quarter, from this size on: in `examples/store_memory` (300k keys) RSS growth went
+/// from 136.5 to 126.2 MiB, for 0.12 s of rebuilding in all and a longest pause of 27 ms
+/// (at 284k keys; the store's lock is held), amortized 0.4 µs per key inserted.
+const REBUILD_FROM: usize = 4096;
+
 #[derive(Debug, Default)]
 pub struct Keyspace {
-    keys: BTreeMap<Bytes, Versions>,
+    keys: BTreeMap<Blob, Versions>,
     live_keys: usize,
     /// Bytes of live keys and values: what `db size` and the size metrics report.
     live_bytes: usize,
+    /// The size of `keys` at which it is next rebuilt dense.
+    rebuild_at: usize,
 }
 
 impl Keyspace {
@@ -91,48 +101,51 @@ impl Keyspace {
             .count()
     }
 
-    /// The current value of a single key.
-    pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
-        let (key, versions) = self.keys.get_key_value(key)?;
-        latest(key, versions)
+    /// The current version of a live key.
+    pub fn latest(&self, key: &[u8]) -> Option<&Version> {
+        self.keys.get(key).map(Versions::latest).filter(|v| v.is_live())
     }
 
-    /// Writes `key` at `revision` and returns the previous live value.
-    pub fn put(&mut self, key: Bytes, value: Bytes, lease: i64, revision: i64) -> Option<KeyValue> {
+    /// Writes `key` at `revision`. Returns the keyspace's own handle of the key (allocated
+    /// here for a key it never held) and the version it replaced, if that was live.
+    pub fn put(&mut self, key: &[u8], value: Blob, lease: i64, revision: i64) -> (Blob, Option<Version>) {
         let added = key.len() + value.len();
         let new = |create_revision, version| Version { mod_revision: revision, create_revision, version, lease, value };
-        let previous = match self.keys.get_mut(&key) {
-            Some(versions) => {
-                let previous = latest(&key, versions);
+        let (handle, previous) = match self.keys.get_key_value(key) {
+            Some((handle, versions)) => {
+                let handle = handle.clone();
+                let previous = Some(versions.latest()).filter(|v| v.is_live()).cloned();
                 let version = match &previous {
                     Some(prev) => new(prev.create_revision, prev.version + 1),
                     None => new(revision, 1),
                 };
-                versions.push(version);
-                previous
+                self.keys.get_mut(key).expect("found above").push(version);
+                (handle, previous)
             }
             None => {
-                self.keys.insert(key, Versions::One(new(revision, 1)));
-                None
+                let handle = Blob::copy_from(key);
+                self.keys.insert(handle.clone(), Versions::One(new(revision, 1)));
+                self.grew();
+                (handle, None)
             }
         };
         match &previous {
-            Some(prev) => self.live_bytes = self.live_bytes + added - (prev.key.len() + prev.value.len()),
+            Some(prev) => self.live_bytes = self.live_bytes + added - (key.len() + prev.value.len()),
             None => {
                 self.live_keys += 1;
                 self.live_bytes += added;
             }
         }
-        previous
+        (handle, previous)
     }
 
     /// Deletes `key` at `revision` if it is live, returning what it held.
-    pub fn delete(&mut self, key: &[u8], revision: i64) -> Option<KeyValue> {
-        let (key, versions) = self.keys.get_key_value(key)?;
-        let previous = latest(key, versions)?;
-        self.keys.get_mut(&previous.key)?.push(Version::tombstone(revision));
+    pub fn delete(&mut self, key: &[u8], revision: i64) -> Option<Version> {
+        let versions = self.keys.get_mut(key)?;
+        let previous = Some(versions.latest()).filter(|v| v.is_live()).cloned()?;
+        versions.push(Version::tombstone(revision));
         self.live_keys -= 1;
-        self.live_bytes -= previous.key.len() + previous.value.len();
+        self.live_bytes -= key.len() + previous.value.len();
         Some(previous)
     }
 
@@ -149,47 +162,74 @@ impl Keyspace {
     }
 
     /// The live keys of `range` now, for a delete or a range compare.
-    pub fn live_in(&self, range: KeyRange<'_>) -> Vec<KeyValue> {
-        let mut out = Vec::new();
-        self.scan(range, i64::MAX, |kv| {
-            out.push(kv);
-            true
-        });
-        out
+    pub fn live_in(&self, range: KeyRange<'_>) -> Vec<(Blob, Version)> {
+        if range.is_empty() {
+            return Vec::new();
+        }
+        self.keys
+            .range::<[u8], _>(range.bounds())
+            .filter_map(|(key, versions)| Some((key.clone(), Some(versions.latest()).filter(|v| v.is_live())?.clone())))
+            .collect()
     }
 
     /// Forgets every version that no read at `revision` or later can see: per key, all but
     /// the newest version at or below `revision`, and that one too when it is a tombstone.
     pub fn compact(&mut self, revision: i64) {
         self.keys.retain(|_, versions| versions.compact(revision));
+        self.rebuild_at = next_rebuild(self.keys.len());
+    }
+
+    /// After a key was added: rebuilds the tree dense when it has grown enough (see
+    /// [`REBUILD_FROM`]).
+    fn grew(&mut self) {
+        let len = self.keys.len();
+        if len < self.rebuild_at {
+            return;
+        }
+        if len >= REBUILD_FROM {
+            // `append` into a non-empty map builds a new tree in one pass from the merge of
+            // both (here: one entry, then the rest in order, no comparison past the first),
+            // filling every node; collecting would sort the entries first.
+            let mut rest = std::mem::take(&mut self.keys);
+            if let Some((key, versions)) = rest.pop_first() {
+                self.keys.insert(key, versions);
+                self.keys.append(&mut rest);
+            }
+        }
+        self.rebuild_at = next_rebuild(len);
     }
 }
 
-fn at_revision(key: &Bytes, versions: &Versions, revision: i64) -> Option<KeyValue> {
+fn next_rebuild(len: usize) -> usize {
+    (len + len / 4).max(REBUILD_FROM)
+}
+
+fn at_revision(key: &Blob, versions: &Versions, revision: i64) -> Option<KeyValue> {
     versions.at(revision).and_then(|v| to_key_value(key, v))
 }
 
-fn latest(key: &Bytes, versions: &Versions) -> Option<KeyValue> {
-    to_key_value(key, versions.latest())
+fn to_key_value(key: &Blob, version: &Version) -> Option<KeyValue> {
+    version.is_live().then(|| key_value(key, version))
 }
 
-fn to_key_value(key: &Bytes, version: &Version) -> Option<KeyValue> {
-    version.is_live().then(|| KeyValue {
-        key: key.clone(),
+/// A live version as etcd's `KeyValue`, lending it the key's and the value's bytes.
+pub fn key_value(key: &Blob, version: &Version) -> KeyValue {
+    KeyValue {
+        key: key.to_bytes(),
         create_revision: version.create_revision,
         mod_revision: version.mod_revision,
         version: version.version,
-        value: version.value.clone(),
+        value: version.value.to_bytes(),
         lease: version.lease,
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn b(s: &str) -> Bytes {
-        Bytes::copy_from_slice(s.as_bytes())
+    fn v(s: &str) -> Blob {
+        Blob::copy_from(s.as_bytes())
     }
 
     fn keys_at(ks: &Keyspace, range: KeyRange<'_>, rev: i64) -> Vec<(String, String)> {
@@ -204,8 +244,8 @@ mod tests {
     #[test]
     fn a_read_at_a_past_revision_sees_the_values_of_that_revision() {
         let mut ks = Keyspace::default();
-        ks.put(b("a"), b("1"), 0, 2);
-        ks.put(b("a"), b("2"), 0, 3);
+        ks.put(b"a", v("1"), 0, 2);
+        ks.put(b"a", v("2"), 0, 3);
         ks.delete(b"a", 4);
         let all = KeyRange::new(b"\0", b"\0");
         assert_eq!(keys_at(&ks, all, 2), vec![("a".into(), "1".into())]);
@@ -217,21 +257,21 @@ mod tests {
     #[test]
     fn recreating_a_deleted_key_starts_a_new_generation() {
         let mut ks = Keyspace::default();
-        ks.put(b("k"), b("v"), 0, 2);
-        ks.put(b("k"), b("v"), 0, 3);
+        ks.put(b"k", v("v"), 0, 2);
+        ks.put(b"k", v("v"), 0, 3);
         ks.delete(b"k", 4);
-        ks.put(b("k"), b("w"), 0, 5);
-        let kv = ks.get(b"k").expect("live");
+        ks.put(b"k", v("w"), 0, 5);
+        let kv = ks.get_at(b"k", 5).expect("live");
         assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (5, 5, 1));
     }
 
     #[test]
     fn compaction_keeps_what_reads_at_or_after_it_can_see() {
         let mut ks = Keyspace::default();
-        ks.put(b("gone"), b("x"), 0, 2);
-        ks.put(b("kept"), b("old"), 0, 3);
+        ks.put(b"gone", v("x"), 0, 2);
+        ks.put(b"kept", v("old"), 0, 3);
         ks.delete(b"gone", 4);
-        ks.put(b("kept"), b("new"), 0, 6);
+        ks.put(b"kept", v("new"), 0, 6);
         ks.compact(5);
         let all = KeyRange::new(b"\0", b"\0");
         assert_eq!(keys_at(&ks, all, 5), vec![("kept".into(), "old".into())]);
@@ -243,7 +283,7 @@ mod tests {
     fn prefix_and_from_key_ranges_follow_etcds_encoding() {
         let mut ks = Keyspace::default();
         for (i, k) in ["a", "b/1", "b/2", "c"].iter().enumerate() {
-            ks.put(b(k), b("v"), 0, i as i64 + 2);
+            ks.put(k.as_bytes(), v("v"), 0, i as i64 + 2);
         }
         let names = |r| keys_at(&ks, r, 10).into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         assert_eq!(names(KeyRange::new(b"b/", b"b0")), ["b/1", "b/2"]);
@@ -251,5 +291,22 @@ mod tests {
         assert_eq!(names(KeyRange::new(b"c", b"")), ["c"]);
         assert!(names(KeyRange::new(b"c", b"a")).is_empty());
         assert_eq!(ks.count(KeyRange::new(b"\0", b"\0"), 10), 4);
+    }
+
+    #[test]
+    fn a_keyspace_rebuilt_as_it_grows_holds_exactly_what_was_written() {
+        let mut ks = Keyspace::default();
+        let n = REBUILD_FROM * 3;
+        for i in 0..n {
+            ks.put(format!("k/{i:06}").as_bytes(), v(&i.to_string()), 0, i as i64 + 2);
+        }
+        ks.put(b"k/000001", v("again"), 0, n as i64 + 2);
+        assert!(ks.rebuild_at > n, "rebuilt at least once on the way");
+        let all = keys_at(&ks, KeyRange::new(b"k/", b"k0"), i64::MAX);
+        assert_eq!(all.len(), n);
+        assert!(all.iter().enumerate().all(|(i, (k, val))| *k == format!("k/{i:06}")
+            && *val == if i == 1 { "again".to_owned() } else { i.to_string() }));
+        let kv = ks.get_at(b"k/000001", n as i64 + 2).expect("live");
+        assert_eq!((kv.create_revision, kv.version), (3, 2), "versions survive the rebuilds");
     }
 }

@@ -8,10 +8,14 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::blob::Blob;
 use crate::etcd::error::{Error, Result};
+
+/// A lease's keys. Hashed with foldhash: keys are written by authenticated clients, and a
+/// put with a lease hashes its key once or twice.
+pub type LeaseKeys = HashSet<Blob, foldhash::fast::RandomState>;
 
 /// etcd's limit (`lease.MaxLeaseTTL`, about 285 years).
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
@@ -26,7 +30,7 @@ pub struct Lease {
     /// The TTL as granted (after raising to the minimum), in seconds.
     pub ttl: i64,
     pub deadline: Instant,
-    pub keys: HashSet<Bytes>,
+    pub keys: LeaseKeys,
 }
 
 impl Lease {
@@ -56,7 +60,7 @@ impl Leases {
         let ttl = ttl.max(MIN_LEASE_TTL);
         let deadline = now + Duration::from_secs(ttl as u64);
         self.expiries.push(Reverse((deadline, id)));
-        Ok(self.leases.entry(id).or_insert(Lease { id, ttl, deadline, keys: HashSet::new() }))
+        Ok(self.leases.entry(id).or_insert(Lease { id, ttl, deadline, keys: LeaseKeys::default() }))
     }
 
     /// Positive, random and unused: clients print lease IDs in hex and some treat negative
@@ -99,7 +103,7 @@ impl Leases {
         self.leases.remove(&id).ok_or(Error::LeaseNotFound)
     }
 
-    pub fn attach(&mut self, id: i64, key: &Bytes) {
+    pub fn attach(&mut self, id: i64, key: &Blob) {
         if let Some(lease) = self.leases.get_mut(&id) {
             lease.keys.insert(key.clone());
         }

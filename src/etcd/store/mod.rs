@@ -4,6 +4,7 @@
 //! Requests and responses are etcd's own protobuf types: the store is etcd's semantics, the
 //! services only add transport concerns (authorisation, size limits, streaming).
 
+mod blob;
 mod count;
 mod history;
 mod keyspace;
@@ -33,9 +34,10 @@ use super::pb::etcdserverpb::{
     TxnResponse,
 };
 use super::pb::mvccpb::{Event, KeyValue, event::EventType};
+use blob::Blob;
 use count::CountCache;
 use history::{Change, History};
-use keyspace::Keyspace;
+use keyspace::{Keyspace, key_value};
 use lease::Leases;
 
 /// Identity of this store as clients see it in every response header.
@@ -267,7 +269,8 @@ impl Store {
         let header = Some(self.header_at(state.revision));
         match state.leases.get(request.id) {
             Some(lease) => {
-                let mut keys: Vec<Bytes> = if request.keys { lease.keys.iter().cloned().collect() } else { Vec::new() };
+                let mut keys: Vec<Bytes> =
+                    if request.keys { lease.keys.iter().map(Blob::to_bytes).collect() } else { Vec::new() };
                 keys.sort();
                 LeaseTimeToLiveResponse {
                     header,
@@ -297,7 +300,7 @@ impl Store {
     pub fn lease_keys(&self, id: i64) -> Result<Vec<Bytes>> {
         let state = self.state.read();
         let lease = state.leases.get(id).ok_or(Error::LeaseNotFound)?;
-        Ok(lease.keys.iter().cloned().collect())
+        Ok(lease.keys.iter().map(Blob::to_bytes).collect())
     }
 
     /// A receiver of the current revision, marked changed after every write.
@@ -309,8 +312,8 @@ impl Store {
     /// about [`MAX_EVENTS_PER_READ`] events looked at; call again from `upto + 1`), or
     /// `Err(compact_revision)` when `from` has been compacted away.
     ///
-    /// `wanted` sees an event's key, `mod_revision` and type only: the rest of a put's
-    /// key-value is read from the keyspace for the events it accepts.
+    /// `wanted` sees an event's key, `mod_revision` and type only: the key-value is built for
+    /// the events it accepts.
     ///
     /// With `prev_kv`, each event carries what its key held at `mod_revision - 1`, read from
     /// the keyspace as etcd reads it: absent when that revision is compacted.
@@ -318,7 +321,7 @@ impl Store {
         &self,
         from: i64,
         prev_kv: bool,
-        mut wanted: impl FnMut(&KeyValue, EventType) -> bool,
+        mut wanted: impl FnMut(&[u8], i64, EventType) -> bool,
     ) -> Result<HistoryRead, i64> {
         let state = self.state.read();
         if from < state.compact_revision {
@@ -327,18 +330,19 @@ impl Store {
         let mut events = Vec::new();
         let upto = state.history.read_from(from, |change| {
             let r#type = if change.is_put() { EventType::Put } else { EventType::Delete };
-            // A delete's `kv` is exactly this: etcd sends only the key and `mod_revision`.
-            let mut kv = KeyValue { key: change.key().clone(), mod_revision: change.revision(), ..KeyValue::default() };
-            if !wanted(&kv, r#type) {
+            if !wanted(change.key(), change.revision(), r#type) {
                 return;
             }
-            if change.is_put() {
+            let kv = if change.is_put() {
                 // The keyspace keeps every version the history still holds.
                 match state.keyspace.put_at(change.key(), change.revision()) {
-                    Some(written) => kv = written,
+                    Some(written) => written,
                     None => return debug_assert!(false, "a put in the history is in the keyspace"),
                 }
-            }
+            } else {
+                // A delete's `kv` is exactly this: etcd sends only the key and `mod_revision`.
+                KeyValue { key: change.key().to_bytes(), mod_revision: change.revision(), ..KeyValue::default() }
+            };
             let before = kv.mod_revision - 1;
             // etcd's sendLoop gives a creation no prev_kv, even a key deleted and put again in
             // one txn, whose state at `before` exists (found by differential_prop).
@@ -448,29 +452,22 @@ impl<'a> Write<'a> {
         if request.lease != 0 && !self.state.leases.contains(request.lease) {
             return Err(Error::LeaseNotFound);
         }
-        let existing = self.state.keyspace.get(&request.key);
+        let existing = self.state.keyspace.latest(&request.key);
         if (request.ignore_value || request.ignore_lease) && existing.is_none() {
             return Err(Error::KeyNotFound);
         }
-        // Decoded requests slice their bytes out of the transport's receive buffer (8 KiB
-        // or more); storing such a slice would keep the whole buffer alive as long as the
-        // key lives. Exact-size copies cost a memcpy and keep memory proportional to data.
-        let value = match (&existing, request.ignore_value) {
+        let value = match (existing, request.ignore_value) {
             (Some(prev), true) => prev.value.clone(),
-            _ => Bytes::copy_from_slice(&request.value),
+            _ => Blob::copy_from(&request.value),
         };
-        let lease = match (&existing, request.ignore_lease) {
+        let lease = match (existing, request.ignore_lease) {
             (Some(prev), true) => prev.lease,
             _ => request.lease,
         };
         if lease != 0 && !self.state.leases.contains(lease) {
             return Err(Error::LeaseNotFound);
         }
-        let key = match &existing {
-            Some(prev) => prev.key.clone(),
-            None => Bytes::copy_from_slice(&request.key),
-        };
-        let previous = self.state.keyspace.put(key.clone(), value, lease, self.revision);
+        let (key, previous) = self.state.keyspace.put(&request.key, value, lease, self.revision);
         if let Some(prev) = &previous
             && prev.lease != 0
             && prev.lease != lease
@@ -480,37 +477,39 @@ impl<'a> Write<'a> {
         if lease != 0 {
             self.state.leases.attach(lease, &key);
         }
+        let prev_kv = previous.filter(|_| request.prev_kv).map(|prev| key_value(&key, &prev));
         self.changes.push(Change::put(key, self.revision));
-        Ok(PutResponse { header: None, prev_kv: previous.filter(|_| request.prev_kv) })
+        Ok(PutResponse { header: None, prev_kv })
     }
 
     fn delete_range(&mut self, request: &DeleteRangeRequest) -> DeleteRangeResponse {
         let range = KeyRange::new(&request.key, &request.range_end);
         let doomed = self.state.keyspace.live_in(range);
         let deleted = doomed.len() as i64;
-        for kv in &doomed {
-            self.delete_key(kv);
+        let prev_kvs =
+            if request.prev_kv { doomed.iter().map(|(key, v)| key_value(key, v)).collect() } else { Vec::new() };
+        for (key, _) in doomed {
+            self.delete_key(key);
         }
-        DeleteRangeResponse { header: None, deleted, prev_kvs: if request.prev_kv { doomed } else { Vec::new() } }
+        DeleteRangeResponse { header: None, deleted, prev_kvs }
     }
 
-    fn delete_key(&mut self, kv: &KeyValue) {
-        self.state.keyspace.delete(&kv.key, self.revision);
-        if kv.lease != 0 {
-            self.state.leases.detach(kv.lease, &kv.key);
+    fn delete_key(&mut self, key: Blob) {
+        if let Some(previous) = self.state.keyspace.delete(&key, self.revision) {
+            if previous.lease != 0 {
+                self.state.leases.detach(previous.lease, &key);
+            }
+            self.changes.push(Change::delete(key, self.revision));
         }
-        self.changes.push(Change::delete(kv.key.clone(), self.revision));
     }
 
     fn revoke(&mut self, id: i64) -> Result<()> {
         let lease = self.state.leases.remove(id)?;
-        let mut keys: Vec<Bytes> = lease.keys.into_iter().collect();
+        let mut keys: Vec<Blob> = lease.keys.into_iter().collect();
         // Sorted, so that the delete events of one revoke come in key order, as etcd's do.
         keys.sort();
         for key in keys {
-            if let Some(kv) = self.state.keyspace.get(&key) {
-                self.delete_key(&kv);
-            }
+            self.delete_key(key);
         }
         Ok(())
     }
@@ -650,7 +649,7 @@ mod tests {
             .expect("header")
             .revision;
         assert!(get(&store, "a").is_none());
-        let read = store.history_from(revision, true, |_, _| true).expect("not compacted");
+        let read = store.history_from(revision, true, |_, _, _| true).expect("not compacted");
         let seen: Vec<_> = read
             .events
             .iter()
@@ -725,7 +724,7 @@ mod tests {
         }
         store.lease_revoke(&LeaseRevokeRequest { id: lease }).expect("revoke");
         assert_eq!(store.revision(), 4);
-        let history = store.history_from(4, true, |_, _| true).expect("not compacted");
+        let history = store.history_from(4, true, |_, _, _| true).expect("not compacted");
         let deleted: Vec<_> = history.events.iter().map(|e| (e.r#type, e.kv.as_ref().unwrap().key.clone())).collect();
         assert!(history.events.iter().all(|e| e.prev_kv.as_ref().is_some_and(|p| p.mod_revision < 4)));
         let delete = EventType::Delete as i32;
@@ -741,7 +740,7 @@ mod tests {
         store.compact(&CompactionRequest { revision: 4, physical: false }).expect("compact");
         let old = RangeRequest { key: b"k".to_vec().into(), revision: 3, ..Default::default() };
         assert_eq!(store.range(&old).unwrap_err(), Error::Compacted);
-        assert_eq!(store.history_from(3, false, |_, _| true).unwrap_err(), 4);
+        assert_eq!(store.history_from(3, false, |_, _, _| true).unwrap_err(), 4);
         let at = RangeRequest { key: b"k".to_vec().into(), revision: 4, ..Default::default() };
         assert_eq!(store.range(&at).unwrap().kvs[0].value, Bytes::from_static(b"2"));
         let future = RangeRequest { key: b"k".to_vec().into(), revision: 9, ..Default::default() };

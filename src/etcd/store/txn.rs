@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use super::Write;
 use super::count::{self, CountCache};
 use super::keyspace::{KeyRange, Keyspace};
+use super::versions::Version;
 use crate::etcd::error::{Error, Result};
 use crate::etcd::pb::etcdserverpb::{
     Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp,
@@ -321,7 +322,7 @@ fn exists_after(write: &Write<'_>, trail: &[&RequestOp], key: &[u8]) -> bool {
             _ => {}
         }
     }
-    write.keyspace().get(key).is_some()
+    write.keyspace().latest(key).is_some()
 }
 
 fn execute_op(write: &mut Write<'_>, op: RequestOp, path: &mut impl Iterator<Item = bool>) -> Result<ResponseOp> {
@@ -360,15 +361,16 @@ fn inner_header(revision: i64) -> ResponseHeader {
 /// etcd's `applyCompare`: every key of the range must satisfy the compare; a missing key
 /// compares as all zeroes, except that a value compare against a missing key always fails.
 fn compare(keyspace: &Keyspace, compare: &Compare) -> bool {
-    let kvs = keyspace.live_in(KeyRange::new(&compare.key, &compare.range_end));
+    let live = keyspace.live_in(KeyRange::new(&compare.key, &compare.range_end));
     let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
-    if kvs.is_empty() {
-        return target != CompareTarget::Value && compare_kv(compare, target, &KeyValue::default());
+    if live.is_empty() {
+        // All zeroes: a tombstone's fields.
+        return target != CompareTarget::Value && compare_version(compare, target, &Version::tombstone(0));
     }
-    kvs.iter().all(|kv| compare_kv(compare, target, kv))
+    live.iter().all(|(_, version)| compare_version(compare, target, version))
 }
 
-fn compare_kv(compare: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+fn compare_version(compare: &Compare, target: CompareTarget, kv: &Version) -> bool {
     let ordering = match (target, &compare.target_union) {
         (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.as_ref().cmp(v.as_ref()),
         (CompareTarget::Value, _) => kv.value.as_ref().cmp(&[][..]),

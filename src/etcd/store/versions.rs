@@ -6,7 +6,7 @@
 //! the allocator's header) on the first push; inline storage of the single version saves it
 //! (about 250 of the 1,000 bytes per key saved with the history's change, see `history.rs`).
 
-use bytes::Bytes;
+use super::blob::Blob;
 
 /// One version of a key: what it held from `mod_revision` until the next version.
 ///
@@ -18,12 +18,12 @@ pub struct Version {
     pub create_revision: i64,
     pub version: i64,
     pub lease: i64,
-    pub value: Bytes,
+    pub value: Blob,
 }
 
 impl Version {
     pub fn tombstone(mod_revision: i64) -> Self {
-        Self { mod_revision, create_revision: 0, version: 0, lease: 0, value: Bytes::new() }
+        Self { mod_revision, create_revision: 0, version: 0, lease: 0, value: Blob::empty() }
     }
 
     pub fn is_live(&self) -> bool {
@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     fn live(mod_revision: i64, version: i64) -> Version {
-        Version { mod_revision, create_revision: 2, version, lease: 0, value: Bytes::from_static(b"v") }
+        Version { mod_revision, create_revision: 2, version, lease: 0, value: Blob::copy_from(b"v") }
     }
 
     #[test]
