@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::kvstore::Backend;
-use crate::sync::store::SyncStore;
+use crate::sync::store::{SyncStore, list_for_prune};
 
 /// Where one kind of one remote cluster lives locally.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,20 +146,12 @@ impl<B: Backend> Reflector<B> {
         let span = tracing::info_span!("prune", cluster = %self.cluster, %kind);
         self.tracker.spawn(
             async move {
-                let keys = tokio::select! {
-                    () = token.cancelled() => return,
-                    keys = backend.keys_with_prefix(&prefix) => keys,
+                let Some(keys) = list_for_prune(backend.as_ref(), &prefix, &token).await else {
+                    return;
                 };
-                match keys {
-                    Ok(keys) => {
-                        let pruned = sync.prune(keys);
-                        if pruned > 0 {
-                            tracing::info!(%prefix, pruned, "deleting cached keys no longer in the remote cluster");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%prefix, error = %crate::error_chain(&error), "listing cached keys failed")
-                    }
+                let pruned = sync.prune(keys);
+                if pruned > 0 {
+                    tracing::info!(%prefix, pruned, "deleting cached keys no longer in the remote cluster");
                 }
             }
             .instrument(span),

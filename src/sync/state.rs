@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::store::SyncStore;
+use super::store::{SyncStore, list_for_prune};
 use crate::kvstore::Backend;
 
 /// Cilium's heartbeat key, rewritten every [`HEARTBEAT_INTERVAL`]; clients reconnect after
@@ -58,7 +58,8 @@ pub async fn run_cluster_config_enforcer<B: Backend>(
 }
 
 /// Turns `ready` true once the cluster config and every canary in `canaries` are written,
-/// records how long that took, then prunes `prefixes` of keys nothing wants.
+/// records how long that took, then prunes `prefixes` of keys nothing wants (each listing
+/// retried until it succeeds or shutdown); `None` if shut down before ready.
 pub async fn run_readiness<B: Backend>(
     sync: Arc<SyncStore>,
     backend: Arc<B>,
@@ -80,14 +81,12 @@ pub async fn run_readiness<B: Backend>(
     *bootstrap.lock() = Some(took);
     ready.send_replace(true);
     for prefix in prefixes {
-        match backend.keys_with_prefix(&format!("{prefix}/")).await {
-            Ok(keys) => {
-                let pruned = sync.prune(keys);
-                if pruned > 0 {
-                    tracing::info!(prefix, pruned, "pruning keys of objects deleted while not running");
-                }
-            }
-            Err(error) => tracing::warn!(prefix, error = %crate::error_chain(&error), "listing keys to prune failed"),
+        let Some(keys) = list_for_prune(backend.as_ref(), &format!("{prefix}/"), &shutdown).await else {
+            break;
+        };
+        let pruned = sync.prune(keys);
+        if pruned > 0 {
+            tracing::info!(prefix, pruned, "pruning keys of objects deleted while not running");
         }
     }
     Some(took)

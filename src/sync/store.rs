@@ -90,6 +90,35 @@ pub struct SyncStats {
     pub writes: u64,
 }
 
+/// The keys under `prefix` in `backend`, for [`SyncStore::prune`], retried with backoff until
+/// listed: a prefix left unlisted would keep the keys of objects deleted meanwhile for as long
+/// as the process runs (found by the chaos test: an etcd member killed during the listing).
+/// `None` once `shutdown` is cancelled.
+pub async fn list_for_prune<B: Backend>(
+    backend: &B,
+    prefix: &str,
+    shutdown: &CancellationToken,
+) -> Option<Vec<String>> {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let listed = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            listed = backend.keys_with_prefix(prefix) => listed,
+        };
+        match listed {
+            Ok(keys) => return Some(keys),
+            Err(error) => {
+                tracing::warn!(prefix, error = %crate::error_chain(&error), retry_in = ?backoff, "listing keys to prune failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
 pub struct SyncStore {
     state: Mutex<State>,
     wake: Notify,
@@ -551,6 +580,8 @@ mod tests {
         leases: Mutex<HashSet<i64>>,
         next_lease: Mutex<i64>,
         fail_puts: Mutex<usize>,
+        /// Listings to fail before answering.
+        fail_lists: Mutex<usize>,
         /// Puts applied whose answer is then lost (an error for the caller).
         lose_answers: Mutex<usize>,
         puts: Mutex<Vec<String>>,
@@ -643,6 +674,13 @@ mod tests {
         }
 
         async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+            {
+                let mut fail = self.fail_lists.lock();
+                if *fail > 0 {
+                    *fail -= 1;
+                    return Err(Error::Config { path: prefix.into(), reason: "injected failure".into() });
+                }
+            }
             Ok(self.keys.lock().keys().filter(|k| k.starts_with(prefix)).cloned().collect())
         }
     }
@@ -667,6 +705,25 @@ mod tests {
         assert_eq!(scope("cilium/cache/identities/v1/c2/id/65537"), "identities/v1");
         assert_eq!(scope("cilium/cluster-config/c1"), "cilium/cluster-config");
         assert_eq!(scope("cilium/.heartbeat"), "cilium/.heartbeat");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_for_pruning_that_fails_is_retried_until_it_answers_or_shutdown() {
+        let backend = Arc::new(Memory::default());
+        backend.keys.lock().insert("p/deleted-while-down".into(), (Bytes::from_static(b"x"), 0));
+        *backend.fail_lists.lock() = 3;
+        let shutdown = CancellationToken::new();
+        let keys = list_for_prune(backend.as_ref(), "p/", &shutdown).await;
+        assert_eq!(keys, Some(vec!["p/deleted-while-down".to_owned()]));
+        assert_eq!(*backend.fail_lists.lock(), 0, "every failure was retried");
+
+        *backend.fail_lists.lock() = usize::MAX;
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            stopping.cancel();
+        });
+        assert_eq!(list_for_prune(backend.as_ref(), "p/", &shutdown).await, None);
     }
 
     #[tokio::test(start_paused = true)]
