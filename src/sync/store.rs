@@ -14,6 +14,7 @@ use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::leases::{Leases, MAX_KEYS_PER_LEASE};
 use crate::kvstore::{Backend, Error};
@@ -99,23 +100,32 @@ pub async fn list_for_prune<B: Backend>(
     prefix: &str,
     shutdown: &CancellationToken,
 ) -> Option<Vec<String>> {
+    let span = tracing::warn_span!("prune", prefix);
+    retry_until_shutdown("listing keys to prune", shutdown, || backend.keys_with_prefix(prefix)).instrument(span).await
+}
+
+/// Runs `attempt` until it succeeds, waiting [`MIN_BACKOFF`] after a failure, doubling up to
+/// [`MAX_BACKOFF`]; `None` once `shutdown` is cancelled (also mid-attempt).
+async fn retry_until_shutdown<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
     let mut backoff = MIN_BACKOFF;
     loop {
-        let listed = tokio::select! {
+        let result = tokio::select! {
             () = shutdown.cancelled() => return None,
-            listed = backend.keys_with_prefix(prefix) => listed,
+            result = attempt() => result,
         };
-        match listed {
-            Ok(keys) => return Some(keys),
-            Err(error) => {
-                tracing::warn!(prefix, error = %crate::error_chain(&error), retry_in = ?backoff, "listing keys to prune failed");
-                tokio::select! {
-                    () = shutdown.cancelled() => return None,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+        match result {
+            Ok(value) => return Some(value),
+            Err(error) => tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "{what} failed"),
         }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -426,23 +436,9 @@ impl SyncStore {
     }
 
     async fn grant<B: Backend>(&self, backend: &B, ttl: Duration, shutdown: &CancellationToken) -> Option<i64> {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            match backend.grant_lease(ttl).await {
-                Ok(lease) => {
-                    tracing::info!(lease = format_args!("{lease:x}"), ttl = ?ttl, "kvstore lease granted");
-                    return Some(lease);
-                }
-                Err(error) => {
-                    tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "granting a lease failed")
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
+        let lease = retry_until_shutdown("granting a lease", shutdown, || backend.grant_lease(ttl)).await?;
+        tracing::info!(lease = format_args!("{lease:x}"), ttl = ?ttl, "kvstore lease granted");
+        Some(lease)
     }
 
     /// The lease is gone, and with it the keys written on it (and only those): they are
