@@ -18,7 +18,8 @@ use crate::config::{
     CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, KvstoremeshArgs,
     KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat, StoreArgs,
 };
-use crate::etcd::auth::AuthStore;
+use crate::etcd::auth::{AuthStore, PermType, Permission};
+use crate::etcd::datadir::{DataDir, Origin};
 use crate::etcd::embedded::{self, EmbeddedConfig};
 use crate::etcd::server::ServerOptions;
 use crate::etcd::service::cluster::MemberInfo;
@@ -29,6 +30,7 @@ use crate::kvstore::Backend;
 use crate::kvstore::embedded::Embedded;
 use crate::kvstore::etcd::{Etcd, EtcdConfig};
 use crate::kvstore::instrumented::{Instrumented, KvstoreMetrics};
+use crate::kvstore::limited::{Limiter, RateLimited, Rates};
 use crate::kvstore::quorum;
 use crate::kvstoremesh::{self, KvstoremeshConfig, ReadyTimeouts, RemovalPolicy};
 use crate::metrics::{self, Routes};
@@ -58,11 +60,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Kvstoremesh(args) => run_kvstoremesh(*args).await,
         Command::KvstoremeshDbg(args) => kvstoremesh_dbg(args).await,
+        Command::Etcdinit(args) => Ok(crate::persona::etcdinit::run(args).await?),
+        Command::Version => {
+            print!("{}", crate::persona::version());
+            Ok(())
+        }
     }
 }
 
 async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     args.validate()?;
+    let kvstore = args.kvstore_kind();
+    let options = args.kvstore_options()?;
+    if let Some(ignored) = args.cilium.ignored() {
+        tracing::info!("{ignored}");
+    }
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
     let tracker = TaskTracker::new();
@@ -91,8 +103,8 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             let local = local_cluster(&args.cluster_name, args.cluster_id, args.max_connected_clusters)?;
             let listeners = &args.kvstoremesh_listeners;
             let mut config = kvstoremesh_config(local, dir.clone(), &args.kvstoremesh, args.kvstore_lease_ttl, false);
-            if args.kvstore == KvstoreKind::Etcd {
-                config.writer.max_in_flight = KVSTOREMESH_ETCD_MAX_IN_FLIGHT;
+            if kvstore == KvstoreKind::Etcd {
+                config.writer.max_in_flight = options.max_inflight.unwrap_or(KVSTOREMESH_ETCD_MAX_IN_FLIGHT);
             }
             let listeners = KvstoremeshListeners {
                 health: SocketAddr::new(args.health_bind_address, listeners.kvstoremesh_health_port),
@@ -108,7 +120,7 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     // store's gRPC servers close their clients' watch streams.
     let store_token = CancellationToken::new();
     let store_tracker = TaskTracker::new();
-    let running = match args.kvstore {
+    let running = match kvstore {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
             let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
@@ -118,7 +130,7 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             let backend = Arc::new(Embedded::new(store));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
             if let Some((config, listeners)) = kvstoremesh {
-                start_kvstoremesh(backend, config, listeners, &tracker, &token).await?;
+                start_kvstoremesh(backend, config, listeners, &tracker, &token, None).await?;
             }
             running
         }
@@ -129,16 +141,18 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
                 spawn_users(EtcdUsers(etcd.clone()), &args, &tracker, &token);
             }
             // Each write to etcd is a round trip (and a disk sync): overlap them as Cilium does.
-            config.max_writes_in_flight = ETCD_MAX_IN_FLIGHT;
-            let backend = Arc::new(Etcd::new(etcd.clone()));
+            config.max_writes_in_flight = options.max_inflight.unwrap_or(ETCD_MAX_IN_FLIGHT);
+            let limiter = Limiter::new(Rates { bootstrap: options.bootstrap_qps, steady: options.qps });
+            let backend = Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
+            tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
             let errors = running.kvstore_metrics.quorum_errors.clone();
             tracker.spawn(
                 quorum::run(etcd, HEARTBEAT_KEY, errors, quorum::CHECK_INTERVAL, token.child_token())
                     .instrument(tracing::info_span!("quorum_check")),
             );
             if let Some((config, listeners)) = kvstoremesh {
-                start_kvstoremesh(backend, config, listeners, &tracker, &token).await?;
+                start_kvstoremesh(backend, config, listeners, &tracker, &token, None).await?;
             }
             running
         }
@@ -160,6 +174,18 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     wait_for_shutdown(&token, &tracker).await?;
     store_token.cancel();
     wait_for_shutdown(&store_token, &store_tracker).await
+}
+
+/// Cilium's etcd client leaves its bootstrap rate once the first synchronisation is done.
+async fn end_bootstrap_when_ready(
+    mut ready: tokio::sync::watch::Receiver<bool>,
+    limiter: Arc<Limiter>,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        done = ready.wait_for(|ready| *ready) => if done.is_ok() { limiter.bootstrap_done() },
+        () = shutdown.cancelled() => {}
+    }
 }
 
 /// Cilium's users manager, on whichever store the mirror writes to.
@@ -184,24 +210,29 @@ async fn run_kvstoremesh(args: KvstoremeshArgs) -> anyhow::Result<()> {
         health_bind_address,
         prometheus_serve_addr,
         api_serve_addr,
-        controller_group_metrics: _,
+        cilium,
     } = &args;
+    if let Some(ignored) = cilium.ignored() {
+        tracing::info!("{ignored}");
+    }
+    let options = args.kvstore_options()?;
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
     let tracker = TaskTracker::new();
     let local = local_cluster(cluster_name, *cluster_id, *max_connected_clusters)?;
     let dir = role.clustermesh_config.clone().context("--clustermesh-config DIR")?;
     let mut config = kvstoremesh_config(local, dir, role, *kvstore_lease_ttl, *enable_heartbeat);
-    config.writer.max_in_flight = KVSTOREMESH_ETCD_MAX_IN_FLIGHT;
+    config.writer.max_in_flight = options.max_inflight.unwrap_or(KVSTOREMESH_ETCD_MAX_IN_FLIGHT);
     let listeners = KvstoremeshListeners {
         health: SocketAddr::new(*health_bind_address, *health_port),
         metrics: crate::config::serve_addr(prometheus_serve_addr)?,
         api: Some(api_serve_addr.clone()).filter(|a| !a.trim().is_empty()),
     };
-    let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
+    let path = options.etcd_config.context("--kvstore-opt etcd.config=FILE")?;
     let etcd = EtcdConfig::load(&path)?.connect().await?;
-    let kvstore_metrics =
-        start_kvstoremesh(Arc::new(Etcd::new(etcd.clone())), config, listeners, &tracker, &token).await?;
+    let limiter = Limiter::new(Rates { bootstrap: options.bootstrap_qps, steady: options.qps });
+    let backend = Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
+    let kvstore_metrics = start_kvstoremesh(backend, config, listeners, &tracker, &token, Some(limiter)).await?;
     tracker.spawn(
         quorum::run(etcd, HEARTBEAT_KEY, kvstore_metrics.quorum_errors, quorum::CHECK_INTERVAL, token.child_token())
             .instrument(tracing::info_span!("quorum_check")),
@@ -264,6 +295,7 @@ async fn start_kvstoremesh<B: Backend>(
     listeners: KvstoremeshListeners,
     tracker: &TaskTracker,
     token: &CancellationToken,
+    limiter: Option<Arc<Limiter>>,
 ) -> anyhow::Result<KvstoreMetrics> {
     let mut root = Registry::default();
     root.register_collector(Box::new(ProcessCollector));
@@ -272,6 +304,9 @@ async fn start_kvstoremesh<B: Backend>(
     let kvstore_metrics = KvstoreMetrics::register(registry);
     let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
     let running = kvstoremesh::spawn(backend, config, registry, tracker, token).await?;
+    if let Some(limiter) = limiter {
+        tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
+    }
     let health = bind(listeners.health).await?;
     let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
     tracker.spawn(serve_admin(health, routes, token.child_token(), "kvstoremesh-health"));
@@ -373,16 +408,79 @@ async fn wait_for_shutdown(token: &CancellationToken, tracker: &TaskTracker) -> 
 }
 
 async fn run_kvstore(args: KvstoreArgs) -> anyhow::Result<()> {
-    let KvstoreArgs { store, cluster_name } = args;
-    let auth = match &cluster_name {
-        Some(name) => AuthStore::cilium(name),
-        None => AuthStore::default(),
+    let KvstoreArgs { store, cluster_name, data_dir, remote_reads_agent_cache } = args;
+    let data_dir = data_dir.map(DataDir::new);
+    let saved = match &data_dir {
+        Some(dir) => dir.load_auth().context("loading users and roles from the data directory")?,
+        None => None,
     };
+    let mut auth = match (saved, &cluster_name) {
+        (Some(saved), _) => {
+            tracing::info!(users = ?saved.user_list(), enabled = saved.is_enabled(), "users and roles loaded from the data directory");
+            saved
+        }
+        (None, Some(name)) => AuthStore::cilium(name),
+        (None, None) => AuthStore::default(),
+    };
+    if remote_reads_agent_cache && grant_remote_cache_reads(&mut auth) {
+        tracing::info!(
+            "started by Cilium's 1.16/1.17 chart: role remote may also read cilium/cache/, cilium/cluster-config/ and \
+             cilium/synced/, as that release's agents read the KVStoreMesh cache with the remote certificate"
+        );
+    }
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
     let tracker = TaskTracker::new();
-    start_store(&store, auth, &tracker, &token).await?;
+    let store = start_store(&store, auth, &tracker, &token).await?;
+    if let Some(dir) = data_dir {
+        tracker.spawn(
+            save_auth_changes(store, dir, token.child_token()).instrument(tracing::info_span!("auth_persistence")),
+        );
+    }
     wait_for_shutdown(&token, &tracker).await
+}
+
+/// What Cilium 1.16's agents read from the local cache, granted to role `remote` if it is
+/// Cilium's (it reads `cilium/state/`). Returns whether anything was granted.
+fn grant_remote_cache_reads(auth: &mut AuthStore) -> bool {
+    const REMOTE: &str = "remote";
+    let Ok(perms) = auth.role_get(REMOTE) else { return false };
+    if !perms.iter().any(|p| p.key.as_ref() == b"cilium/state/") {
+        return false;
+    }
+    let mut granted = false;
+    for prefix in [&b"cilium/cache/"[..], b"cilium/cluster-config/", b"cilium/synced/"] {
+        let perm = Permission::prefix(PermType::Read, prefix);
+        if !perms.contains(&perm) {
+            granted |= auth.role_grant_permission(REMOTE, perm).is_ok();
+        }
+    }
+    granted
+}
+
+/// How often the auth revision is compared with the saved one.
+const AUTH_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Saves users, roles and the auth switch whenever they change (etcd keeps them in its
+/// backend; here the data directory's auth file is the backend), and once more at shutdown.
+async fn save_auth_changes(store: Arc<crate::etcd::store::Store>, dir: DataDir, shutdown: CancellationToken) {
+    let mut saved = None;
+    loop {
+        let state = store.auth().read().state();
+        if saved.as_ref() != Some(&state) {
+            match dir.save_auth(state.clone(), Origin::store()) {
+                Ok(()) => saved = Some(state),
+                Err(error) => tracing::error!(error = %crate::error_chain(&error), "saving users and roles"),
+            }
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(AUTH_SAVE_INTERVAL) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
 }
 
 async fn start_store(

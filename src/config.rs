@@ -42,6 +42,11 @@ pub enum Command {
     Kvstoremesh(Box<KvstoremeshArgs>),
     /// Inspect a running kvstoremesh through its status API.
     KvstoremeshDbg(KvstoremeshDbgArgs),
+    /// Cilium's etcd-init container: empty the data directory and leave Cilium's users and
+    /// roles there, authentication enabled, for the store (`/usr/bin/etcd`) to start on.
+    Etcdinit(crate::persona::etcdinit::EtcdinitArgs),
+    /// Print the version.
+    Version,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +138,22 @@ pub struct LogArgs {
     /// Log filter (tracing's env-filter syntax); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log_level: String,
+    /// Cilium's switch (the chart's `debug.enabled`): debug logging, as `--log-level=debug`.
+    #[arg(short = 'D', long, global = true, env = "CILIUM_DEBUG", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub debug: bool,
+}
+
+impl Default for LogArgs {
+    fn default() -> Self {
+        Self { log_format: LogFormat::Text, log_level: "info".to_owned(), debug: false }
+    }
+}
+
+impl LogArgs {
+    /// The tracing filter: `--debug` wins over `--log-level`.
+    pub fn filter(&self) -> &str {
+        if self.debug { "debug" } else { &self.log_level }
+    }
 }
 
 /// The embedded store's listener and limits, with etcd's own flag names.
@@ -192,9 +213,21 @@ pub struct KvstoreArgs {
     pub store: StoreArgs,
     /// Start with Cilium's users and roles for this cluster (root, admin-<name>,
     /// local-<name>, remote) and auth enabled, as Cilium's etcdinit leaves its etcd.
-    /// Without it the store starts with auth disabled, as a fresh etcd does.
+    /// Without it the store starts with auth disabled, as a fresh etcd does. A data
+    /// directory that holds users and roles wins over this.
     #[arg(long)]
     pub cluster_name: Option<String>,
+    /// etcd's `--data-dir`: users, roles and the auth switch are read from it (as `etcdinit`
+    /// left them) and every change to them is saved there.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Let the `remote` role also read the KVStoreMesh cache (`cilium/cache/`,
+    /// `cilium/cluster-config/`, `cilium/synced/`), as Cilium 1.16 did: its agents read the
+    /// local cache with the remote certificate. Set by `/usr/bin/etcd` when started by the
+    /// 1.16/1.17 chart (whose etcd container has `HOSTNAME_IP`); off otherwise, as in Cilium
+    /// 1.17+, where remote clusters must not read what this cluster cached of others.
+    #[arg(long, hide = true)]
+    pub remote_reads_agent_cache: bool,
 }
 
 /// Which store the mirror writes to.
@@ -232,10 +265,13 @@ pub struct ClustermeshArgs {
     /// prefer-endpointslice, or only-endpointslice (no services/v1).
     #[arg(long, default_value = "prefer-legacy")]
     pub clustermesh_service_v2: crate::translate::ServiceV2Mode,
-    /// The store to write to.
-    #[arg(long, value_enum, default_value_t = KvstoreKind::Embedded)]
-    pub kvstore: KvstoreKind,
-    /// `key=value` options of the store, e.g. `etcd.config=/var/lib/cilium/etcd-config.yaml`.
+    /// The store to write to. Unset: `etcd` when `--kvstore-opt etcd.config=FILE` is given
+    /// (Cilium's pod, where the store is the `etcd` container), else `embedded`.
+    #[arg(long, value_enum)]
+    pub kvstore: Option<KvstoreKind>,
+    /// `key=value` options of the store, repeatable, merged (a later key wins): `etcd.config`
+    /// (the client file), `etcd.qps`, `etcd.bootstrapQps`, `etcd.maxInflight` and the other
+    /// options of Cilium's etcd module.
     #[arg(long, value_delimiter = ',')]
     pub kvstore_opt: Vec<String>,
     /// TTL of the lease every written key is attached to.
@@ -272,23 +308,68 @@ pub struct ClustermeshArgs {
     pub kvstoremesh: KvstoremeshRoleArgs,
     #[command(flatten)]
     pub kvstoremesh_listeners: KvstoremeshListenerArgs,
+    #[command(flatten)]
+    pub cilium: CiliumCompatArgs,
+}
+
+/// Flags Cilium's chart passes that have no effect here; accepted so that its command lines
+/// run unchanged, and named once in the log when set.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CiliumCompatArgs {
+    /// Cilium's controller-group metrics selection; this server has no controller groups.
+    #[arg(long, value_delimiter = ',')]
+    pub controller_group_metrics: Vec<String>,
+    /// Cilium 1.16's external workloads (VMs joining the mesh); not supported: `true` is
+    /// refused at start-up rather than silently doing nothing.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_external_workloads: bool,
+}
+
+impl CiliumCompatArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.enable_external_workloads {
+            return Err(ConfigError::ExternalWorkloads);
+        }
+        Ok(())
+    }
+
+    /// What to log once at start-up.
+    pub fn ignored(&self) -> Option<String> {
+        (!self.controller_group_metrics.is_empty()).then(|| {
+            format!(
+                "--controller-group-metrics={}: no controller groups here, ignored",
+                self.controller_group_metrics.join(",")
+            )
+        })
+    }
 }
 
 impl ClustermeshArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_local_cluster(&self.cluster_name, self.cluster_id, self.max_connected_clusters)?;
-        if self.kvstore == KvstoreKind::Etcd && self.etcd_config().is_none() {
+        self.cilium.validate()?;
+        let options = KvstoreOptions::parse(&self.kvstore_opt)?;
+        if self.kvstore_kind() == KvstoreKind::Etcd && options.etcd_config.is_none() {
             return Err(ConfigError::NoEtcdConfig);
         }
-        if self.kvstore == KvstoreKind::Embedded {
+        if self.kvstore_kind() == KvstoreKind::Embedded {
             self.store.validate()?;
         }
         Ok(())
     }
 
+    /// `--kvstore`, or what Cilium's pod means by leaving it unset.
+    pub fn kvstore_kind(&self) -> KvstoreKind {
+        self.kvstore.unwrap_or(if self.etcd_config().is_some() { KvstoreKind::Etcd } else { KvstoreKind::Embedded })
+    }
+
     /// `--kvstore-opt etcd.config=FILE`.
     pub fn etcd_config(&self) -> Option<PathBuf> {
-        etcd_config_opt(&self.kvstore_opt)
+        KvstoreOptions::parse(&self.kvstore_opt).ok().and_then(|o| o.etcd_config)
+    }
+
+    pub fn kvstore_options(&self) -> Result<KvstoreOptions, ConfigError> {
+        KvstoreOptions::parse(&self.kvstore_opt)
     }
 
     /// `:9962` → all interfaces; empty → off.
@@ -309,9 +390,60 @@ fn validate_local_cluster(name: &str, id: u32, max_connected_clusters: u32) -> R
     Ok(())
 }
 
-/// The file of `--kvstore-opt etcd.config=FILE`, if given.
-fn etcd_config_opt(options: &[String]) -> Option<PathBuf> {
-    options.iter().find_map(|opt| opt.strip_prefix("etcd.config=")).map(PathBuf::from)
+/// `--kvstore-opt`, merged as Cilium's `stringToString` flag merges repeated uses: a later
+/// key wins. Unknown keys are refused, as Cilium's etcd module refuses them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvstoreOptions {
+    /// `etcd.config`: the etcd client file.
+    pub etcd_config: Option<PathBuf>,
+    /// `etcd.qps`: steady-state requests per second to the store.
+    pub qps: Option<f64>,
+    /// `etcd.bootstrapQps`: requests per second until the first synchronisation is done.
+    pub bootstrap_qps: Option<f64>,
+    /// `etcd.maxInflight`: requests in flight at once.
+    pub max_inflight: Option<usize>,
+}
+
+/// The keys of Cilium's etcd module (`pkg/kvstore/etcd.go`), all accepted; those not in
+/// [`KvstoreOptions`] change nothing here.
+const ETCD_OPTIONS: &[&str] = &[
+    "etcd.address",
+    "etcd.config",
+    "etcd.qps",
+    "etcd.bootstrapQps",
+    "etcd.maxInflight",
+    "etcd.listLimit",
+    "etcd.leaseTTL",
+    "etcd.keepaliveHeartbeat",
+    "etcd.keepaliveTimeout",
+];
+
+impl KvstoreOptions {
+    pub fn parse(options: &[String]) -> Result<Self, ConfigError> {
+        let mut parsed = Self::default();
+        for option in options.iter().filter(|o| !o.trim().is_empty()) {
+            let (key, value) =
+                option.split_once('=').ok_or_else(|| ConfigError::KvstoreOpt(option.clone(), "expected key=value"))?;
+            let bad = |why| ConfigError::KvstoreOpt(option.clone(), why);
+            match key {
+                "etcd.config" => parsed.etcd_config = Some(PathBuf::from(value)),
+                "etcd.qps" => {
+                    parsed.qps = Some(value.parse().ok().filter(|q: &f64| *q > 0.0).ok_or(bad("a positive number"))?)
+                }
+                "etcd.bootstrapQps" => {
+                    parsed.bootstrap_qps =
+                        Some(value.parse().ok().filter(|q: &f64| *q > 0.0).ok_or(bad("a positive number"))?)
+                }
+                "etcd.maxInflight" => {
+                    parsed.max_inflight =
+                        Some(value.parse().ok().filter(|n: &usize| *n > 0).ok_or(bad("a positive integer"))?)
+                }
+                key if ETCD_OPTIONS.contains(&key) => {}
+                _ => return Err(bad("unknown option")),
+            }
+        }
+        Ok(parsed)
+    }
 }
 
 /// Cilium's `--prometheus-serve-addr` spelling: `:9962` → all interfaces; empty → off.
@@ -388,8 +520,8 @@ pub struct KvstoremeshArgs {
     /// The local store's kind.
     #[arg(long, value_enum, default_value_t = KvstoremeshBackend::Etcd)]
     pub kvstore: KvstoremeshBackend,
-    /// `key=value` options of the local store; `etcd.config=FILE` is required (etcd.qps and
-    /// the other rate options Cilium's chart passes are accepted and ignored).
+    /// `key=value` options of the local store, repeatable, merged: `etcd.config=FILE` is
+    /// required; `etcd.maxInflight` bounds the cache writes in flight.
     #[arg(long, value_delimiter = ',')]
     pub kvstore_opt: Vec<String>,
     /// TTL of the lease every cached key is written with.
@@ -413,15 +545,15 @@ pub struct KvstoremeshArgs {
     /// Address of the status API read by `kvstoremesh-dbg` (`GET /v1/cluster`); empty turns it off.
     #[arg(long, default_value = "localhost:9889")]
     pub api_serve_addr: String,
-    /// Accepted for Cilium's command lines; this server has no controller groups.
-    #[arg(long, hide = true)]
-    pub controller_group_metrics: Option<String>,
+    #[command(flatten)]
+    pub cilium: CiliumCompatArgs,
 }
 
 impl KvstoremeshArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_local_cluster(&self.cluster_name, self.cluster_id, self.max_connected_clusters)?;
-        if self.etcd_config().is_none() {
+        self.cilium.validate()?;
+        if KvstoreOptions::parse(&self.kvstore_opt)?.etcd_config.is_none() {
             return Err(ConfigError::NoEtcdConfig);
         }
         if self.role.clustermesh_config.is_none() {
@@ -433,7 +565,11 @@ impl KvstoremeshArgs {
 
     /// `--kvstore-opt etcd.config=FILE`.
     pub fn etcd_config(&self) -> Option<PathBuf> {
-        etcd_config_opt(&self.kvstore_opt)
+        KvstoreOptions::parse(&self.kvstore_opt).ok().and_then(|o| o.etcd_config)
+    }
+
+    pub fn kvstore_options(&self) -> Result<KvstoreOptions, ConfigError> {
+        KvstoreOptions::parse(&self.kvstore_opt)
     }
 }
 
@@ -513,9 +649,23 @@ pub enum ConfigError {
     NoClustermeshConfig,
     #[error("invalid address {0:?}")]
     BadAddr(String),
+    #[error("--kvstore-opt {0:?}: {1}")]
+    KvstoreOpt(String, &'static str),
+    #[error("--enable-external-workloads: external workloads are not supported by this server")]
+    ExternalWorkloads,
 }
 
 impl StoreArgs {
+    /// Every flag at its default.
+    pub fn etcd_defaults() -> Self {
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            store: StoreArgs,
+        }
+        Defaults::parse_from(["defaults"]).store
+    }
+
     pub fn listen_urls(&self) -> Result<Vec<ListenUrl>, ConfigError> {
         self.listen_client_urls.iter().map(|url| parse_listen_url(url, "https://")).collect()
     }
@@ -555,7 +705,7 @@ fn parse_listen_url(url: &str, scheme: &'static str) -> Result<ListenUrl, Config
     Ok(ListenUrl { url: url.to_owned(), addr })
 }
 
-fn humantime_secs(text: &str) -> Result<Duration, String> {
+pub(crate) fn humantime_secs(text: &str) -> Result<Duration, String> {
     parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration like 10s, 5m or 1h"))
 }
 

@@ -18,6 +18,7 @@ pub mod kvstore;
 pub mod kvstoremesh;
 pub mod mesh;
 pub mod metrics;
+pub mod persona;
 pub mod pki;
 pub mod process_metrics;
 pub mod shutdown;

@@ -386,13 +386,71 @@ impl AuthStore {
         if allowed { Ok(()) } else { Err(Error::PermissionDenied) }
     }
 
+    /// What survives a restart (what etcd keeps in its backend's auth buckets): the switch,
+    /// the revision, every user's roles and every role's permissions.
+    pub fn state(&self) -> AuthState {
+        AuthState {
+            enabled: self.enabled,
+            revision: self.revision,
+            users: self.users.iter().map(|(name, user)| (name.clone(), user.roles.clone())).collect(),
+            roles: self.roles.clone(),
+        }
+    }
+
+    /// The store a saved [`AuthState`] describes. A state no etcd could have reached (a role
+    /// granted that does not exist, auth on without `root`, an invalid range) is refused, so
+    /// a damaged file fails start-up instead of granting something by accident.
+    pub fn from_state(state: AuthState) -> std::result::Result<Self, InvalidAuthState> {
+        let AuthState { enabled, revision, users, roles } = state;
+        for (role, perms) in &roles {
+            if let Some(perm) = perms.iter().find(|p| !is_valid_permission_range(&p.key, &p.range_end)) {
+                return Err(InvalidAuthState(format!("role {role:?} has an invalid range {perm:?}")));
+            }
+        }
+        for (user, granted) in &users {
+            if let Some(role) = granted.iter().find(|r| r.as_str() != ROOT_ROLE && !roles.contains_key(*r)) {
+                return Err(InvalidAuthState(format!("user {user:?} holds role {role:?}, which does not exist")));
+            }
+        }
+        if enabled && !users.get(ROOT_USER).is_some_and(|r| r.contains(ROOT_ROLE)) {
+            return Err(InvalidAuthState("auth is enabled but user root does not hold role root".to_owned()));
+        }
+        let users = users.into_iter().map(|(name, roles)| (name, User { roles, no_password: true })).collect();
+        let mut roles = roles;
+        for perms in roles.values_mut() {
+            perms.sort_by(|a, b| (&a.key, &a.range_end).cmp(&(&b.key, &b.range_end)));
+        }
+        let mut auth = Self { enabled, revision, users, roles, cache: HashMap::new() };
+        auth.rebuild_cache();
+        Ok(auth)
+    }
+
     /// Records a change: moves the revision and rebuilds the permission cache.
     fn commit(&mut self) {
         self.revision += 1;
+        self.rebuild_cache();
+    }
+
+    fn rebuild_cache(&mut self) {
         self.cache =
             self.users.iter().map(|(name, user)| (name.clone(), UserPerms::merge(user, &self.roles))).collect();
     }
 }
+
+/// The persistent part of an [`AuthStore`]; see [`AuthStore::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthState {
+    pub enabled: bool,
+    pub revision: u64,
+    /// User name → the roles granted to it.
+    pub users: BTreeMap<String, BTreeSet<String>>,
+    /// Role name → its permissions.
+    pub roles: BTreeMap<String, Vec<Permission>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("inconsistent auth state: {0}")]
+pub struct InvalidAuthState(String);
 
 /// etcd's `isValidPermissionRange`: a non-empty key, and either a single key, a proper
 /// range, or an open-ended one.

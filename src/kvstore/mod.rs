@@ -4,6 +4,7 @@
 pub mod embedded;
 pub mod etcd;
 pub mod instrumented;
+pub mod limited;
 pub mod quorum;
 
 use std::future::Future;

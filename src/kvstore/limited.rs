@@ -1,0 +1,145 @@
+//! Cilium's `--kvstore-opt etcd.qps` and `etcd.bootstrapQps`: a bound on the requests per
+//! second sent to an attached etcd, with a higher bound until the first synchronisation is
+//! done (Cilium's etcd client swaps its rate limiter the same way once bootstrap completes).
+//!
+//! A token bucket holding one second of requests: a quiet client may send a burst that
+//! large, a busy one is held to the rate. Lease renewals pass unlimited, so that a slow rate
+//! can never let the lease of every written key expire.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::{Backend, Result};
+
+/// Requests per second before and after bootstrap; `None` is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    pub bootstrap: Option<f64>,
+    pub steady: Option<f64>,
+}
+
+#[derive(Debug)]
+pub struct Limiter {
+    rates: Rates,
+    bootstrapped: AtomicBool,
+    /// When the next request may go, if the bucket were empty.
+    next: Mutex<Option<Instant>>,
+}
+
+impl Limiter {
+    pub fn new(rates: Rates) -> Arc<Self> {
+        Arc::new(Self { rates, bootstrapped: AtomicBool::new(false), next: Mutex::new(None) })
+    }
+
+    /// From now on, the steady rate applies.
+    pub fn bootstrap_done(&self) {
+        if !self.bootstrapped.swap(true, Ordering::Relaxed) {
+            tracing::debug!(rate = ?self.rates.steady, "kvstore rate: bootstrap done");
+        }
+    }
+
+    fn rate(&self) -> Option<f64> {
+        if self.bootstrapped.load(Ordering::Relaxed) { self.rates.steady } else { self.rates.bootstrap }
+    }
+
+    /// Waits for this request's turn.
+    pub async fn acquire(&self) {
+        let Some(rate) = self.rate() else { return };
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        // One second of requests may go at once after a quiet period.
+        let burst = Duration::from_secs(1);
+        let now = Instant::now();
+        let turn = {
+            let mut next = self.next.lock();
+            let earliest = now.checked_sub(burst).unwrap_or(now);
+            let turn = next.map_or(earliest, |n| n.max(earliest));
+            *next = Some(turn + interval);
+            turn
+        };
+        if turn > now {
+            tokio::time::sleep_until(turn).await;
+        }
+    }
+}
+
+/// A backend whose key operations wait for the [`Limiter`].
+pub struct RateLimited<B> {
+    inner: Arc<B>,
+    limiter: Arc<Limiter>,
+}
+
+impl<B> RateLimited<B> {
+    pub fn new(inner: Arc<B>, limiter: Arc<Limiter>) -> Self {
+        Self { inner, limiter }
+    }
+}
+
+impl<B: Backend> Backend for RateLimited<B> {
+    async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
+        self.limiter.acquire().await;
+        self.inner.grant_lease(ttl).await
+    }
+
+    async fn keep_alive(&self, lease: i64) -> Result<()> {
+        self.inner.keep_alive(lease).await
+    }
+
+    async fn put(&self, key: &str, value: Bytes, lease: i64) -> Result<()> {
+        self.limiter.acquire().await;
+        self.inner.put(key, value, lease).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.limiter.acquire().await;
+        self.inner.get(key).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.limiter.acquire().await;
+        self.inner.delete(key).await
+    }
+
+    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        self.limiter.acquire().await;
+        self.inner.keys_with_prefix(prefix).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts the requests let through by a given (paused, virtual) time.
+    async fn passed_within(limiter: &Arc<Limiter>, requests: usize, within: Duration) -> usize {
+        let start = Instant::now();
+        let mut passed = 0;
+        for _ in 0..requests {
+            limiter.acquire().await;
+            if Instant::now().duration_since(start) <= within {
+                passed += 1;
+            }
+        }
+        passed
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_steady_rate_holds_after_a_burst_of_one_second() {
+        let limiter = Limiter::new(Rates { bootstrap: Some(1000.0), steady: Some(10.0) });
+        limiter.bootstrap_done();
+        // A one-second burst (10), then 10 per second: 20 by the end of the first second.
+        let passed = passed_within(&limiter, 40, Duration::from_secs(1)).await;
+        assert!((19..=21).contains(&passed), "{passed}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bootstrap_runs_at_the_bootstrap_rate() {
+        let limiter = Limiter::new(Rates { bootstrap: Some(1000.0), steady: Some(10.0) });
+        let passed = passed_within(&limiter, 1500, Duration::from_secs(1)).await;
+        assert!(passed >= 1500, "{passed}");
+    }
+}
