@@ -55,8 +55,13 @@ pub enum UsersError {
 /// The users file: `users: [{name, role}]`.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
 pub struct UsersFile {
-    #[serde(default)]
+    /// `users:` with nothing after it (a null list) is valid, as in Cilium: no users.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub users: Vec<UserEntry>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<UserEntry>, D::Error> {
+    Ok(Option::<Vec<UserEntry>>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -236,6 +241,7 @@ mod tests {
         assert_eq!(parsed.users[1], UserEntry { name: "remote-cluster3".into(), role: "remote".into() });
         assert_eq!(file(""), UsersFile::default());
         assert_eq!(file("users: []\n"), UsersFile::default());
+        assert_eq!(file("users:\n"), UsersFile::default());
     }
 
     #[tokio::test]

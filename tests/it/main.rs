@@ -3,6 +3,7 @@
 mod auth_mtls;
 mod certs;
 mod chaos;
+mod chart_pods;
 mod client_remote;
 mod conformance;
 mod differential;

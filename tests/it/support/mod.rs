@@ -15,6 +15,7 @@ pub mod fake_k8s;
 pub mod fuzz_targets;
 pub mod kvstoremesh;
 pub mod mirror;
+pub mod pod;
 pub mod process;
 pub mod relay;
 pub mod server;
