@@ -93,7 +93,7 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     };
     let source = match (&args.k8s_objects_dir, &args.k8s_kubeconfig_path) {
         (Some(dir), _) => Source::Directory(dir.clone(), Duration::from_secs(1)),
-        (None, path) => Source::Kubernetes(kube_client(path.as_deref()).await?),
+        (None, path) => Source::Kubernetes(kube_client(path.as_deref(), args.k8s_api_server()).await?),
     };
     let mut config = ClustermeshConfig::new(settings, source);
     config.lease_ttl = args.kvstore_lease_ttl;
@@ -365,15 +365,24 @@ fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+async fn kube_client(kubeconfig: Option<&std::path::Path>, api_server: Option<&str>) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?
         }
+        // Cilium's --k8s-api-server without credentials of its own: the in-cluster ones when
+        // there are, else the URL alone.
+        None if api_server.is_some() => match kube::Config::incluster() {
+            Ok(config) => config,
+            Err(_) => kube::Config::new(api_server.unwrap_or_default().parse().context("--k8s-api-server")?),
+        },
         None => kube::Config::infer().await.context("finding the Kubernetes API (in-cluster or kubeconfig)")?,
     };
+    if let Some(url) = api_server {
+        config.cluster_url = url.parse().with_context(|| format!("--k8s-api-server {url:?}"))?;
+    }
     Ok(kube::Client::try_from(config)?)
 }
 

@@ -288,6 +288,12 @@ pub struct ClustermeshArgs {
     /// Kubeconfig to reach the Kubernetes API (default: in-cluster, then ~/.kube/config).
     #[arg(long)]
     pub k8s_kubeconfig_path: Option<PathBuf>,
+    /// The Kubernetes API server's URL, over the kubeconfig's or the in-cluster one.
+    #[arg(long)]
+    pub k8s_api_server: Option<String>,
+    /// Cilium's list form of --k8s-api-server; the first URL is used.
+    #[arg(long, value_delimiter = ',')]
+    pub k8s_api_server_urls: Vec<String>,
     /// Read objects from this directory of YAML/JSON manifests instead of the Kubernetes API.
     #[arg(long, conflicts_with = "k8s_kubeconfig_path")]
     pub k8s_objects_dir: Option<PathBuf>,
@@ -312,8 +318,11 @@ pub struct ClustermeshArgs {
     pub cilium: CiliumCompatArgs,
 }
 
-/// Flags Cilium's chart passes that have no effect here; accepted so that its command lines
-/// run unchanged, and named once in the log when set.
+/// Flags of Cilium's `clustermesh` and `kvstoremesh` commands (their cmdref, 1.16 to 1.20)
+/// that change nothing here: Go runtime endpoints (gops, pprof, the hive shell), log drivers,
+/// controller groups, Kubernetes client tuning this server does not apply yet. Accepted, so
+/// that Cilium's command lines and users' `extraArgs` run unchanged, and named once in the log
+/// when set.
 #[derive(Debug, Args, Clone, Default)]
 pub struct CiliumCompatArgs {
     /// Cilium's controller-group metrics selection; this server has no controller groups.
@@ -323,6 +332,52 @@ pub struct CiliumCompatArgs {
     /// refused at start-up rather than silently doing nothing.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub enable_external_workloads: bool,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub enable_gops: Option<bool>,
+    #[arg(long, hide = true)]
+    pub gops_port: Option<u16>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub pprof: Option<bool>,
+    #[arg(long, hide = true)]
+    pub pprof_address: Option<String>,
+    #[arg(long, hide = true)]
+    pub pprof_port: Option<u16>,
+    #[arg(long, hide = true)]
+    pub pprof_block_profile_rate: Option<i64>,
+    #[arg(long, hide = true)]
+    pub pprof_mutex_profile_fraction: Option<i64>,
+    #[arg(long, hide = true)]
+    pub shell_sock_path: Option<String>,
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub log_driver: Vec<String>,
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub log_opt: Vec<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub enable_k8s: Option<bool>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub enable_k8s_api_discovery: Option<bool>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub enable_k8s_endpoint_slice: Option<bool>,
+    #[arg(long, hide = true)]
+    pub crd_wait_timeout: Option<String>,
+    #[arg(long, hide = true)]
+    pub k8s_client_qps: Option<f32>,
+    #[arg(long, hide = true)]
+    pub k8s_client_burst: Option<i64>,
+    #[arg(long, hide = true)]
+    pub k8s_client_connection_keep_alive: Option<String>,
+    #[arg(long, hide = true)]
+    pub k8s_client_connection_timeout: Option<String>,
+    #[arg(long, hide = true)]
+    pub k8s_heartbeat_timeout: Option<String>,
+    #[arg(long, hide = true)]
+    pub k8s_service_proxy_name: Option<String>,
+    #[arg(long, hide = true)]
+    pub kvstore_connectivity_timeout: Option<String>,
+    #[arg(long, hide = true)]
+    pub kvstore_max_consecutive_quorum_errors: Option<u64>,
+    #[arg(long, hide = true)]
+    pub kvstore_periodic_sync: Option<String>,
 }
 
 impl CiliumCompatArgs {
@@ -333,18 +388,48 @@ impl CiliumCompatArgs {
         Ok(())
     }
 
-    /// What to log once at start-up.
+    /// The flags given that change nothing here, for one log line at start-up.
     pub fn ignored(&self) -> Option<String> {
-        (!self.controller_group_metrics.is_empty()).then(|| {
-            format!(
-                "--controller-group-metrics={}: no controller groups here, ignored",
-                self.controller_group_metrics.join(",")
-            )
-        })
+        let set = [
+            ("controller-group-metrics", !self.controller_group_metrics.is_empty()),
+            ("enable-gops", self.enable_gops.is_some()),
+            ("gops-port", self.gops_port.is_some()),
+            ("pprof", self.pprof.is_some()),
+            ("pprof-address", self.pprof_address.is_some()),
+            ("pprof-port", self.pprof_port.is_some()),
+            ("pprof-block-profile-rate", self.pprof_block_profile_rate.is_some()),
+            ("pprof-mutex-profile-fraction", self.pprof_mutex_profile_fraction.is_some()),
+            ("shell-sock-path", self.shell_sock_path.is_some()),
+            ("log-driver", !self.log_driver.is_empty()),
+            ("log-opt", !self.log_opt.is_empty()),
+            ("enable-k8s", self.enable_k8s.is_some()),
+            ("enable-k8s-api-discovery", self.enable_k8s_api_discovery.is_some()),
+            ("enable-k8s-endpoint-slice", self.enable_k8s_endpoint_slice.is_some()),
+            ("crd-wait-timeout", self.crd_wait_timeout.is_some()),
+            ("k8s-client-qps", self.k8s_client_qps.is_some()),
+            ("k8s-client-burst", self.k8s_client_burst.is_some()),
+            ("k8s-client-connection-keep-alive", self.k8s_client_connection_keep_alive.is_some()),
+            ("k8s-client-connection-timeout", self.k8s_client_connection_timeout.is_some()),
+            ("k8s-heartbeat-timeout", self.k8s_heartbeat_timeout.is_some()),
+            ("k8s-service-proxy-name", self.k8s_service_proxy_name.is_some()),
+            ("kvstore-connectivity-timeout", self.kvstore_connectivity_timeout.is_some()),
+            ("kvstore-max-consecutive-quorum-errors", self.kvstore_max_consecutive_quorum_errors.is_some()),
+            ("kvstore-periodic-sync", self.kvstore_periodic_sync.is_some()),
+        ];
+        let names: Vec<&str> = set.iter().filter(|(_, given)| *given).map(|(name, _)| *name).collect();
+        (!names.is_empty()).then(|| format!("Cilium flags without effect here, ignored: {}", names.join(", ")))
     }
 }
 
 impl ClustermeshArgs {
+    /// `--k8s-api-server`, else the first of `--k8s-api-server-urls`.
+    pub fn k8s_api_server(&self) -> Option<&str> {
+        self.k8s_api_server
+            .as_deref()
+            .or(self.k8s_api_server_urls.first().map(String::as_str))
+            .filter(|u| !u.is_empty())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_local_cluster(&self.cluster_name, self.cluster_id, self.max_connected_clusters)?;
         self.cilium.validate()?;
@@ -765,6 +850,42 @@ mod tests {
         assert!(matches!(parse(&["--cluster-id=256", "--auto-tls"]), Err(ConfigError::ClusterId { .. })));
         assert!(parse(&["--cluster-id=256", "--max-connected-clusters=511", "--auto-tls"]).is_ok());
         assert!(matches!(parse(&["--cluster-id=3", "--kvstore=etcd"]), Err(ConfigError::NoEtcdConfig)));
+    }
+
+    #[test]
+    fn repeated_kvstore_opts_merge_and_name_the_store_as_ciliums_pod_does() {
+        let parse = |args: &[&str]| {
+            let args =
+                [&["clustermesh-apiserver", "clustermesh", "--cluster-name=c1", "--cluster-id=1"], args].concat();
+            let Command::Clustermesh(args) = Cli::try_parse_from(args).expect("parses").command else {
+                panic!("clustermesh command")
+            };
+            args
+        };
+        let chart = parse(&[
+            "--kvstore-opt=etcd.config=/var/lib/cilium/etcd-config.yaml",
+            "--kvstore-opt=etcd.qps=20",
+            "--kvstore-opt=etcd.bootstrapQps=10000",
+            // The 1.15 chart's spelling: flag and value as two words; a later key wins.
+            "--kvstore-opt",
+            "etcd.qps=50,etcd.maxInflight=10",
+            "--controller-group-metrics=all",
+            "--enable-external-workloads=false",
+            "--k8s-client-qps=30",
+        ]);
+        let options = chart.kvstore_options().unwrap();
+        assert_eq!(options.etcd_config.as_deref(), Some(std::path::Path::new("/var/lib/cilium/etcd-config.yaml")));
+        assert_eq!((options.qps, options.bootstrap_qps, options.max_inflight), (Some(50.0), Some(10000.0), Some(10)));
+        assert_eq!(chart.kvstore_kind(), KvstoreKind::Etcd, "an etcd client file means the etcd container");
+        assert!(chart.validate().is_ok());
+        assert!(chart.cilium.ignored().unwrap().contains("k8s-client-qps"));
+
+        assert_eq!(parse(&["--auto-tls"]).kvstore_kind(), KvstoreKind::Embedded);
+        assert!(matches!(parse(&["--kvstore-opt=etcd.bogus=1"]).validate(), Err(ConfigError::KvstoreOpt(..))));
+        assert!(matches!(
+            parse(&["--auto-tls", "--enable-external-workloads"]).validate(),
+            Err(ConfigError::ExternalWorkloads)
+        ));
     }
 
     #[test]
