@@ -1,5 +1,5 @@
 //! Cilium-shaped keys and values: what a clustermesh-apiserver of a big mesh holds. Value
-//! shapes come from `shared/reference/cilium-test-vectors.json` (the `node`, `identity` and
+//! shapes come from `tests/fixtures/cilium-test-vectors.json` (the `node`, `identity` and
 //! `ipcache` entries), with the identifying parts (name, IP, ID) replaced per key.
 
 use std::path::{Path, PathBuf};
@@ -49,13 +49,13 @@ pub struct Shapes {
     ipcache: Vec<Template>,
 }
 
-/// `../shared/reference/cilium-test-vectors.json` next to the repository (as CI lays it out),
+/// `tests/fixtures/cilium-test-vectors.json` of the repository,
 /// or `$CILIUM_TEST_VECTORS`.
 pub fn default_vectors_path() -> PathBuf {
     if let Some(path) = std::env::var_os("CILIUM_TEST_VECTORS").filter(|v| !v.is_empty()) {
         return PathBuf::from(path);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/cilium-test-vectors.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cilium-test-vectors.json")
 }
 
 impl Shapes {

@@ -1,4 +1,4 @@
-//! Replays Cilium's own golden scenarios (`../shared/reference/cilium-golden`) against the model.
+//! Replays Cilium's own golden scenarios (`tests/fixtures/cilium-golden`) against the model.
 //!
 //! Each scenario's Kubernetes objects go through `Object::from_value` and `Model::apply`/`delete`;
 //! at each `expect` step the model's `desired()` under the step's prefix must equal the expected
@@ -47,7 +47,7 @@ const EXPORT_MODE_FIELD: &str = r#","endpointSlicesExportMode":"services-and-end
 fn golden_dir() -> PathBuf {
     let dir = std::env::var_os("CILIUM_GOLDEN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/cilium-golden"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cilium-golden"));
     assert!(
         dir.join("README.md").is_file(),
         "Cilium golden scenarios not found at {} (set CILIUM_GOLDEN_DIR to the cilium-golden directory)",

@@ -33,7 +33,7 @@ use crate::support::{EmbeddedStore, EtcdProcess, FakeApiServer, Pki, eventually,
 /// Bound on every wait for the client to catch up.
 const CATCH_UP: Duration = Duration::from_secs(20);
 
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/reference/cilium-test-vectors.json");
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cilium-test-vectors.json");
 
 fn name(s: &str) -> ClusterName {
     ClusterName::new(s).expect("valid cluster name")

@@ -1,4 +1,4 @@
-//! Cilium's own golden scenarios (`../shared/reference/cilium-golden`, or `CILIUM_GOLDEN_DIR`)
+//! Cilium's own golden scenarios (`tests/fixtures/cilium-golden`, or `CILIUM_GOLDEN_DIR`)
 //! replayed through the real server path: scenario YAML → [`FakeApiServer`] (real list/watch
 //! HTTP) → kube-rs watchers → mirror → our embedded store. The store is then checked byte for
 //! byte against the scenario's expectations. One test per scenario, so a failure names it, and
@@ -115,7 +115,7 @@ fn every_golden_scenario_has_a_conformance_test() {
 fn golden_dir() -> PathBuf {
     let dir = std::env::var_os("CILIUM_GOLDEN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/cilium-golden"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cilium-golden"));
     assert!(
         dir.join("README.md").is_file(),
         "Cilium golden scenarios not found at {} (set CILIUM_GOLDEN_DIR to the cilium-golden directory)",

@@ -496,7 +496,7 @@ mod vectors {
     use super::tests::validation;
     use super::*;
 
-    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference/cilium-test-vectors.json");
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/cilium-test-vectors.json");
 
     /// The cluster a vector belongs to: from its key, or (identities, ipcache in the state
     /// layout) from its identity, whose top bits are the cluster ID.
