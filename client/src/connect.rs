@@ -104,25 +104,14 @@ impl Connection {
     /// Builds the client from `config`. `etcd-client` dials lazily, so this only fails on bad
     /// configuration; an unreachable server shows up on the first request.
     pub(crate) async fn open(config: &EtcdConfig, options: Arc<ClientOptions>) -> Result<Self> {
-        let https = config.endpoints.iter().filter(|e| e.starts_with("https://")).count();
-        let plain = config.endpoints.iter().filter(|e| e.starts_with("http://")).count();
-        let mut connect = ConnectOptions::new()
-            .with_connect_timeout(config.dial_timeout.unwrap_or(options.dial_timeout))
-            .with_keep_alive(options.keep_alive.0, options.keep_alive.1)
+        let dial = Dial {
+            dial_timeout: options.dial_timeout,
+            keep_alive: options.keep_alive,
+            request_timeout: None,
             // Cilium opens its watches with `WithRequireLeader` (`hasleader: true`).
-            .with_require_leader(true);
-        if let Some(user) = &config.username {
-            connect = connect.with_user(user.clone(), config.password.clone().unwrap_or_default());
-        }
-        match (https, plain) {
-            (0, _) if config.insecure_transport => {}
-            (0, _) => {
-                return Err(Error::Unsupported("plain http:// endpoints need insecure-transport: true".into()));
-            }
-            (_, 0) => connect = connect.with_tls(tls_options(config).await?),
-            _ => return Err(Error::Unsupported("mixed http:// and https:// endpoints".into())),
-        }
-        let client = Client::connect(&config.endpoints, Some(connect)).await.map_err(Error::Client)?;
+            require_leader: true,
+        };
+        let client = dial_client(config, &dial).await?;
         Ok(Self { client, lock: Arc::default(), options })
     }
 
@@ -203,6 +192,47 @@ async fn tls_options(config: &EtcdConfig) -> Result<TlsOptions> {
         _ => return Err(Error::Unsupported("cert-file and key-file go together".into())),
     }
     Ok(tls)
+}
+
+/// How a client built from an etcd client file dials, beyond what the file says.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// Used when the file has no `dial-timeout`.
+    pub dial_timeout: Duration,
+    /// Keep-alive interval and timeout of the HTTP/2 connection.
+    pub keep_alive: (Duration, Duration),
+    /// Bound on every request (none: each caller bounds its own).
+    pub request_timeout: Option<Duration>,
+    /// etcd's `WithRequireLeader` on watches.
+    pub require_leader: bool,
+}
+
+/// An etcd client for Cilium's etcd client file, as Cilium reads the file (`endpoints`,
+/// `trusted-ca-file` or `ca-file`, `cert-file`/`key-file`, `insecure-transport`,
+/// `dial-timeout`, `username`/`password`): the one place such a file becomes a connection, for
+/// remote clusters and for the attached local store alike.
+pub async fn dial_client(config: &EtcdConfig, dial: &Dial) -> Result<Client> {
+    let https = config.endpoints.iter().filter(|e| e.starts_with("https://")).count();
+    let plain = config.endpoints.iter().filter(|e| e.starts_with("http://")).count();
+    let mut connect = ConnectOptions::new()
+        .with_connect_timeout(config.dial_timeout.unwrap_or(dial.dial_timeout))
+        .with_keep_alive(dial.keep_alive.0, dial.keep_alive.1)
+        .with_require_leader(dial.require_leader);
+    if let Some(timeout) = dial.request_timeout {
+        connect = connect.with_timeout(timeout);
+    }
+    if let Some(user) = &config.username {
+        connect = connect.with_user(user.clone(), config.password.clone().unwrap_or_default());
+    }
+    match (https, plain) {
+        (0, _) if config.insecure_transport => {}
+        (0, _) => {
+            return Err(Error::Unsupported("plain http:// endpoints need insecure-transport: true".into()));
+        }
+        (_, 0) => connect = connect.with_tls(tls_options(config).await?),
+        _ => return Err(Error::Unsupported("mixed http:// and https:// endpoints".into())),
+    }
+    Client::connect(&config.endpoints, Some(connect)).await.map_err(Error::Client)
 }
 
 /// How long to wait before re-opening a watch or re-reading a prefix after `attempt` failures

@@ -1,59 +1,49 @@
 //! An attached etcd (one member or a cluster) as a backend, configured by Cilium's etcd
-//! client YAML (`endpoints`, `trusted-ca-file`, `cert-file`, `key-file`).
+//! client file. The file is read, and becomes a connection, exactly as for a remote cluster:
+//! by the client library's `EtcdConfig` and `dial_client`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{
-    Certificate, Client, ConnectOptions, DeleteOptions, GetOptions, Identity, LeaseGrantOptions, PutOptions, TlsOptions,
-};
-use serde::Deserialize;
+use clustermesh_client::config::EtcdConfig as ClientFile;
+use clustermesh_client::connect::{Dial, dial_client};
+use etcd_client::{Client, DeleteOptions, GetOptions, LeaseGrantOptions, PutOptions};
 
 use super::{Backend, Error, Result};
 
 /// Cilium's etcd client configuration file (`--kvstore-opt etcd.config=FILE`).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
-    pub endpoints: Vec<String>,
-    pub trusted_ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
+    path: String,
+    file: ClientFile,
 }
+
+/// The writer's dialing: Cilium's etcd client defaults for the local store.
+const DIAL: Dial = Dial {
+    dial_timeout: Duration::from_secs(5),
+    keep_alive: (Duration::from_secs(15), Duration::from_secs(5)),
+    request_timeout: Some(Duration::from_secs(15)),
+    require_leader: false,
+};
 
 impl EtcdConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let config_error = |reason: String| Error::Config { path: path.display().to_string(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| config_error(e.to_string()))?;
-        let config: Self = serde_saphyr::from_str(&text).map_err(|e| config_error(e.to_string()))?;
-        if config.endpoints.is_empty() {
-            return Err(config_error("no endpoints".into()));
-        }
-        Ok(config)
+        let file = ClientFile::parse(&text, path).map_err(|e| config_error(e.to_string()))?;
+        Ok(Self { path: path.display().to_string(), file })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.file.endpoints
     }
 
     /// Connects lazily: the first request dials, and the client redials by itself.
     pub async fn connect(&self) -> Result<Client> {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|e| Error::Config { path: path.display().to_string(), reason: e.to_string() })
-        };
-        let mut tls = None;
-        if let Some(ca) = &self.trusted_ca_file {
-            let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
-            if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
-                options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            tls = Some(options);
-        }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(15))
-            .with_keep_alive(Duration::from_secs(15), Duration::from_secs(5));
-        if let Some(tls) = tls {
-            options = options.with_tls(tls);
-        }
-        Client::connect(&self.endpoints, Some(options)).await.map_err(Error::Etcd)
+        dial_client(&self.file, &DIAL)
+            .await
+            .map_err(|e| Error::Config { path: self.path.clone(), reason: crate::error_chain(&e) })
     }
 }
 
@@ -125,10 +115,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ciliums_etcd_config_file_parses() {
-        let text = "endpoints:\n- https://cluster1.mesh.cilium.io:2379\ntrusted-ca-file: /var/lib/cilium/clustermesh/cluster1-ca.crt\ncert-file: /var/lib/cilium/clustermesh/cluster1.crt\nkey-file: /var/lib/cilium/clustermesh/cluster1.key\n";
-        let config: EtcdConfig = serde_saphyr::from_str(text).expect("parses");
-        assert_eq!(config.endpoints, ["https://cluster1.mesh.cilium.io:2379"]);
-        assert_eq!(config.key_file.as_deref(), Some(Path::new("/var/lib/cilium/clustermesh/cluster1.key")));
+    fn ciliums_etcd_config_file_parses_as_the_client_library_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd-config.yaml");
+        // The file baked into Cilium's image, and the deprecated `ca-file` spelling.
+        std::fs::write(
+            &path,
+            "---\nca-file: /var/lib/cilium/etcd-secrets/ca.crt\nkey-file: /var/lib/cilium/etcd-secrets/tls.key\n\
+             cert-file: /var/lib/cilium/etcd-secrets/tls.crt\nendpoints:\n- https://127.0.0.1:2379\n",
+        )
+        .unwrap();
+        let config = EtcdConfig::load(&path).expect("parses");
+        assert_eq!(config.endpoints(), ["https://127.0.0.1:2379"]);
+        assert_eq!(config.file.trusted_ca_file.as_deref(), Some(Path::new("/var/lib/cilium/etcd-secrets/ca.crt")));
+        std::fs::write(&path, "endpoints: []\n").unwrap();
+        assert!(matches!(EtcdConfig::load(&path), Err(Error::Config { .. })));
     }
 }

@@ -533,8 +533,7 @@ mod tests {
 
     /// Builds the Kubernetes object behind a JSON-view test vector and returns it with the vector.
     fn vector_slice(key: &str) -> (EndpointSlice, serde_json::Value, Settings) {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cilium-test-vectors.json");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cilium-test-vectors.json");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let vectors: serde_json::Value = serde_json::from_str(&text).expect("test vectors are JSON");
         let vector = vectors.as_array().expect("array").iter().find(|v| v["key"] == key).expect("vector").clone();

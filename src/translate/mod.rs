@@ -127,8 +127,7 @@ mod tests {
     use super::*;
 
     fn vector(kind: &str, key: &str) -> String {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cilium-test-vectors.json");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cilium-test-vectors.json");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let vectors: serde_json::Value = serde_json::from_str(&text).expect("test vectors are JSON");
         vectors
