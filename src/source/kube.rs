@@ -50,11 +50,60 @@ pub fn spawn(
             Kind::EndpointSlice => {
                 tracker.spawn(watch(client, kind, Object::EndpointSlice, events, shutdown).instrument(span))
             }
-            Kind::ServiceExport => {
-                tracker.spawn(watch(client, kind, Object::ServiceExport, events, shutdown).instrument(span))
-            }
+            Kind::ServiceExport => tracker.spawn(watch_service_exports(client, events, shutdown).instrument(span)),
             Kind::Namespace => tracker.spawn(watch(client, kind, Object::Namespace, events, shutdown).instrument(span)),
         };
+    }
+}
+
+/// How long to wait before asking again which MCS-API version the cluster serves.
+const MCS_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// ServiceExports in the MCS-API version the cluster serves: `v1beta1` (Cilium 1.20's CRDs)
+/// when it is there, else `v1alpha1` (the CRDs of Cilium 1.17 to 1.19, whose apiservers read
+/// it), waiting for either to appear, as Cilium waits for its CRDs. When the version watched
+/// stops being served (a CRD upgrade that drops it), the version is chosen again.
+///
+/// Cilium 1.20 alone refuses `v1alpha1` and reports degraded until the CRD is upgraded; one
+/// binary for 1.16 to 1.20 cannot tell a 1.19 cluster from a 1.20 one mid-upgrade, and the
+/// objects are the same in both versions, so both are read.
+async fn watch_service_exports(client: Client, events: mpsc::Sender<SourceEvent>, shutdown: CancellationToken) {
+    use crate::k8s::{ServiceExport, ServiceExportV1Alpha1};
+    let kind = Kind::ServiceExport;
+    while !shutdown.is_cancelled() {
+        if served(&Api::<ServiceExport>::all(client.clone())).await {
+            tracing::info!(version = "v1beta1", "watching MCS-API ServiceExports");
+            watch_until_gone(client.clone(), kind, Object::ServiceExport, events.clone(), shutdown.clone()).await;
+            continue;
+        }
+        if served(&Api::<ServiceExportV1Alpha1>::all(client.clone())).await {
+            tracing::info!(version = "v1alpha1", "watching MCS-API ServiceExports");
+            let wrap = |old: ServiceExportV1Alpha1| Object::ServiceExport(ServiceExport::from(old));
+            watch_until_gone(client.clone(), kind, wrap, events.clone(), shutdown.clone()).await;
+            continue;
+        }
+        tracing::warn!("the MCS-API ServiceExport CRD is not served (v1beta1 or v1alpha1); waiting for it");
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(MCS_PROBE_INTERVAL) => {}
+        }
+    }
+}
+
+/// Whether the API serves this resource: a one-item list answers anything but 404.
+async fn served<K>(api: &Api<K>) -> bool
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.list_metadata(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(status)) if status.code == 404 => false,
+        // Anything else (a timeout, a 5xx) is not an answer about the version: the watcher's
+        // own backoff deals with it once a version is chosen.
+        Err(error) => {
+            tracing::debug!(error = %crate::error_chain(&error), "probing the MCS-API version");
+            false
+        }
     }
 }
 
@@ -69,6 +118,43 @@ async fn watch<K>(
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    run_watch(client, kind, wrap, events, shutdown, false).await
+}
+
+/// [`watch`], but returning when the API answers 404: the resource is no longer served.
+async fn watch_until_gone<K>(
+    client: Client,
+    kind: Kind,
+    wrap: fn(K) -> Object,
+    events: mpsc::Sender<SourceEvent>,
+    shutdown: CancellationToken,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    run_watch(client, kind, wrap, events, shutdown, true).await
+}
+
+fn is_not_served(error: &watcher::Error) -> bool {
+    let api = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code,
+        watcher::Error::WatchError(status) => status.code,
+        _ => return false,
+    };
+    api == 404
+}
+
+async fn run_watch<K>(
+    client: Client,
+    kind: Kind,
+    wrap: fn(K) -> Object,
+    events: mpsc::Sender<SourceEvent>,
+    shutdown: CancellationToken,
+    end_when_gone: bool,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     let api: Api<Guarded<K>> = Api::all(client);
     let stream = watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
@@ -79,6 +165,10 @@ async fn watch<K>(
         };
         let event = match next {
             Some(Ok(event)) => event,
+            Some(Err(error)) if end_when_gone && is_not_served(&error) => {
+                tracing::info!(error = %crate::error_chain(&error), "the resource is no longer served");
+                return;
+            }
             Some(Err(error)) => {
                 tracing::warn!(error = %crate::error_chain(&error), "watch failed; retrying with backoff");
                 continue;

@@ -282,9 +282,12 @@ struct RunningPod {
 
 async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path, binary: &Path) -> RunningPod {
     let version = fixture["fixture"]["cilium_release"].as_str().map(str::to_owned).unwrap_or_default();
+    // The test's API serves the MCS-API ServiceExports in `v1alpha1`; Cilium 1.20 installs the
+    // `v1beta1` CRD (`clustermesh-mcs-api-install-crds`) and reads only that version.
     let fake = FakeApiServer::start().await;
-    // The MCS-API CRDs the chart installs (`clustermesh-mcs-api-install-crds`).
-    fake.register(ResourceSpec::new("multicluster.x-k8s.io", "v1beta1", "serviceexports", "ServiceExport", true));
+    if release_at_least(&version, 1, 20) {
+        fake.register(ResourceSpec::new("multicluster.x-k8s.io", "v1beta1", "serviceexports", "ServiceExport", true));
+    }
     seed(&fake, cluster);
     let k8s_ca = clustermesh_apiserver::pki::Authority::new("kubernetes").expect("CA");
     let k8s_cert = k8s_ca.server("kube-apiserver", &["127.0.0.1", "kubernetes.default.svc"]).expect("issue");
@@ -348,6 +351,11 @@ async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path
         pod.spawn(name, &argv(container, &env), &env);
     }
     RunningPod { pod, _fake: fake, version }
+}
+
+fn release_at_least(version: &str, major: u32, minor: u32) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
 
 fn other(cluster: Cluster) -> Cluster {

@@ -38,6 +38,11 @@
 //! - Architecture decision 8: in `serviceexports` and `globalnamespace-serviceexports`, a
 //!   `cilium/state/serviceexports/v1/...` value whose expected text has `"sessionAffinity":""` may
 //!   hold `"sessionAffinity":"None"` instead, and nothing else may differ.
+//! - `serviceexports-crd-upgrade` (Cilium 1.20's behaviour) expects no synced marker for
+//!   ServiceExports while only the `v1alpha1` CRD is served. Cilium 1.17 to 1.19 read `v1alpha1`,
+//!   and one binary serves all of them, so we export from `v1alpha1` (the objects are the same):
+//!   that step checks the marker is *present* instead. The steps after the CRD upgrade are
+//!   checked unchanged.
 //! - The non-normative `global-services-filtering` and `namespace-filtering` expect a cluster
 //!   config that predates `endpointSlicesExportMode`: their `cilium/cluster-config/<cluster>`
 //!   value may have exactly `,"endpointSlicesExportMode":"services-and-endpointslices"` more.
@@ -248,6 +253,11 @@ impl Run {
                 for doc in self.documents(str_field("file")?)? {
                     let crd = crd_resources(&doc)?;
                     self.fake.try_apply(doc).map_err(|e| format!("{e:#}"))?;
+                    // The CRD's served versions replace the ones served before, as on an API server.
+                    if let Some(first) = crd.first() {
+                        let versions: Vec<&str> = crd.iter().map(|spec| spec.version.as_str()).collect();
+                        self.fake.serve_only(&first.group, &first.plural, &versions);
+                    }
                     for spec in crd {
                         self.report.push(format!("fake serves {} {} (from its CRD)", spec.api_version(), spec.plural));
                         self.fake.register(spec);
@@ -280,6 +290,17 @@ impl Run {
                     }
                     tokio::time::sleep(POLL).await;
                 }
+            }
+            "expect_absent" if self.scenario == "serviceexports-crd-upgrade" && step["key"] == V1ALPHA1_CANARY => {
+                // Allowed deviation (see the module documentation): exported from v1alpha1.
+                let deadline = Instant::now() + WAIT;
+                while self.target.get(V1ALPHA1_CANARY).await.is_none() {
+                    if Instant::now() > deadline {
+                        return Err(format!("{V1ALPHA1_CANARY}: exports of a v1alpha1-only cluster not synced"));
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                self.report.push(format!("deviation: {V1ALPHA1_CANARY} present (exported from v1alpha1)"));
             }
             "expect_absent" => {
                 let key = str_field("key")?;
@@ -426,6 +447,9 @@ fn initial_syncs(metrics: &str) -> BTreeMap<String, bool> {
         })
         .collect()
 }
+
+/// The synced marker `serviceexports-crd-upgrade` expects absent while only `v1alpha1` is served.
+const V1ALPHA1_CANARY: &str = "cilium/synced/cluster1/cilium/state/serviceexports/v1";
 
 const SESSION_AFFINITY_EMPTY: &str = r#""sessionAffinity":"""#;
 const SESSION_AFFINITY_NONE: &str = r#""sessionAffinity":"None""#;

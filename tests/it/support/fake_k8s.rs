@@ -248,6 +248,22 @@ impl FakeApiServer {
         }
     }
 
+    /// Stops serving every version of `group`/`plural` not in `versions` (a CRD update that
+    /// drops a version); open watches are closed, as an API server ends them.
+    pub fn serve_only(&self, group: &str, plural: &str, versions: &[&str]) {
+        let removed = {
+            let mut store = self.shared.lock();
+            let before = store.resources.len();
+            store
+                .resources
+                .retain(|r| !(r.group == group && r.plural == plural && !versions.contains(&r.version.as_str())));
+            before != store.resources.len()
+        };
+        if removed {
+            self.close_watches();
+        }
+    }
+
     /// The current global resourceVersion (the RV of the last write, or of the last
     /// [`expire_history`](Self::expire_history)).
     pub fn resource_version(&self) -> u64 {
