@@ -448,8 +448,24 @@ async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
         if fixture["agent_side"]["Secret cilium-kvstoremesh (read by the kvstoremesh container; decoded)"].is_object() {
             check_peer(&fixture, &pki, &mut running, &root, &binary, &label).await;
         }
-        let version = running.pod.run(&["/usr/bin/clustermesh-apiserver".to_owned(), "version".to_owned()], &[]);
+        // What `cilium clustermesh status` and `cilium sysdump` exec in the pod's containers.
+        let exec = |args: &[&str]| {
+            let argv: Vec<String> = std::iter::once("/usr/bin/clustermesh-apiserver")
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect();
+            running.pod.run(&argv, &[])
+        };
+        let version = exec(&["version"]);
         assert!(version.status.success(), "{label}: version: {version:?}");
+        let status = exec(&["kvstoremesh-dbg", "status", "-o", "json"]);
+        let json = String::from_utf8_lossy(&status.stdout);
+        assert!(status.status.success(), "{label}: kvstoremesh-dbg status: {status:?}");
+        let clusters: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{label}: {e}: {json}"));
+        let peers = usize::from(
+            fixture["agent_side"]["Secret cilium-kvstoremesh (read by the kvstoremesh container; decoded)"].is_object(),
+        );
+        assert_eq!(clusters.as_array().map(Vec::len), Some(peers), "{label}: kvstoremesh-dbg status: {json}");
         running.pod.assert_running();
     }
 }
