@@ -201,21 +201,21 @@ mod tests {
 
     #[test]
     fn ciliums_1_20_etcd_container_becomes_our_store() {
-        let serve = serve(&[
-            "--data-dir=/var/run/etcd",
-            "--name=clustermesh-apiserver",
-            "--client-cert-auth",
-            "--trusted-ca-file=/var/lib/etcd-secrets/ca.crt",
-            "--cert-file=/var/lib/etcd-secrets/tls.crt",
-            "--key-file=/var/lib/etcd-secrets/tls.key",
-            "--listen-client-urls=https://0.0.0.0:2379",
-            "--advertise-client-urls=https://localhost:2379",
-            "--initial-cluster-token=0c4f6c58-9a55-4a43-8a4a-5b0d3bb0d9c1",
-            "--auto-compaction-retention=1",
-            "--enable-grpc-gateway=false",
-            "--listen-metrics-urls=http://0.0.0.0:9963",
-            "--metrics=basic",
-        ])
+        let serve = serve(
+            &[
+                &super::super::etcd_flags::tests::CHART_ETCD_ARGS[..],
+                &[
+                    "--listen-client-urls=https://0.0.0.0:2379",
+                    "--advertise-client-urls=https://localhost:2379",
+                    "--initial-cluster-token=0c4f6c58-9a55-4a43-8a4a-5b0d3bb0d9c1",
+                    "--auto-compaction-retention=1",
+                    "--enable-grpc-gateway=false",
+                    "--listen-metrics-urls=http://0.0.0.0:9963",
+                    "--metrics=basic",
+                ],
+            ]
+            .concat(),
+        )
         .expect("accepted");
         let store = &serve.kvstore.store;
         assert_eq!(store.listen_urls().unwrap()[0].addr, "0.0.0.0:2379".parse().unwrap());

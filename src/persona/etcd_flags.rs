@@ -408,7 +408,7 @@ pub fn go_duration(text: &str) -> Option<std::time::Duration> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse_args(args: &[&str]) -> Result<Parsed, FlagError> {
@@ -422,23 +422,33 @@ mod tests {
         }
     }
 
+    /// The etcd container's arguments common to every chart release, as kubelet passes them.
+    pub(crate) const CHART_ETCD_ARGS: [&str; 6] = [
+        "--data-dir=/var/run/etcd",
+        "--name=clustermesh-apiserver",
+        "--client-cert-auth",
+        "--trusted-ca-file=/var/lib/etcd-secrets/ca.crt",
+        "--cert-file=/var/lib/etcd-secrets/tls.crt",
+        "--key-file=/var/lib/etcd-secrets/tls.key",
+    ];
+
     #[test]
     fn ciliums_etcd_container_command_lines_parse() {
-        // 1.16.19 (IPv4 in brackets, pod IP expanded) and 1.20.0, as kubelet passes them.
-        let v116 = served(&[
-            "--data-dir=/var/run/etcd",
-            "--name=clustermesh-apiserver",
-            "--client-cert-auth",
-            "--trusted-ca-file=/var/lib/etcd-secrets/ca.crt",
-            "--cert-file=/var/lib/etcd-secrets/tls.crt",
-            "--key-file=/var/lib/etcd-secrets/tls.key",
-            "--listen-client-urls=https://127.0.0.1:2379,https://[10.0.0.7]:2379",
-            "--advertise-client-urls=https://[10.0.0.7]:2379",
-            "--initial-cluster-token=3f2a1c9e-0000-4000-8000-000000000001",
-            "--auto-compaction-retention=1",
-            "--listen-metrics-urls=http://[10.0.0.7]:9963",
-            "--metrics=basic",
-        ]);
+        // 1.16.19 (IPv4 in brackets, pod IP expanded) and 1.20.0.
+        let v116 = served(
+            &[
+                &CHART_ETCD_ARGS[..],
+                &[
+                    "--listen-client-urls=https://127.0.0.1:2379,https://[10.0.0.7]:2379",
+                    "--advertise-client-urls=https://[10.0.0.7]:2379",
+                    "--initial-cluster-token=3f2a1c9e-0000-4000-8000-000000000001",
+                    "--auto-compaction-retention=1",
+                    "--listen-metrics-urls=http://[10.0.0.7]:9963",
+                    "--metrics=basic",
+                ],
+            ]
+            .concat(),
+        );
         assert!(v116.bool("client-cert-auth", false));
         assert_eq!(v116.list("listen-client-urls").len(), 2);
         let v120 = served(&["--listen-client-urls=https://0.0.0.0:2379", "--enable-grpc-gateway=false"]);

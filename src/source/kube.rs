@@ -73,13 +73,13 @@ async fn watch_service_exports(client: Client, events: mpsc::Sender<SourceEvent>
     while !shutdown.is_cancelled() {
         if served(&Api::<ServiceExport>::all(client.clone())).await {
             tracing::info!(version = "v1beta1", "watching MCS-API ServiceExports");
-            watch_until_gone(client.clone(), kind, Object::ServiceExport, events.clone(), shutdown.clone()).await;
+            run_watch(client.clone(), kind, Object::ServiceExport, events.clone(), shutdown.clone(), true).await;
             continue;
         }
         if served(&Api::<ServiceExportV1Alpha1>::all(client.clone())).await {
             tracing::info!(version = "v1alpha1", "watching MCS-API ServiceExports");
             let wrap = |old: ServiceExportV1Alpha1| Object::ServiceExport(ServiceExport::from(old));
-            watch_until_gone(client.clone(), kind, wrap, events.clone(), shutdown.clone()).await;
+            run_watch(client.clone(), kind, wrap, events.clone(), shutdown.clone(), true).await;
             continue;
         }
         tracing::warn!("the MCS-API ServiceExport CRD is not served (v1beta1 or v1alpha1); waiting for it");
@@ -121,19 +121,6 @@ async fn watch<K>(
     run_watch(client, kind, wrap, events, shutdown, false).await
 }
 
-/// [`watch`], but returning when the API answers 404: the resource is no longer served.
-async fn watch_until_gone<K>(
-    client: Client,
-    kind: Kind,
-    wrap: fn(K) -> Object,
-    events: mpsc::Sender<SourceEvent>,
-    shutdown: CancellationToken,
-) where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    run_watch(client, kind, wrap, events, shutdown, true).await
-}
-
 fn is_not_served(error: &watcher::Error) -> bool {
     let api = match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
@@ -145,6 +132,8 @@ fn is_not_served(error: &watcher::Error) -> bool {
     api == 404
 }
 
+/// [`watch`]; with `end_when_gone`, it returns when the API answers 404 (the resource is no
+/// longer served) instead of retrying.
 async fn run_watch<K>(
     client: Client,
     kind: Kind,
