@@ -42,6 +42,49 @@ pub struct ServerMetrics {
 #[error("serving the etcd API")]
 pub struct ServeError(#[source] tonic::transport::Error);
 
+/// etcd's plain HTTP endpoints on the client port, for connections that negotiated HTTP/1.1:
+/// `/version` (what `etcdctl`-less tools and Cilium's troubleshooting read) and `/health`.
+fn http1_handler(shutdown: CancellationToken) -> tls::Http1Handler {
+    use axum::Router;
+    use axum::http::header::CONTENT_TYPE;
+    use axum::routing::get;
+    let json = |body: serde_json::Value| ([(CONTENT_TYPE, "application/json")], body.to_string());
+    let version = json(serde_json::json!({
+        "etcdserver": super::service::maintenance::ETCD_VERSION,
+        "etcdcluster": ETCD_CLUSTER_VERSION,
+    }));
+    let health = json(serde_json::json!({"health": "true", "reason": ""}));
+    let router = Router::new()
+        .route("/version", get(move || std::future::ready(version.clone())))
+        .route("/health", get(move || std::future::ready(health.clone())));
+    Arc::new(move |connection| {
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(connection);
+            // A client that never finishes its request headers is dropped, as etcd does.
+            let serving = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, service);
+            let mut serving = std::pin::pin!(serving);
+            let result = tokio::select! {
+                result = serving.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    serving.as_mut().graceful_shutdown();
+                    serving.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "HTTP/1.1 connection ended with an error");
+            }
+        });
+    })
+}
+
+/// The cluster version etcd reports beside its own: the `major.minor.0` of the server.
+const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
 /// Serves the etcd v3 API on `listener` until `shutdown`; returns once in-flight requests
 /// have finished and every watch and keep-alive stream has been closed.
 pub async fn serve(
@@ -53,7 +96,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let max_message = store.limits().max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let incoming = tls::incoming(listener, tls, shutdown.clone());
+    let incoming = tls::incoming(listener, tls, http1_handler(shutdown.clone()), shutdown.clone());
     tonic::transport::Server::builder()
         .layer(GrpcMetricsLayer(metrics.grpc))
         // etcd's server keepalive defaults: clients behind a LoadBalancer are told about a

@@ -153,8 +153,9 @@ fn build(files: &TlsFiles, contents: &[Vec<u8>]) -> Result<rustls::ServerConfig,
     };
     let mut config = builder.with_single_cert(certs, key).map_err(Error::Config)?;
     // gRPC clients (grpc-go ≥ 1.67 among them) refuse a TLS server that does not
-    // negotiate HTTP/2 through ALPN.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // negotiate HTTP/2 through ALPN. HTTP/1.1 is offered second, for etcd's plain HTTP
+    // endpoints on the same port (`/version`, `/health`), which troubleshooting tools read.
+    config.alpn_protocols = vec![b"h2".to_vec(), HTTP1_ALPN.to_vec()];
     Ok(config)
 }
 
@@ -222,12 +223,20 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
+/// The ALPN name of HTTP/1.1.
+pub const HTTP1_ALPN: &[u8] = b"http/1.1";
+
+/// Takes a connection that negotiated HTTP/1.1 (the gRPC server only speaks HTTP/2).
+pub type Http1Handler = Arc<dyn Fn(TlsConnection) + Send + Sync>;
+
 /// Accepts on `listener` until `shutdown`, handshaking each connection on its own task so a
 /// slow or hostile client never stalls the others. Refused handshakes (no certificate, an
-/// unknown CA, an expired certificate) are logged at debug and dropped.
+/// unknown CA, an expired certificate) are logged at debug and dropped. Connections that
+/// negotiated HTTP/1.1 go to `http1` instead of the returned stream.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingConfig>,
+    http1: Http1Handler,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
     let (tx, rx) = mpsc::channel(64);
@@ -249,7 +258,7 @@ pub fn incoming(
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(tls.current());
-                let tx = tx.clone();
+                let (tx, http1) = (tx.clone(), Arc::clone(&http1));
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
@@ -260,7 +269,13 @@ pub fn incoming(
                                 .and_then(|certs| certs.first())
                                 .and_then(|cert| common_name(cert));
                             let peer = PeerIdentity { common_name, remote_addr: Some(remote_addr) };
-                            let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                            let http1_negotiated = stream.get_ref().1.alpn_protocol() == Some(HTTP1_ALPN);
+                            let connection = TlsConnection { stream, peer };
+                            if http1_negotiated {
+                                http1(connection);
+                            } else {
+                                let _ = tx.send(Ok(connection)).await;
+                            }
                         }
                         Ok(Err(error)) => tracing::debug!(%remote_addr, %error, "TLS handshake refused"),
                         Err(_) => tracing::debug!(%remote_addr, "TLS handshake timed out"),

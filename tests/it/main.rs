@@ -4,6 +4,7 @@ mod auth_mtls;
 mod certs;
 mod chaos;
 mod chart_pods;
+mod client_port_http;
 mod client_remote;
 mod conformance;
 mod differential;
