@@ -181,6 +181,9 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerIdentity,
+    /// Bytes read to tell HTTP/2 from HTTP/1.1 (a client that negotiated no protocol), handed
+    /// back before the stream's own.
+    sniffed: bytes::Bytes,
 }
 
 impl tonic::transport::server::Connected for TlsConnection {
@@ -193,8 +196,43 @@ impl tonic::transport::server::Connected for TlsConnection {
 
 impl AsyncRead for TlsConnection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if !this.sniffed.is_empty() {
+            let n = this.sniffed.len().min(buf.remaining());
+            buf.put_slice(&this.sniffed.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
+}
+
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
+/// Which protocol a connection speaks: its ALPN choice, or for a client that negotiated none
+/// (Cilium's troubleshooting writes a bare `GET /version` this way), its first bytes. A client
+/// that sends nothing within the handshake timeout is dropped, as etcd drops it.
+async fn speaks_http1(connection: &mut TlsConnection) -> io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    match connection.stream.get_ref().1.alpn_protocol() {
+        Some(HTTP1_ALPN) => return Ok(true),
+        Some(_) => return Ok(false),
+        None => {}
+    }
+    let mut first = Vec::with_capacity(H2_PREFACE_START.len());
+    while first.len() < H2_PREFACE_START.len() {
+        let mut byte = [0u8; 1];
+        if connection.stream.read(&mut byte).await? == 0 {
+            break;
+        }
+        first.push(byte[0]);
+        if !H2_PREFACE_START.starts_with(&first) {
+            break;
+        }
+    }
+    let http1 = first.as_slice() != H2_PREFACE_START;
+    connection.sniffed = bytes::Bytes::from(first);
+    Ok(http1)
 }
 
 impl AsyncWrite for TlsConnection {
@@ -269,12 +307,12 @@ pub fn incoming(
                                 .and_then(|certs| certs.first())
                                 .and_then(|cert| common_name(cert));
                             let peer = PeerIdentity { common_name, remote_addr: Some(remote_addr) };
-                            let http1_negotiated = stream.get_ref().1.alpn_protocol() == Some(HTTP1_ALPN);
-                            let connection = TlsConnection { stream, peer };
-                            if http1_negotiated {
-                                http1(connection);
-                            } else {
-                                let _ = tx.send(Ok(connection)).await;
+                            let mut connection = TlsConnection { stream, peer, sniffed: bytes::Bytes::new() };
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, speaks_http1(&mut connection)).await {
+                                Ok(Ok(true)) => http1(connection),
+                                Ok(Ok(false)) => drop(tx.send(Ok(connection)).await),
+                                Ok(Err(error)) => tracing::debug!(%remote_addr, %error, "connection closed early"),
+                                Err(_) => tracing::debug!(%remote_addr, "no request within the handshake timeout"),
                             }
                         }
                         Ok(Err(error)) => tracing::debug!(%remote_addr, %error, "TLS handshake refused"),

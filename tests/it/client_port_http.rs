@@ -52,6 +52,29 @@ async fn version_and_health_answer_over_http1_as_etcds_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_negotiates_no_protocol_is_answered_by_what_it_sends() {
+    // Cilium's `troubleshoot` commands write a bare `GET /version` after a handshake without
+    // ALPN; a gRPC client without ALPN starts with the HTTP/2 preface instead.
+    let pki = Pki::new();
+    let ours = EmbeddedStore::start(&pki).await;
+    let cert = pki.client("root");
+    let output = Command::new("curl")
+        .args(["-sS", "--fail", "--http1.1", "--no-alpn", "--max-time", "5", "--cacert"])
+        .arg(pki.ca_path())
+        .arg("--cert")
+        .arg(&cert.cert_path)
+        .arg("--key")
+        .arg(&cert.key_path)
+        .arg(format!("{}/version", ours.client_url()))
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && body.contains("etcdserver"), "{output:?}");
+    let mut client = ours.client(&pki, "root").await;
+    client.put("k", "v", None).await.expect("gRPC still served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_endpoints_need_a_client_certificate_like_the_grpc_api() {
     let pki = Pki::new();
     let ours = EmbeddedStore::start(&pki).await;
