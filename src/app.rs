@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use crate::clustermesh::{self, ClustermeshConfig, Source};
 use crate::config::{
-    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, Command, KvstoreArgs, KvstoreKind, KvstoremeshArgs,
-    KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat, StoreArgs,
+    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, ClustermeshDbgCommand, Command, KvstoreArgs, KvstoreKind,
+    KvstoremeshArgs, KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat, StoreArgs,
 };
 use crate::etcd::auth::{AuthStore, PermType, Permission};
 use crate::etcd::datadir::{DataDir, Origin};
@@ -60,6 +60,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Kvstoremesh(args) => run_kvstoremesh(*args).await,
         Command::KvstoremeshDbg(args) => kvstoremesh_dbg(args).await,
+        Command::ClustermeshDbg(ClustermeshDbgCommand::Troubleshoot(args)) => {
+            print_report(crate::troubleshoot::local(&args.etcd_config, args.timeout).await)
+        }
         Command::Etcdinit(args) => Ok(crate::persona::etcdinit::run(args).await?),
         Command::Version => {
             print!("{}", crate::persona::version());
@@ -333,6 +336,12 @@ async fn start_kvstoremesh<B: Backend>(
 async fn kvstoremesh_dbg(args: KvstoremeshDbgArgs) -> anyhow::Result<()> {
     let KvstoremeshDbgArgs { host, command } = args;
     match command {
+        KvstoremeshDbgCommand::Troubleshoot(args) => {
+            let local = args.include_local.then_some(args.etcd_config.as_path());
+            print_report(
+                crate::troubleshoot::kvstoremesh(&args.clustermesh_config, &args.clusters, local, args.timeout).await,
+            )
+        }
         KvstoremeshDbgCommand::Status(status) => {
             let clusters = kvstoremesh::api::fetch(&host).await.context("Failed to retrieve status information")?;
             match status.output {
@@ -345,6 +354,13 @@ async fn kvstoremesh_dbg(args: KvstoremeshDbgArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints a troubleshooting report; a failed check fails the command.
+fn print_report(report: crate::troubleshoot::Report) -> anyhow::Result<()> {
+    print!("{}", report.text());
+    anyhow::ensure!(!report.failed(), "some checks failed (marked ❌ above)");
+    Ok(())
 }
 
 fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {

@@ -40,8 +40,11 @@ pub enum Command {
     /// Copy every remote cluster of --clustermesh-config into the local store (attached with
     /// --kvstore-opt etcd.config=FILE) under cilium/cache/..., for local agents.
     Kvstoremesh(Box<KvstoremeshArgs>),
-    /// Inspect a running kvstoremesh through its status API.
+    /// Inspect a running kvstoremesh through its status API, or troubleshoot its connections.
     KvstoremeshDbg(KvstoremeshDbgArgs),
+    /// Troubleshoot the clustermesh role's connection to its etcd.
+    #[command(subcommand)]
+    ClustermeshDbg(ClustermeshDbgCommand),
     /// Cilium's etcd-init container: empty the data directory and leave Cilium's users and
     /// roles there, authentication enabled, for the store (`/usr/bin/etcd`) to start on.
     Etcdinit(crate::persona::etcdinit::EtcdinitArgs),
@@ -671,6 +674,45 @@ pub struct KvstoremeshDbgArgs {
 pub enum KvstoremeshDbgCommand {
     /// Display status of remote clusters.
     Status(KvstoremeshDbgStatusArgs),
+    /// Troubleshoot connectivity towards the remote clusters (and the local etcd).
+    Troubleshoot(KvstoremeshTroubleshootArgs),
+}
+
+/// Cilium's default path of the local etcd client file (baked into the image).
+const DEFAULT_ETCD_CONFIG: &str = "/var/lib/cilium/etcd-config.yaml";
+
+#[derive(Debug, Args)]
+pub struct KvstoremeshTroubleshootArgs {
+    /// Only these remote clusters (default: every one configured).
+    pub clusters: Vec<String>,
+    /// The ClusterMesh configuration directory.
+    #[arg(long, default_value = "/var/lib/cilium/clustermesh/")]
+    pub clustermesh_config: PathBuf,
+    /// The local etcd client file.
+    #[arg(long, default_value = DEFAULT_ETCD_CONFIG)]
+    pub etcd_config: PathBuf,
+    /// Also troubleshoot the local etcd.
+    #[arg(long)]
+    pub include_local: bool,
+    /// Bound on each check.
+    #[arg(long, value_parser = humantime_secs, default_value = "5s")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClustermeshDbgCommand {
+    /// Troubleshoot connectivity towards the local etcd.
+    Troubleshoot(ClustermeshTroubleshootArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClustermeshTroubleshootArgs {
+    /// The local etcd client file.
+    #[arg(long, default_value = DEFAULT_ETCD_CONFIG)]
+    pub etcd_config: PathBuf,
+    /// Bound on each check.
+    #[arg(long, value_parser = humantime_secs, default_value = "5s")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]

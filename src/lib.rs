@@ -25,6 +25,7 @@ pub mod shutdown;
 pub mod source;
 pub mod sync;
 pub mod translate;
+pub mod troubleshoot;
 pub mod users;
 
 /// An error and its sources on one line, for log fields.

@@ -445,9 +445,14 @@ async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
         assert!(node.as_deref().is_ok_and(|v| v.contains("10.1.0.1")), "{label}: the node mirrored: {node:?}");
         wait_http(&mut running.pod, "kvstoremesh's /readyz on 9881", "http://127.0.0.1:9881/readyz").await;
 
-        if fixture["agent_side"]["Secret cilium-kvstoremesh (read by the kvstoremesh container; decoded)"].is_object() {
-            check_peer(&fixture, &pki, &mut running, &root, &binary, &label).await;
-        }
+        // The peer pod of set D stays up until the troubleshooting below has reached it.
+        let _peer = if fixture["agent_side"]["Secret cilium-kvstoremesh (read by the kvstoremesh container; decoded)"]
+            .is_object()
+        {
+            Some(check_peer(&fixture, &pki, &mut running, &root, &binary, &label).await)
+        } else {
+            None
+        };
         // What `cilium clustermesh status` and `cilium sysdump` exec in the pod's containers.
         let exec = |args: &[&str]| {
             let argv: Vec<String> = std::iter::once("/usr/bin/clustermesh-apiserver")
@@ -466,6 +471,17 @@ async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
             fixture["agent_side"]["Secret cilium-kvstoremesh (read by the kvstoremesh container; decoded)"].is_object(),
         );
         assert_eq!(clusters.as_array().map(Vec::len), Some(peers), "{label}: kvstoremesh-dbg status: {json}");
+        for troubleshoot in
+            [&["clustermesh-dbg", "troubleshoot"][..], &["kvstoremesh-dbg", "troubleshoot", "--include-local"]]
+        {
+            let output = exec(troubleshoot);
+            assert!(
+                output.status.success(),
+                "{label}: {troubleshoot:?}:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
         running.pod.assert_running();
     }
 }
@@ -487,7 +503,14 @@ fn set_mode(path: &Path, mode: u32) {
 /// Set D: the peer `cluster2` runs as a second pod, reached at its host alias's address
 /// (172.18.0.10:32379 inside cluster1's pod); cluster1's kvstoremesh caches it and an agent
 /// with the chart's agent certificate reads it through the cache.
-async fn check_peer(fixture: &Value, pki: &MeshPki, running: &mut RunningPod, root: &Path, binary: &Path, label: &str) {
+async fn check_peer(
+    fixture: &Value,
+    pki: &MeshPki,
+    running: &mut RunningPod,
+    root: &Path,
+    binary: &Path,
+    label: &str,
+) -> RunningPod {
     std::fs::create_dir_all(root.join(CLUSTER2.name)).unwrap();
     let peer = start_pod(fixture, pki, CLUSTER2, &root.join(CLUSTER2.name), binary).await;
     let alias = fixture["pod"]["hostAliases"][0]["ip"].as_str().expect("host alias");
@@ -550,5 +573,5 @@ async fn check_peer(fixture: &Value, pki: &MeshPki, running: &mut RunningPod, ro
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    drop(peer);
+    peer
 }

@@ -21,5 +21,6 @@ mod mirror;
 mod process;
 mod soak;
 mod support;
+mod troubleshoot;
 mod users;
 mod watch_semantics;
