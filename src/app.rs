@@ -64,6 +64,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_report(crate::troubleshoot::local(&args.etcd_config, args.timeout).await)
         }
         Command::Etcdinit(args) => Ok(crate::persona::etcdinit::run(args).await?),
+        Command::McsapiCorednsCfg(args) => {
+            let client = kube_client(args.k8s_kubeconfig_path.as_deref(), args.k8s_api_server.as_deref()).await?;
+            crate::mcsapi_coredns::run(client, &args).await?;
+            Ok(())
+        }
         Command::Version => {
             print!("{}", crate::persona::version());
             Ok(())

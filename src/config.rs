@@ -48,6 +48,8 @@ pub enum Command {
     /// Cilium's etcd-init container: empty the data directory and leave Cilium's users and
     /// roles there, authentication enabled, for the store (`/usr/bin/etcd`) to start on.
     Etcdinit(crate::persona::etcdinit::EtcdinitArgs),
+    /// Cilium's CoreDNS Job: make CoreDNS serve the MCS-API clusterset domain (idempotent).
+    McsapiCorednsCfg(crate::mcsapi_coredns::CorednsArgs),
     /// Print the version.
     Version,
 }

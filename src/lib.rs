@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod k8s;
 pub mod kvstore;
 pub mod kvstoremesh;
+pub mod mcsapi_coredns;
 pub mod mesh;
 pub mod metrics;
 pub mod persona;

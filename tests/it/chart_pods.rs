@@ -224,13 +224,24 @@ fn argv(container: &Value, env: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
-/// The objects this cluster's Kubernetes API serves: one node and one global service.
+/// The objects this cluster's Kubernetes API serves: one node, and CoreDNS as kubeadm
+/// deploys it (for the chart's CoreDNS Job).
 fn seed(fake: &FakeApiServer, cluster: Cluster) {
     fake.apply_yaml(&format!(
         "apiVersion: cilium.io/v2\nkind: CiliumNode\nmetadata:\n  name: node-{c}\nspec:\n  addresses:\n  - type: InternalIP\n    ip: 10.{id}.0.1\n",
         c = cluster.name,
         id = cluster.id
     ));
+    fake.register(ResourceSpec::new("apps", "v1", "deployments", "Deployment", true));
+    fake.apply(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", "namespace": "kube-system"},
+        "data": {"Corefile": ".:53 {\n    kubernetes cluster.local in-addr.arpa ip6.arpa {\n       pods insecure\n    }\n    forward . /etc/resolv.conf\n}\n"},
+    }));
+    fake.apply(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "coredns", "namespace": "kube-system"},
+        "spec": {"selector": {"matchLabels": {"k8s-app": "kube-dns"}}, "template": {"metadata": {"labels": {"k8s-app": "kube-dns"}},
+            "spec": {"containers": [{"name": "coredns", "image": "registry.k8s.io/coredns/coredns:v1.12.2"}]}}},
+    }));
 }
 
 /// etcdctl (Debian's) in the pod's network, as user `cn`.
@@ -276,7 +287,7 @@ fn curl(pod: &Pod, url: &str) -> Option<String> {
 /// A running pod of one cluster, with what the checks need.
 struct RunningPod {
     pod: Pod,
-    _fake: FakeApiServer,
+    fake: FakeApiServer,
     version: String,
 }
 
@@ -350,7 +361,7 @@ async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path
         let name = container["name"].as_str().expect("name");
         pod.spawn(name, &argv(container, &env), &env);
     }
-    RunningPod { pod, _fake: fake, version }
+    RunningPod { pod, fake, version }
 }
 
 fn release_at_least(version: &str, major: u32, minor: u32) -> bool {
@@ -481,6 +492,18 @@ async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
             );
+        }
+        // The chart's other workloads on this image (1.20's CoreDNS Job), with the pod's
+        // in-cluster configuration.
+        for job in fixture["other_workloads_using_the_image"].as_array().into_iter().flatten() {
+            for container in job["containers"].as_array().into_iter().flatten() {
+                let env = container_env(container, CLUSTER1, "job");
+                let output = running.pod.run(&argv(container, &env), &env);
+                assert!(output.status.success(), "{label}: Job {}: {output:?}", job["name"]);
+                let corefile = running.fake.get("v1", "ConfigMap", Some("kube-system"), "coredns").unwrap_or_default();
+                let corefile = corefile["data"]["Corefile"].as_str().unwrap_or_default();
+                assert!(corefile.contains("multicluster clusterset.local"), "{label}: {corefile}");
+            }
         }
         running.pod.assert_running();
     }

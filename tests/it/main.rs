@@ -15,6 +15,7 @@ mod fuzz_smoke;
 mod harness_selftest;
 mod kvstoremesh;
 mod leases;
+mod mcsapi_coredns;
 mod mesh_commands;
 mod metrics;
 mod mirror;

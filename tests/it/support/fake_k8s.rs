@@ -281,52 +281,8 @@ impl FakeApiServer {
     /// global RV, keeps `uid` and `creationTimestamp` of the object it replaces (or takes them from
     /// `obj`, or makes them). Returns the object as stored. Replacing an object with identical
     /// content is a no-op (no new RV, no event), as on a real API server.
-    pub fn try_apply(&self, mut obj: Value) -> anyhow::Result<Value> {
-        let api_version =
-            obj.get("apiVersion").and_then(Value::as_str).context("object has no apiVersion")?.to_string();
-        let kind = obj.get("kind").and_then(Value::as_str).context("object has no kind")?.to_string();
-        let mut store = self.shared.lock();
-        let res = store
-            .find_kind(&api_version, &kind)
-            .with_context(|| format!("no resource registered for apiVersion {api_version} kind {kind}"))?;
-        let namespaced = store.resources[res].namespaced;
-        let meta = obj.get_mut("metadata").and_then(Value::as_object_mut).context("object has no metadata")?;
-        let name = non_empty_str(meta, "name").context("object has no metadata.name")?;
-        let namespace = if namespaced {
-            non_empty_str(meta, "namespace").with_context(|| format!("{kind} {name} has no metadata.namespace"))?
-        } else {
-            meta.remove("namespace");
-            String::new()
-        };
-        let key = (res, namespace.clone(), name.clone());
-        let prev = store.objects.get(&key).cloned();
-        let prev_meta = |field: &str| prev.as_ref().and_then(|p| p["metadata"][field].as_str()).map(str::to_string);
-        let uid = match prev_meta("uid").or_else(|| non_empty_str(meta, "uid")) {
-            Some(uid) => uid,
-            None => store.new_uid(),
-        };
-        let created = prev_meta("creationTimestamp")
-            .or_else(|| non_empty_str(meta, "creationTimestamp"))
-            .unwrap_or_else(now_rfc3339);
-        meta.insert("uid".into(), Value::String(uid));
-        meta.insert("creationTimestamp".into(), Value::String(created));
-        if let Some(prev) = &prev {
-            // Like a real API server, an update that changes nothing is a no-op: no RV, no event.
-            meta.insert("resourceVersion".into(), prev["metadata"]["resourceVersion"].clone());
-            if obj == *prev {
-                return Ok(obj);
-            }
-        }
-        store.rv += 1;
-        let rv = store.rv;
-        obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        store.objects.insert(key, obj.clone());
-        let change = if prev.is_some() { Change::Modified } else { Change::Added };
-        let limit = self.shared.options.history_limit;
-        store.record(HistoryEvent { rv, res, namespace, change, object: obj.clone(), prev }, limit);
-        drop(store);
-        self.shared.signal.send_modify(|s| s.rv = rv);
-        Ok(obj)
+    pub fn try_apply(&self, obj: Value) -> anyhow::Result<Value> {
+        self.shared.apply(obj)
     }
 
     /// Applies any serializable object (k8s-openapi types and `#[derive(CustomResource)]` types
@@ -519,6 +475,55 @@ struct Shared {
 }
 
 impl Shared {
+    /// Creates or replaces `obj`; see [`FakeApiServer::try_apply`].
+    fn apply(&self, mut obj: Value) -> anyhow::Result<Value> {
+        let api_version =
+            obj.get("apiVersion").and_then(Value::as_str).context("object has no apiVersion")?.to_string();
+        let kind = obj.get("kind").and_then(Value::as_str).context("object has no kind")?.to_string();
+        let mut store = self.lock();
+        let res = store
+            .find_kind(&api_version, &kind)
+            .with_context(|| format!("no resource registered for apiVersion {api_version} kind {kind}"))?;
+        let namespaced = store.resources[res].namespaced;
+        let meta = obj.get_mut("metadata").and_then(Value::as_object_mut).context("object has no metadata")?;
+        let name = non_empty_str(meta, "name").context("object has no metadata.name")?;
+        let namespace = if namespaced {
+            non_empty_str(meta, "namespace").with_context(|| format!("{kind} {name} has no metadata.namespace"))?
+        } else {
+            meta.remove("namespace");
+            String::new()
+        };
+        let key = (res, namespace.clone(), name.clone());
+        let prev = store.objects.get(&key).cloned();
+        let prev_meta = |field: &str| prev.as_ref().and_then(|p| p["metadata"][field].as_str()).map(str::to_string);
+        let uid = match prev_meta("uid").or_else(|| non_empty_str(meta, "uid")) {
+            Some(uid) => uid,
+            None => store.new_uid(),
+        };
+        let created = prev_meta("creationTimestamp")
+            .or_else(|| non_empty_str(meta, "creationTimestamp"))
+            .unwrap_or_else(now_rfc3339);
+        meta.insert("uid".into(), Value::String(uid));
+        meta.insert("creationTimestamp".into(), Value::String(created));
+        if let Some(prev) = &prev {
+            // Like a real API server, an update that changes nothing is a no-op: no RV, no event.
+            meta.insert("resourceVersion".into(), prev["metadata"]["resourceVersion"].clone());
+            if obj == *prev {
+                return Ok(obj);
+            }
+        }
+        store.rv += 1;
+        let rv = store.rv;
+        obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        store.objects.insert(key, obj.clone());
+        let change = if prev.is_some() { Change::Modified } else { Change::Added };
+        let limit = self.options.history_limit;
+        store.record(HistoryEvent { rv, res, namespace, change, object: obj.clone(), prev }, limit);
+        drop(store);
+        self.signal.send_modify(|s| s.rv = rv);
+        Ok(obj)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -723,7 +728,13 @@ impl Params {
     }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> Response {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or_default().to_string();
     let params = Params(parse_query(&query));
@@ -741,8 +752,18 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         store.fail = (left > 1).then_some((left - 1, status));
         return ApiError::new(status, format!("injected failure ({status})")).into_response();
     }
+    if method == Method::PUT || method == Method::PATCH {
+        let Route::Object { res, namespace, name } = route else {
+            return ApiError::new(405, format!("{method} is served on objects only")).into_response();
+        };
+        let current = store.objects.get(&(res, namespace.unwrap_or_default(), name)).cloned();
+        drop(store);
+        let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        return write_object(&shared, &method, content_type, current, &body).unwrap_or_else(ApiError::into_response);
+    }
     if method != Method::GET {
-        return ApiError::new(405, format!("the fake API server only serves GET, not {method}")).into_response();
+        return ApiError::new(405, format!("the fake API server serves GET, PUT and PATCH, not {method}"))
+            .into_response();
     }
     let answer = match route {
         Route::Version => Ok(json_response(StatusCode::OK, &version_info())),
@@ -755,6 +776,56 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         Route::Collection { res, namespace } => list(&store, res, namespace.as_deref(), &params),
     };
     answer.unwrap_or_else(ApiError::into_response)
+}
+
+/// `PUT` (a replace, refused with 409 when `metadata.resourceVersion` is stale, as an API
+/// server refuses it) and `PATCH` (apply and merge patches, applied as a JSON merge patch: what
+/// the clients under test send fits that reading).
+fn write_object(
+    shared: &Shared,
+    method: &Method,
+    content_type: &str,
+    current: Option<Value>,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let sent: Value = serde_json::from_slice(body).map_err(|e| ApiError::new(400, format!("invalid body: {e}")))?;
+    let current = current.ok_or_else(|| ApiError::new(404, "the object does not exist"))?;
+    let object = if *method == Method::PUT {
+        let sent_rv = sent["metadata"]["resourceVersion"].as_str();
+        if sent_rv.is_some_and(|rv| Some(rv) != current["metadata"]["resourceVersion"].as_str()) {
+            return Err(ApiError::new(
+                409,
+                "the object has been modified; please apply your changes to the latest version",
+            ));
+        }
+        sent
+    } else {
+        if !content_type.starts_with("application/apply-patch") && !content_type.starts_with("application/merge-patch")
+        {
+            return Err(ApiError::new(415, format!("unsupported patch type {content_type:?}")));
+        }
+        let mut merged = current;
+        merge_patch(&mut merged, &sent);
+        merged
+    };
+    let stored = shared.apply(object).map_err(|e| ApiError::new(422, format!("{e:#}")))?;
+    Ok(json_response(StatusCode::OK, &stored))
+}
+
+/// RFC 7386.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
 }
 
 fn version_info() -> Value {
