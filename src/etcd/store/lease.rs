@@ -43,8 +43,11 @@ impl Lease {
 #[derive(Debug, Default)]
 pub struct Leases {
     leases: HashMap<i64, Lease>,
-    /// Deadlines in expiry order. Entries go stale when a lease is renewed or revoked; they
-    /// are skipped when popped instead of being searched for on every keep-alive.
+    /// One entry per lease granted, at a deadline no later than the lease's: a renewal only
+    /// moves the lease's own deadline, and an entry found early when popped is pushed back at
+    /// the lease's current deadline. A keep-alive stream therefore costs no memory, whatever
+    /// its rate. Entries of revoked leases are dropped when popped, or all at once when they
+    /// outnumber the live leases.
     expiries: BinaryHeap<Reverse<(Instant, i64)>>,
 }
 
@@ -94,13 +97,22 @@ impl Leases {
     pub fn renew(&mut self, id: i64, now: Instant) -> Result<i64> {
         let lease = self.leases.get_mut(&id).ok_or(Error::LeaseNotFound)?;
         lease.deadline = now + Duration::from_secs(lease.ttl as u64);
-        self.expiries.push(Reverse((lease.deadline, id)));
         Ok(lease.ttl)
     }
 
     /// Removes the lease; the caller deletes the keys it returns.
     pub fn remove(&mut self, id: i64) -> Result<Lease> {
-        self.leases.remove(&id).ok_or(Error::LeaseNotFound)
+        let lease = self.leases.remove(&id).ok_or(Error::LeaseNotFound)?;
+        // Grant-and-revoke churn must not grow the heap past a multiple of the live leases.
+        if self.expiries.len() > 2 * self.leases.len() + 64 {
+            self.expiries = self.leases.values().map(|l| Reverse((l.deadline, l.id))).collect();
+        }
+        Ok(lease)
+    }
+
+    /// Entries in the expiry heap (for tests and the memory bound).
+    pub fn heap_len(&self) -> usize {
+        self.expiries.len()
     }
 
     pub fn attach(&mut self, id: i64, key: &Blob) {
@@ -123,8 +135,11 @@ impl Leases {
                 break;
             }
             self.expiries.pop();
-            if self.leases.get(&id).is_some_and(|l| l.deadline <= now) && !out.contains(&id) {
-                out.push(id);
+            match self.leases.get(&id) {
+                Some(lease) if lease.deadline <= now => out.push(id),
+                // Renewed since: back in at its current deadline.
+                Some(lease) => self.expiries.push(Reverse((lease.deadline, id))),
+                None => {}
             }
         }
         out
@@ -164,5 +179,22 @@ mod tests {
         leases.renew(1, start + Duration::from_secs(5)).expect("renewed");
         assert_eq!(leases.expired(start + Duration::from_secs(11)), vec![2]);
         assert_eq!(leases.expired(start + Duration::from_secs(16)), vec![1]);
+    }
+
+    #[test]
+    fn keep_alives_and_grant_revoke_churn_do_not_grow_the_expiry_heap() {
+        let mut leases = Leases::default();
+        let start = Instant::now();
+        leases.grant(1, MAX_LEASE_TTL, start).expect("granted");
+        for i in 0..100_000u64 {
+            leases.renew(1, start + Duration::from_millis(i)).expect("renewed");
+        }
+        assert_eq!(leases.heap_len(), 1);
+        for id in 2..10_000 {
+            leases.grant(id, MAX_LEASE_TTL, start).expect("granted");
+            leases.remove(id).expect("revoked");
+        }
+        assert!(leases.heap_len() <= 2 * leases.len() + 65, "{}", leases.heap_len());
+        assert_eq!(leases.expired(start + Duration::from_secs(MAX_LEASE_TTL as u64 + 200)), vec![1]);
     }
 }
