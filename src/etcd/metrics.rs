@@ -90,7 +90,22 @@ impl Collector for StoreCollector {
             "Leases held",
             None,
             MetricType::Gauge,
-        )?)
+        )?)?;
+        // Ours (no etcd counterpart): the memory bound of paged-list counts, and when it bit.
+        ConstGauge::new(stats.count_cache_bytes as i64).encode(encoder.encode_descriptor(
+            "clustermesh_store_count_cache_bytes",
+            "Bytes held by the cache of range counts for paged lists",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        prometheus_client::metrics::counter::ConstCounter::new(stats.count_cache_evictions).encode(
+            encoder.encode_descriptor(
+                "clustermesh_store_count_cache_evictions",
+                "Groups of range counts dropped to keep the cache within its byte bound",
+                None,
+                MetricType::Counter,
+            )?,
+        )
     }
 }
 

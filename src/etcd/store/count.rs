@@ -15,17 +15,34 @@ use bytes::Bytes;
 
 use super::keyspace::{KeyRange, Keyspace};
 
-/// Entries kept in all (each about 100 bytes): a few thousand concurrent paged lists.
-const MAX_ENTRIES: usize = 1 << 15;
+/// Bytes the cache may hold, keys and bookkeeping counted: a few thousand concurrent paged
+/// lists of Cilium's keys. Bounded in bytes, not entries, because the keys are the client's.
+const MAX_BYTES: usize = 8 << 20;
 /// Entries kept per range and revision; the lowest starts go first (lists move forward).
 const MAX_PER_GROUP: usize = 4096;
+/// Ranges with a longer start or end are counted from scratch, never remembered: Cilium's keys
+/// are far shorter, and a client sending megabyte keys must not fill the cache with them.
+const MAX_KEY_BYTES: usize = 1024;
+/// What an entry and a group cost beside their keys (tree node, hash slot, counters).
+const ENTRY_OVERHEAD: usize = 64;
+const GROUP_OVERHEAD: usize = 128;
 
 #[derive(Debug, Default)]
 pub struct CountCache {
     /// By (range end, revision): range start → live keys of `[start, end)` at that revision.
     groups: HashMap<(Bytes, i64), Group>,
     entries: usize,
+    bytes: usize,
     clock: u64,
+    /// Groups dropped to stay within [`MAX_BYTES`].
+    evictions: u64,
+}
+
+/// What the cache holds, for the store's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CountCacheStats {
+    pub bytes: usize,
+    pub evictions: u64,
 }
 
 #[derive(Debug, Default)]
@@ -54,23 +71,36 @@ impl CountCache {
 
     /// Remembers that `range` holds `count` live keys at `revision`.
     pub fn remember(&mut self, range: KeyRange<'_>, revision: i64, count: usize) {
+        if range.key.len() > MAX_KEY_BYTES || range.range_end.len() > MAX_KEY_BYTES {
+            return;
+        }
         self.clock += 1;
-        let group = self.groups.entry((Bytes::copy_from_slice(range.range_end), revision)).or_default();
+        let group_key = (Bytes::copy_from_slice(range.range_end), revision);
+        let group_cost = group_key.0.len() + GROUP_OVERHEAD;
+        let group = self.groups.entry(group_key).or_insert_with(|| {
+            self.bytes += group_cost;
+            Group::default()
+        });
         group.last_used = self.clock;
         // Copied: the request's key is a slice of the transport's receive buffer.
         if group.starts.insert(Bytes::copy_from_slice(range.key), count).is_none() {
             self.entries += 1;
+            self.bytes += range.key.len() + ENTRY_OVERHEAD;
         }
-        if group.starts.len() > MAX_PER_GROUP {
-            group.starts.pop_first();
+        if group.starts.len() > MAX_PER_GROUP
+            && let Some((start, _)) = group.starts.pop_first()
+        {
             self.entries -= 1;
+            self.bytes -= start.len() + ENTRY_OVERHEAD;
         }
-        while self.entries > MAX_ENTRIES {
+        while self.bytes > MAX_BYTES {
             let Some(oldest) = self.groups.iter().min_by_key(|(_, g)| g.last_used).map(|(k, _)| k.clone()) else {
                 break;
             };
             if let Some(group) = self.groups.remove(&oldest) {
                 self.entries -= group.starts.len();
+                self.bytes -= group_bytes(&oldest, &group);
+                self.evictions += 1;
             }
         }
     }
@@ -79,7 +109,17 @@ impl CountCache {
     pub fn compact(&mut self, revision: i64) {
         self.groups.retain(|&(_, r), _| r >= revision);
         self.entries = self.groups.values().map(|g| g.starts.len()).sum();
+        self.bytes = self.groups.iter().map(|(k, g)| group_bytes(k, g)).sum();
     }
+
+    pub fn stats(&self) -> CountCacheStats {
+        CountCacheStats { bytes: self.bytes, evictions: self.evictions }
+    }
+}
+
+/// What a group costs, as [`CountCache::remember`] adds it up.
+fn group_bytes(key: &(Bytes, i64), group: &Group) -> usize {
+    key.0.len() + GROUP_OVERHEAD + group.starts.keys().map(|start| start.len() + ENTRY_OVERHEAD).sum::<usize>()
 }
 
 /// Counts the live keys of `range` at the committed `revision`, from a remembered count when
@@ -192,13 +232,29 @@ mod tests {
             cache.remember(KeyRange::new(format!("k{i:05}").as_bytes(), b"l"), 130, 1);
         }
         assert!(cache.entries <= MAX_PER_GROUP + 1);
-        for r in 0..(MAX_ENTRIES / MAX_PER_GROUP + 2) as i64 {
+        let _ = ks;
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes_whatever_the_keys_a_client_sends() {
+        let mut cache = CountCache::default();
+        // Long keys (within a client's allowed prefix) at many revisions: the attack of a
+        // read-only user on a byte-blind cache.
+        let long = |i: usize, len: usize| format!("cilium/state/{i:08}{}", "x".repeat(len));
+        for revision in 0..400 {
+            cache.remember(KeyRange::new(long(revision as usize, 900).as_bytes(), b"cilium/state0"), revision, 1);
+            cache.remember(KeyRange::new(long(revision as usize, 2 << 20).as_bytes(), b"cilium/state0"), revision, 1);
+        }
+        for r in 0..64 {
             for i in 0..MAX_PER_GROUP {
                 cache.remember(KeyRange::new(format!("k{i:05}").as_bytes(), b"l"), 1000 + r, 1);
             }
         }
-        assert!(cache.entries <= MAX_ENTRIES);
+        assert!(cache.stats().bytes <= MAX_BYTES, "{:?}", cache.stats());
+        assert!(cache.stats().evictions > 0);
+        assert_eq!(cache.stats().bytes, cache.groups.iter().map(|(k, g)| group_bytes(k, g)).sum::<usize>());
         assert_eq!(cache.entries, cache.groups.values().map(|g| g.starts.len()).sum::<usize>());
-        let _ = ks;
+        // The megabyte keys were never held.
+        assert!(cache.groups.values().flat_map(|g| g.starts.keys()).all(|k| k.len() <= MAX_KEY_BYTES));
     }
 }

@@ -110,8 +110,9 @@ impl Leases {
         Ok(lease)
     }
 
-    /// Entries in the expiry heap (for tests and the memory bound).
-    pub fn heap_len(&self) -> usize {
+    /// Entries in the expiry heap.
+    #[cfg(test)]
+    fn heap_len(&self) -> usize {
         self.expiries.len()
     }
 

@@ -103,6 +103,9 @@ pub struct Stats {
     pub key_value_bytes: usize,
     pub history_events: usize,
     pub leases: usize,
+    /// Bytes held by the paged-count cache, and how often its bound dropped entries.
+    pub count_cache_bytes: usize,
+    pub count_cache_evictions: u64,
 }
 
 pub struct Store {
@@ -174,6 +177,7 @@ impl Store {
 
     pub fn stats(&self) -> Stats {
         let state = self.state.read();
+        let counts = self.counts.lock().stats();
         Stats {
             revision: state.revision,
             compact_revision: state.compact_revision,
@@ -181,6 +185,8 @@ impl Store {
             key_value_bytes: state.keyspace.live_bytes(),
             history_events: state.history.event_count(),
             leases: state.leases.len(),
+            count_cache_bytes: counts.bytes,
+            count_cache_evictions: counts.evictions,
         }
     }
 
