@@ -1,5 +1,6 @@
 //! Integration tests: one binary; each module is a group of specifications.
 
+mod adversarial;
 mod auth_mtls;
 mod certs;
 mod chaos;

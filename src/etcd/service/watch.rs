@@ -29,8 +29,16 @@ use crate::etcd::pb::etcdserverpb::{
 use crate::etcd::pb::mvccpb::{Event, event::EventType};
 use crate::etcd::store::{KeyRange, Store};
 
-/// Responses queued towards one client before its stream task stops reading history.
-const OUTBOUND_BUFFER: usize = 64;
+/// Responses handed to the transport ahead of the client reading them; the session's outbox
+/// holds the rest.
+const OUTBOUND_BUFFER: usize = 16;
+
+/// Bytes of responses a session queues for a client that is not reading them. Past it, the
+/// session stops reading the client's requests too, so HTTP/2 flow control holds the client
+/// back: a client sending watch requests without reading the answers cannot make the server
+/// queue them without bound. Event replies are read from the history only into an empty
+/// outbox, so they never pile up either.
+const OUTBOX_BUDGET_BYTES: usize = 1 << 20;
 
 /// The watch ID etcd puts on responses that belong to no single watcher (progress).
 const NO_WATCH_ID: i64 = -1;
@@ -115,6 +123,8 @@ struct Session {
     /// The store's revision as last published.
     current: i64,
     outbox: VecDeque<WatchResponse>,
+    /// Encoded bytes of what `outbox` holds.
+    outbox_bytes: usize,
     progress_requested: bool,
 }
 
@@ -131,6 +141,7 @@ impl Session {
             next_id: 0,
             current,
             outbox: VecDeque::new(),
+            outbox_bytes: 0,
             progress_requested: false,
         }
     }
@@ -153,7 +164,7 @@ impl Session {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                message = inbound.message() => match message {
+                message = inbound.message(), if self.outbox_bytes < OUTBOX_BUDGET_BYTES => match message {
                     Ok(Some(request)) => self.handle(request),
                     // The client closed its side (or the connection broke): etcd ends the
                     // stream then too.
@@ -162,6 +173,7 @@ impl Session {
                 permit = tx.reserve(), if !self.outbox.is_empty() => match permit {
                     Ok(permit) => {
                         if let Some(response) = self.outbox.pop_front() {
+                            self.outbox_bytes -= response.encoded_len();
                             permit.send(Ok(response));
                         }
                     }
@@ -180,6 +192,11 @@ impl Session {
         }
     }
 
+    fn queue(&mut self, response: WatchResponse) {
+        self.outbox_bytes += response.encoded_len();
+        self.outbox.push_back(response);
+    }
+
     fn handle(&mut self, request: WatchRequest) {
         match request.request_union {
             Some(RequestUnion::CreateRequest(create)) => self.create(create),
@@ -195,7 +212,7 @@ impl Session {
             return;
         }
         self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
-        self.outbox.push_back(WatchResponse {
+        self.queue(WatchResponse {
             header: Some(self.store.header_at(self.current)),
             watch_id,
             canceled: true,
@@ -213,11 +230,12 @@ impl Session {
             cancel_reason: reason,
             ..WatchResponse::default()
         };
-        if let Err(error) = self.store.auth().read().check_read(self.user.as_deref(), &create.key, &create.range_end) {
+        let allowed = self.store.auth().read().check_read(self.user.as_deref(), &create.key, &create.range_end);
+        if let Err(error) = allowed {
             // etcd reports the whole gRPC status text as the cancel reason.
             let status = tonic::Status::from(error);
             let reason = format!("rpc error: code = {:?} desc = {}", status.code(), status.message());
-            self.outbox.push_back(refused(create.watch_id, reason));
+            self.queue(refused(create.watch_id, reason));
             return;
         }
         let id = if create.watch_id == 0 {
@@ -227,7 +245,7 @@ impl Session {
             self.next_id += 1;
             self.next_id - 1
         } else if self.watchers.contains_key(&create.watch_id) {
-            self.outbox.push_back(refused(NO_WATCH_ID, "mvcc: duplicate watch ID provided on the WatchStream".into()));
+            self.queue(refused(NO_WATCH_ID, "mvcc: duplicate watch ID provided on the WatchStream".into()));
             return;
         } else {
             create.watch_id
@@ -248,7 +266,7 @@ impl Session {
             },
         );
         self.gauges.watchers.fetch_add(1, Ordering::Relaxed);
-        self.outbox.push_back(WatchResponse { header, watch_id: id, created: true, ..WatchResponse::default() });
+        self.queue(WatchResponse { header, watch_id: id, created: true, ..WatchResponse::default() });
     }
 
     /// Reads the history from the slowest watcher that is behind and queues what each
@@ -283,10 +301,10 @@ impl Session {
                 continue;
             }
             let response = WatchResponse { header: Some(header), watch_id: id, events, ..WatchResponse::default() };
-            if watcher.fragment {
-                self.outbox.extend(fragments(response, max_bytes));
-            } else {
-                self.outbox.push_back(response);
+            let pieces = if watcher.fragment { fragments(response, max_bytes) } else { vec![response] };
+            for piece in pieces {
+                self.outbox_bytes += piece.encoded_len();
+                self.outbox.push_back(piece);
             }
         }
         if upto >= current {
@@ -302,7 +320,7 @@ impl Session {
             self.watchers.remove(&watch_id);
             self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(watch_id, compact_revision, "watcher fell behind a compaction");
-            self.outbox.push_back(WatchResponse {
+            self.queue(WatchResponse {
                 header: Some(header),
                 watch_id,
                 canceled: true,
@@ -317,7 +335,7 @@ impl Session {
     fn answer_progress_request(&mut self) {
         if self.progress_requested && self.watchers.values().all(|w| w.next_revision > self.current) {
             self.progress_requested = false;
-            self.outbox.push_back(WatchResponse {
+            self.queue(WatchResponse {
                 header: Some(self.store.header_at(self.current)),
                 watch_id: NO_WATCH_ID,
                 ..WatchResponse::default()
@@ -327,10 +345,14 @@ impl Session {
 
     fn notify_progress(&mut self) {
         let header = self.store.header_at(self.current);
-        for (&watch_id, watcher) in &self.watchers {
-            if watcher.progress_notify && watcher.next_revision > self.current {
-                self.outbox.push_back(WatchResponse { header: Some(header), watch_id, ..WatchResponse::default() });
-            }
+        let due: Vec<i64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.progress_notify && w.next_revision > self.current)
+            .map(|(&id, _)| id)
+            .collect();
+        for watch_id in due {
+            self.queue(WatchResponse { header: Some(header), watch_id, ..WatchResponse::default() });
         }
     }
 }

@@ -1,0 +1,162 @@
+//! A client holding a certificate signed by the CA (the least any attacker of a ClusterMesh
+//! endpoint has) cannot exhaust the store's memory. Each attack runs against the real binary
+//! for a bounded time; the server's resident memory is read from `/proc` before, during and
+//! after, and a legitimate `remote` read must be answered throughout.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use etcd_client::{GetOptions, WatchOptions};
+
+use crate::support::{Pki, connect};
+
+const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
+/// How long each attack runs.
+const ATTACK: Duration = Duration::from_secs(4);
+/// Resident memory an attack may add to the server, in bytes.
+const BUDGET: u64 = 48 << 20;
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    async fn start(pki: &Pki) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(BIN)
+            .args(["--log-level=warn", "kvstore", "--cluster-name=cluster1"])
+            .arg(format!("--listen-client-urls=https://127.0.0.1:{port}"))
+            .arg("--cert-file")
+            .arg(pki.server_cert_path())
+            .arg("--key-file")
+            .arg(pki.server_key_path())
+            .arg("--trusted-ca-file")
+            .arg(pki.ca_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the store");
+        let server = Server { child, url: format!("https://127.0.0.1:{port}") };
+        crate::support::eventually("the store to answer", Duration::from_secs(20), || async {
+            let mut admin = connect(&server.url, pki, "admin-cluster1").await.ok()?;
+            admin.put("cilium/state/nodes/v1/cluster1/n1", "node", None).await.ok()
+        })
+        .await;
+        server
+    }
+
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("server alive");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kb * 1024
+    }
+
+    /// A legitimate agent's read answers within a bound.
+    async fn remote_read(&self, pki: &Pki) {
+        let read = async {
+            let mut remote = connect(&self.url, pki, "remote").await?;
+            let found = remote.get("cilium/state/nodes/v1/", Some(GetOptions::new().with_prefix())).await?;
+            anyhow::ensure!(!found.kvs().is_empty(), "the node written at start is missing");
+            Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the remote read answers within 5s")
+            .expect("the remote read succeeds");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `attack` for [`ATTACK`] beside legitimate reads; the server's memory stays within
+/// [`BUDGET`] of where it started.
+async fn within_budget<F>(what: &str, pki: &Pki, server: &Server, attack: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let before = server.rss();
+    let attacker = tokio::spawn(async move {
+        let _ = tokio::time::timeout(ATTACK, attack).await;
+    });
+    let mut peak = before;
+    while !attacker.is_finished() {
+        server.remote_read(pki).await;
+        peak = peak.max(server.rss());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    attacker.await.expect("attacker task");
+    server.remote_read(pki).await;
+    peak = peak.max(server.rss());
+    let grown = peak.saturating_sub(before);
+    assert!(grown < BUDGET, "{what}: the server grew by {} MiB (budget {} MiB)", grown >> 20, BUDGET >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_creating_watches_without_reading_the_answers_is_held_back() {
+    let pki = Pki::new();
+    let server = Server::start(&pki).await;
+    let mut attacker = connect(&server.url, &pki, "remote").await.unwrap();
+    let attack = async move {
+        let options = || Some(WatchOptions::new().with_prefix());
+        let Ok(mut stream) = attacker.watch("cilium/state/", options()).await else { return };
+        // Never reads a response: only HTTP/2 flow control can stop it.
+        loop {
+            if stream.watch("cilium/state/", options()).await.is_err() {
+                return;
+            }
+        }
+    };
+    within_budget("watch-create flood", &pki, &server, attack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_spam_on_a_long_lease_costs_no_memory() {
+    let pki = Pki::new();
+    let server = Server::start(&pki).await;
+    let mut attacker = connect(&server.url, &pki, "remote").await.unwrap();
+    let lease = attacker.lease_grant(9_000_000_000, None).await.unwrap().id();
+    let attack = async move {
+        let Ok((mut keeper, mut responses)) = attacker.lease_keep_alive(lease).await else { return };
+        tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });
+        while keeper.keep_alive().await.is_ok() {}
+    };
+    within_budget("keep-alive spam", &pki, &server, attack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_reads_with_huge_keys_at_many_revisions_do_not_fill_the_count_cache() {
+    let pki = Pki::new();
+    let server = Server::start(&pki).await;
+    let mut admin = connect(&server.url, &pki, "admin-cluster1").await.unwrap();
+    for i in 0..50 {
+        admin.put(format!("cilium/state/nodes/v1/cluster1/x{i}"), "n", None).await.unwrap();
+    }
+    let revision = admin.get("cilium/", None).await.unwrap().header().map_or(1, |h| h.revision());
+    let mut attacker = connect(&server.url, &pki, "remote").await.unwrap();
+    let attack = async move {
+        let long = "z".repeat(1 << 20);
+        for round in 0u64.. {
+            // A limited range read inside the remote role's prefix, from a megabyte-long start
+            // key, at one of many revisions: each is a distinct count to remember.
+            let key = format!("cilium/state/{round}{long}");
+            let options = GetOptions::new()
+                .with_range("cilium/state0")
+                .with_limit(1)
+                .with_revision(revision - (round as i64 % 40));
+            if attacker.get(key, Some(options)).await.is_err() {
+                return;
+            }
+        }
+    };
+    within_budget("huge-key paged reads", &pki, &server, attack).await;
+}
