@@ -533,6 +533,7 @@ async fn start_store(
         auto_compaction_retention,
         max_request_bytes,
         max_txn_ops,
+        max_concurrent_streams,
         watch_progress_notify_interval,
     } = args;
     args.validate()?;
@@ -567,6 +568,7 @@ async fn start_store(
         server: ServerOptions {
             member: MemberInfo { name: name.clone(), client_urls },
             watch: WatchConfig { progress_notify_interval: *watch_progress_notify_interval },
+            max_concurrent_streams: *max_concurrent_streams,
         },
         auto_compaction_retention: *auto_compaction_retention,
     };

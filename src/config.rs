@@ -207,6 +207,10 @@ pub struct StoreArgs {
     /// Most operations in each part of a transaction (etcd's default: 128).
     #[arg(long, default_value_t = 128)]
     pub max_txn_ops: usize,
+    /// HTTP/2 streams (watches, keep-alives, requests in flight) one client connection may
+    /// hold open at once (etcd: unbounded).
+    #[arg(long, default_value_t = crate::etcd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
     /// Interval of progress notifications to watchers that asked for them.
     #[arg(long = "experimental-watch-progress-notify-interval", value_parser = humantime_secs, default_value = "10m")]
     pub watch_progress_notify_interval: Duration,

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::clustermesh::{self, ClustermeshConfig, Source};
 use crate::etcd::auth::AuthStore;
 use crate::etcd::embedded::{self, EmbeddedConfig, Listeners};
-use crate::etcd::server::ServerOptions;
+use crate::etcd::server::{DEFAULT_MAX_CONCURRENT_STREAMS, ServerOptions};
 use crate::etcd::service::cluster::MemberInfo;
 use crate::etcd::service::watch::WatchConfig;
 use crate::etcd::store::Limits;
@@ -55,6 +55,7 @@ pub async fn run(examples: &Path, shutdown: CancellationToken) -> anyhow::Result
             server: ServerOptions {
                 member: MemberInfo { name: name.to_owned(), client_urls: vec![url.clone()] },
                 watch: WatchConfig::default(),
+                max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
             auto_compaction_retention: Duration::from_secs(3600),
         };

@@ -109,11 +109,18 @@ pub fn spawn(
     Ok(store)
 }
 
+/// The accept queue of each listener, as etcd's: a burst of agents reconnecting after a
+/// LoadBalancer failover must not overflow it.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds every address before anything is spawned, so a port in use fails start-up cleanly.
 pub async fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        listeners.push(TcpListener::bind(addr).await?);
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(*addr)?;
+        listeners.push(socket.listen(LISTEN_BACKLOG)?);
     }
     Ok(listeners)
 }

@@ -29,7 +29,17 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 pub struct ServerOptions {
     pub member: MemberInfo,
     pub watch: WatchConfig,
+    /// etcd's `--max-concurrent-streams`: HTTP/2 streams one connection may hold open.
+    pub max_concurrent_streams: u32,
 }
+
+/// Streams per connection unless configured: etcd leaves it unbounded, which lets one
+/// certificate holder open watch streams without end; Cilium's clients use a handful.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// Request headers larger than this are refused (gRPC's own default is 8 KiB; etcd's clients
+/// send a few hundred bytes).
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// Where the server reports what it does.
 #[derive(Debug, Clone)]
@@ -103,6 +113,8 @@ pub async fn serve(
         // dead peer within a few seconds of these.
         .http2_keepalive_interval(Some(Duration::from_secs(7200)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(options.max_concurrent_streams))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .add_service(KvServer::new(KvService::new(Arc::clone(&store))).max_decoding_message_size(max_message))
         .add_service(
             WatchServer::new(WatchService::new(Arc::clone(&store), options.watch, metrics.watch, shutdown.clone()))

@@ -210,14 +210,14 @@ impl AsyncRead for TlsConnection {
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
 /// Which protocol a connection speaks: its ALPN choice, or for a client that negotiated none
-/// (Cilium's troubleshooting writes a bare `GET /version` this way), its first bytes. A client
-/// that sends nothing within the handshake timeout is dropped, as etcd drops it.
+/// (Cilium's troubleshooting writes a bare `GET /version` this way), its first bytes. The
+/// first bytes are awaited for HTTP/2 too: a client that sends nothing within the handshake
+/// timeout is dropped, as etcd drops it, instead of holding a connection for free.
 async fn speaks_http1(connection: &mut TlsConnection) -> io::Result<bool> {
     use tokio::io::AsyncReadExt;
-    match connection.stream.get_ref().1.alpn_protocol() {
-        Some(HTTP1_ALPN) => return Ok(true),
-        Some(_) => return Ok(false),
-        None => {}
+    let negotiated = connection.stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    if negotiated.as_deref() == Some(HTTP1_ALPN) {
+        return Ok(true);
     }
     let mut first = Vec::with_capacity(H2_PREFACE_START.len());
     while first.len() < H2_PREFACE_START.len() {
@@ -230,7 +230,10 @@ async fn speaks_http1(connection: &mut TlsConnection) -> io::Result<bool> {
             break;
         }
     }
-    let http1 = first.as_slice() != H2_PREFACE_START;
+    if first.is_empty() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let http1 = negotiated.is_none() && first.as_slice() != H2_PREFACE_START;
     connection.sniffed = bytes::Bytes::from(first);
     Ok(http1)
 }

@@ -28,6 +28,7 @@ const HONOURED: &[&str] = &[
     "log-level",
     "logger",
     "log-outputs",
+    "max-concurrent-streams",
     "max-request-bytes",
     "max-txn-ops",
     "metrics",
@@ -129,6 +130,10 @@ pub fn serve_args(flags: &Flags, env_has_legacy_chart: bool) -> Result<EtcdServe
         auto_compaction_retention,
         max_request_bytes: flags.get("max-request-bytes").map_or(defaults.max_request_bytes, parse_number),
         max_txn_ops: flags.get("max-txn-ops").map_or(defaults.max_txn_ops, parse_number),
+        // etcd's default is unbounded; ours stays unless the flag names a number.
+        max_concurrent_streams: flags
+            .get("max-concurrent-streams")
+            .map_or(defaults.max_concurrent_streams, |n| u32::try_from(parse_number(n)).unwrap_or(u32::MAX)),
         watch_progress_notify_interval: flags
             .get("experimental-watch-progress-notify-interval")
             .and_then(go_duration)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clustermesh_apiserver::etcd::auth::AuthStore;
 use clustermesh_apiserver::etcd::embedded::{self, EmbeddedConfig};
-use clustermesh_apiserver::etcd::server::ServerOptions;
+use clustermesh_apiserver::etcd::server::{DEFAULT_MAX_CONCURRENT_STREAMS, ServerOptions};
 use clustermesh_apiserver::etcd::service::cluster::MemberInfo;
 use clustermesh_apiserver::etcd::service::watch::WatchConfig;
 use clustermesh_apiserver::etcd::store::{Limits, Store};
@@ -367,6 +367,7 @@ impl PinnedStore {
             server: ServerOptions {
                 member: MemberInfo { name: "pinned".into(), client_urls: vec![format!("https://{addr}")] },
                 watch: WatchConfig::default(),
+                max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
             auto_compaction_retention: Duration::ZERO,
         };

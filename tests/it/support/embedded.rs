@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clustermesh_apiserver::etcd::auth::AuthStore;
 use clustermesh_apiserver::etcd::embedded::{self, EmbeddedConfig};
-use clustermesh_apiserver::etcd::server::ServerOptions;
+use clustermesh_apiserver::etcd::server::{DEFAULT_MAX_CONCURRENT_STREAMS, ServerOptions};
 use clustermesh_apiserver::etcd::service::cluster::MemberInfo;
 use clustermesh_apiserver::etcd::service::watch::WatchConfig;
 use clustermesh_apiserver::etcd::store::{Limits, Store};
@@ -73,6 +73,7 @@ impl EmbeddedStore {
             server: ServerOptions {
                 member: MemberInfo { name: "embedded".into(), client_urls: vec![format!("https://{addr}")] },
                 watch: WatchConfig::default(),
+                max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
             auto_compaction_retention: Duration::ZERO,
         };
