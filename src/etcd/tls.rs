@@ -170,10 +170,11 @@ fn ca_roots(path: &Path, pem: &[u8]) -> Result<RootCertStore, Error> {
     Ok(roots)
 }
 
-/// The first Common Name of a DER certificate's subject.
+/// The Common Name of a DER certificate's subject; with several, the last, as Go's
+/// `pkix.Name.CommonName` (and so etcd) reads it.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
+    let cn = cert.subject().iter_common_name().last()?;
     cn.as_str().ok().map(str::to_owned)
 }
 

@@ -10,6 +10,7 @@ mod client_remote;
 mod conformance;
 mod differential;
 mod differential_prop;
+mod etcd_answers;
 mod etcdctl_parity;
 mod fake_k8s_selftest;
 mod fuzz_smoke;

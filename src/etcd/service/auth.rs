@@ -130,8 +130,16 @@ impl Auth for AuthService {
 
     async fn user_add(&self, request: Request<AuthUserAddRequest>) -> Result<Response<AuthUserAddResponse>, Status> {
         let req = request.get_ref();
-        // Any password or hash in the request is dropped on purpose: certificates are the
-        // only credential, and keeping a hash would suggest a check that never happens.
+        // Certificates are the only credential here: a user given a password could never
+        // authenticate with it, so the request is refused rather than accepted in vain.
+        if !req.password.is_empty() || !req.hashed_password.is_empty() {
+            return Err(crate::etcd::Error::InvalidArgument(
+                "passwords are not supported: users authenticate by the Common Name of their client certificate \
+                 (add the user with --no-password)"
+                    .into(),
+            )
+            .into());
+        }
         let no_password = req.options.is_some_and(|o| o.no_password);
         self.admin(&request, |auth| auth.user_add(&req.name, no_password))?;
         info!(user = %req.name, by = by(&request), "user added");

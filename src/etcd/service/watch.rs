@@ -238,6 +238,11 @@ impl Session {
             self.queue(refused(create.watch_id, reason));
             return;
         }
+        // etcd's `ErrEmptyWatcherRange`: a reversed range could never fire.
+        if !create.range_end.is_empty() && create.range_end.as_ref() != b"\0" && create.key >= create.range_end {
+            self.queue(refused(NO_WATCH_ID, "mvcc: watcher range is empty".into()));
+            return;
+        }
         let id = if create.watch_id == 0 {
             while self.watchers.contains_key(&self.next_id) {
                 self.next_id += 1;
