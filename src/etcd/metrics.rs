@@ -229,7 +229,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let handled = self.metrics.handled.clone();
         Box::pin(async move {
-            let response = inner.call(request).await?;
+            let mut response = inner.call(request).await?;
+            resource_exhausted_as_grpc_says(&mut response);
             // Errors are trailers-only responses with the status in the headers; anything
             // else started successfully.
             let code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map_or("OK", code_name);
@@ -242,6 +243,21 @@ where
             handled.get_or_create(&labels).inc();
             Ok(response)
         })
+    }
+}
+
+/// A request over the receive limit is `RESOURCE_EXHAUSTED` in gRPC and etcd (clients retry
+/// or circuit-break on that code); tonic reports its decoder's refusal as `OUT_OF_RANGE`.
+fn resource_exhausted_as_grpc_says<R>(response: &mut http::Response<R>) {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            // grpc-message is percent-encoded on the wire.
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
 }
 

@@ -347,6 +347,10 @@ async fn oversized_requests_and_transactions_with_too_many_operations_are_refuse
 
     let too_large = answer("put", client.put("big", "x".repeat(5000), None)).await;
     assert_eq!(status("big put", too_large), (Code::InvalidArgument, "etcdserver: request is too large".to_owned()));
+    // Over the transport's limit too (the request limit plus etcd's 512 KiB of gRPC framing):
+    // gRPC's and etcd's code for it, which clients retry or circuit-break on.
+    let over_transport = answer("put", client.put("huge", "x".repeat(600 * 1024), None)).await;
+    assert_eq!(status("huge put", over_transport).0, Code::ResourceExhausted);
     let big_txn =
         Txn::new().and_then([TxnOp::put("a", "x".repeat(2500), None), TxnOp::put("b", "x".repeat(2500), None)]);
     let too_large = answer("txn", client.txn(big_txn)).await;
