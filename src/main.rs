@@ -45,7 +45,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn init_tracing(log: &config::LogArgs) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log.filter()));
+    // rustls warns on every handshake of a client sending an IP address as SNI (grpc-js and
+    // others do); that is the client's quirk, not news for the operator.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rustls::msgs::handshake=error", log.filter())));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match log.log_format {

@@ -115,7 +115,9 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(Some(options.max_concurrent_streams))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-        .add_service(KvServer::new(KvService::new(Arc::clone(&store))).max_decoding_message_size(max_message))
+        .add_service(
+            KvServer::new(KvService::new(Arc::clone(&store), shutdown.clone())).max_decoding_message_size(max_message),
+        )
         .add_service(
             WatchServer::new(WatchService::new(Arc::clone(&store), options.watch, metrics.watch, shutdown.clone()))
                 .max_decoding_message_size(max_message),

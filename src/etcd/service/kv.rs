@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use prost::Message;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::caller;
@@ -16,11 +17,18 @@ use crate::etcd::store::Store;
 
 pub struct KvService {
     store: Arc<Store>,
+    shutdown: CancellationToken,
 }
 
 impl KvService {
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<Store>, shutdown: CancellationToken) -> Self {
+        Self { store, shutdown }
+    }
+
+    /// Once shutdown has begun a write is refused with etcd's "server stopped" (clients retry
+    /// elsewhere) rather than acknowledged into a store about to be gone.
+    fn accepting_writes(&self) -> Result<()> {
+        if self.shutdown.is_cancelled() { Err(Error::Stopped) } else { Ok(()) }
     }
 
     /// etcd refuses writes larger than `--max-request-bytes` with its own error, before the
@@ -43,6 +51,7 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.accepting_writes()?;
         self.check_size(request.get_ref())?;
         check_put(&self.store.auth().read(), caller(&request), request.get_ref())?;
         Ok(Response::new(self.store.put(request.into_inner())?))
@@ -52,11 +61,13 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        self.accepting_writes()?;
         check_delete(&self.store.auth().read(), caller(&request), request.get_ref())?;
         Ok(Response::new(self.store.delete_range(request.into_inner())?))
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        self.accepting_writes()?;
         self.check_size(request.get_ref())?;
         check_txn(&self.store.auth().read(), caller(&request), request.get_ref())?;
         Ok(Response::new(self.store.txn(request.into_inner())?))
@@ -105,4 +116,24 @@ fn check_txn(auth: &AuthStore, user: Option<&str>, txn: &TxnRequest) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::store::{Identity, Limits};
+
+    #[tokio::test]
+    async fn writes_are_refused_once_shutdown_begins_and_reads_still_answer() {
+        let store = Store::new(Identity::random(), Limits::default(), AuthStore::default());
+        let shutdown = CancellationToken::new();
+        let kv = KvService::new(store, shutdown.clone());
+        let put = || Request::new(PutRequest { key: "k".into(), value: "v".into(), ..PutRequest::default() });
+        kv.put(put()).await.expect("written before shutdown");
+        shutdown.cancel();
+        let refused = kv.put(put()).await.expect_err("refused during shutdown");
+        assert_eq!((refused.code(), refused.message()), (tonic::Code::Unavailable, "etcdserver: server stopped"));
+        let range = Request::new(RangeRequest { key: "k".into(), ..RangeRequest::default() });
+        assert_eq!(kv.range(range).await.expect("reads still answer").into_inner().kvs.len(), 1);
+    }
 }
