@@ -22,6 +22,9 @@ use super::store::Store;
 pub struct WatchGauges {
     pub streams: AtomicI64,
     pub watchers: AtomicI64,
+    /// Times a watch stream stopped reading its client's requests because the client was not
+    /// reading the answers (the outbox budget was full).
+    pub backpressured: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,7 +94,14 @@ impl Collector for StoreCollector {
             None,
             MetricType::Gauge,
         )?)?;
-        // Ours (no etcd counterpart): the memory bound of paged-list counts, and when it bit.
+        // Ours (no etcd counterpart): the memory bounds, and when they bit.
+        prometheus_client::metrics::counter::ConstCounter::new(self.watch.backpressured.load(Ordering::Relaxed))
+            .encode(encoder.encode_descriptor(
+                "clustermesh_store_watch_backpressure",
+                "Times a watch stream stopped reading requests while its client left its answers unread",
+                None,
+                MetricType::Counter,
+            )?)?;
         ConstGauge::new(stats.count_cache_bytes as i64).encode(encoder.encode_descriptor(
             "clustermesh_store_count_cache_bytes",
             "Bytes held by the cache of range counts for paged lists",

@@ -19,14 +19,17 @@ const BUDGET: u64 = 48 << 20;
 struct Server {
     child: Child,
     url: String,
+    metrics_port: u16,
 }
 
 impl Server {
     async fn start(pki: &Pki) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (port, metrics_port) = (free(), free());
         let child = Command::new(BIN)
             .args(["--log-level=warn", "kvstore", "--cluster-name=cluster1"])
             .arg(format!("--listen-client-urls=https://127.0.0.1:{port}"))
+            .arg(format!("--listen-metrics-urls=http://127.0.0.1:{metrics_port}"))
             .arg("--cert-file")
             .arg(pki.server_cert_path())
             .arg("--key-file")
@@ -37,7 +40,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the store");
-        let server = Server { child, url: format!("https://127.0.0.1:{port}") };
+        let server = Server { child, url: format!("https://127.0.0.1:{port}"), metrics_port };
         crate::support::eventually("the store to answer", Duration::from_secs(20), || async {
             let mut admin = connect(&server.url, pki, "admin-cluster1").await.ok()?;
             admin.put("cilium/state/nodes/v1/cluster1/n1", "node", None).await.ok()
@@ -117,6 +120,12 @@ async fn a_client_creating_watches_without_reading_the_answers_is_held_back() {
         }
     };
     within_budget("watch-create flood", &pki, &server, attack).await;
+    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
+    let held_back = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clustermesh_store_watch_backpressure_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(held_back.is_some_and(|n| n >= 1), "the limit is reported when hit: {held_back:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

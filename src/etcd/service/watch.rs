@@ -157,10 +157,16 @@ impl Session {
         let mut progress = tokio::time::interval(self.config.progress_notify_interval);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         progress.reset();
+        let mut held_back = false;
         loop {
             if self.outbox.is_empty() {
                 self.catch_up();
             }
+            let full = self.outbox_bytes >= OUTBOX_BUDGET_BYTES;
+            if full && !held_back {
+                self.gauges.backpressured.fetch_add(1, Ordering::Relaxed);
+            }
+            held_back = full;
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
