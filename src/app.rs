@@ -495,12 +495,18 @@ const AUTH_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// backend; here the data directory's auth file is the backend), and once more at shutdown.
 async fn save_auth_changes(store: Arc<crate::etcd::store::Store>, dir: DataDir, shutdown: CancellationToken) {
     let mut saved = None;
+    // A failing save is retried every interval but reported once per failure spell.
+    let mut failing = false;
     loop {
         let state = store.auth().read().state();
         if saved.as_ref() != Some(&state) {
             match dir.save_auth(state.clone(), Origin::store()) {
-                Ok(()) => saved = Some(state),
-                Err(error) => tracing::error!(error = %crate::error_chain(&error), "saving users and roles"),
+                Ok(()) => (saved, failing) = (Some(state), false),
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::error!(error = %crate::error_chain(&error), "saving users and roles; retrying");
+                }
+                Err(_) => {}
             }
         }
         if shutdown.is_cancelled() {

@@ -125,3 +125,46 @@ async fn the_store_serves_etcds_metric_names_and_health_on_its_metrics_listener(
     let status = interrupt_and_wait(&mut child, Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_added_at_run_time_survive_a_restart_on_the_same_data_directory() {
+    let pki = crate::support::Pki::new();
+    let data = tempfile::tempdir().expect("data dir");
+    let port = free_port();
+    let start = || {
+        Command::new(BIN)
+            .args(["kvstore", "--cluster-name=cluster1", "--data-dir"])
+            .arg(data.path())
+            .arg(format!("--listen-client-urls=https://127.0.0.1:{port}"))
+            .arg("--cert-file")
+            .arg(pki.server_cert_path())
+            .arg("--key-file")
+            .arg(pki.server_key_path())
+            .arg("--trusted-ca-file")
+            .arg(pki.ca_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the store")
+    };
+    let url = format!("https://127.0.0.1:{port}");
+    let admin = || async {
+        let mut client = crate::support::connect(&url, &pki, "admin-cluster1").await.ok()?;
+        client.user_list().await.ok().map(|list| (client, list.users().to_vec()))
+    };
+
+    let mut first = start();
+    let (mut client, users) = eventually("the store to answer", Duration::from_secs(20), admin).await;
+    assert!(users.contains(&"remote".to_owned()), "{users:?}");
+    let no_password = Some(etcd_client::UserAddOptions::new().with_no_pwd());
+    client.user_add("remote-cluster2", "", no_password).await.expect("user added");
+    client.user_grant_role("remote-cluster2", "remote").await.expect("role granted");
+    // Saved within a second of the change; a clean stop saves once more in any case.
+    let status = interrupt_and_wait(&mut first, Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}");
+
+    let mut second = start();
+    let (_, users) = eventually("the store to answer again", Duration::from_secs(20), admin).await;
+    assert!(users.contains(&"remote-cluster2".to_owned()), "lost across the restart: {users:?}");
+    interrupt_and_wait(&mut second, Duration::from_secs(15)).await;
+}
