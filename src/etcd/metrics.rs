@@ -22,6 +22,8 @@ use super::store::Store;
 pub struct WatchGauges {
     pub streams: AtomicI64,
     pub watchers: AtomicI64,
+    /// Bytes of responses queued towards clients, across streams.
+    pub queued_bytes: AtomicI64,
     /// Times a watch stream stopped reading its client's requests because the client was not
     /// reading the answers (the outbox budget was full).
     pub backpressured: std::sync::atomic::AtomicU64,
@@ -95,6 +97,12 @@ impl Collector for StoreCollector {
             MetricType::Gauge,
         )?)?;
         // Ours (no etcd counterpart): the memory bounds, and when they bit.
+        ConstGauge::new(self.watch.queued_bytes.load(Ordering::Relaxed)).encode(encoder.encode_descriptor(
+            "clustermesh_store_watch_queued_bytes",
+            "Bytes of watch responses queued towards clients",
+            None,
+            MetricType::Gauge,
+        )?)?;
         prometheus_client::metrics::counter::ConstCounter::new(self.watch.backpressured.load(Ordering::Relaxed))
             .encode(encoder.encode_descriptor(
                 "clustermesh_store_watch_backpressure",

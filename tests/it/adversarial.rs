@@ -205,3 +205,48 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
     assert!(closed.is_ok(), "the silent connection is still open after 20 s");
     server.remote_read(&pki).await;
 }
+
+/// A client opens hundreds of watchers from revision 1 on one stream and never reads: the
+/// replay of the history to them stops at the stream's byte budget, and another client that
+/// does read gets every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_replayed_to_stalled_watchers_stops_at_the_budget_and_readers_get_everything() {
+    const KEYS: usize = 1000;
+    let pki = Pki::new();
+    let server = Server::start(&pki).await;
+    let mut admin = connect(&server.url, &pki, "admin-cluster1").await.unwrap();
+    for i in 0..KEYS {
+        admin
+            .put(format!("cilium/state/ip/v1/default/10.0.{}.{}", i / 250, i % 250), "x".repeat(200), None)
+            .await
+            .unwrap();
+    }
+    let before = server.rss();
+    let from_start = || Some(WatchOptions::new().with_prefix().with_start_revision(1));
+    let mut attacker = connect(&server.url, &pki, "remote").await.unwrap();
+    let mut stalled = attacker.watch("cilium/state/", from_start()).await.expect("watch");
+    for _ in 1..300 {
+        match tokio::time::timeout(Duration::from_secs(1), stalled.watch("cilium/state/", from_start())).await {
+            Ok(sent) => sent.expect("a create is sent"),
+            Err(_) => break,
+        }
+    }
+    server.remote_read(&pki).await;
+
+    let mut reader = connect(&server.url, &pki, "remote").await.unwrap();
+    let mut replay = reader.watch("cilium/state/", from_start()).await.expect("watch");
+    let mut revisions = Vec::new();
+    let read_all = async {
+        // The node written at start and every ip key, each once.
+        while revisions.len() < KEYS + 1 {
+            let message = replay.message().await.expect("watch").expect("stream open");
+            revisions.extend(message.events().iter().filter_map(|e| e.kv().map(|kv| kv.mod_revision())));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all).await.expect("the reader gets the whole history");
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "every event once, in order");
+    let grown = server.rss().saturating_sub(before);
+    assert!(grown < BUDGET, "history replay: the server grew by {} MiB", grown >> 20);
+    drop(stalled);
+    server.remote_read(&pki).await;
+}

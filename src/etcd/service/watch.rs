@@ -6,15 +6,19 @@
 //! what was queued. Writers never wait for a watcher; a watcher that falls behind a
 //! compaction is cancelled with etcd's compacted error (and its `compact_revision`), which
 //! makes clients relist. Nothing is dropped silently.
+//!
+//! What a stream queues towards its client is bounded in bytes ([`outbox`]): a client that
+//! stops reading makes its stream stop reading requests and history, as etcd's stream stops
+//! at HTTP/2's window, instead of queueing without bound.
 
-use std::collections::{BTreeMap, VecDeque};
+mod outbox;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -29,16 +33,8 @@ use crate::etcd::pb::etcdserverpb::{
 use crate::etcd::pb::mvccpb::{Event, event::EventType};
 use crate::etcd::store::{KeyRange, Store};
 
-/// Responses handed to the transport ahead of the client reading them; the session's outbox
-/// holds the rest.
-const OUTBOUND_BUFFER: usize = 16;
-
-/// Bytes of responses a session queues for a client that is not reading them. Past it, the
-/// session stops reading the client's requests too, so HTTP/2 flow control holds the client
-/// back: a client sending watch requests without reading the answers cannot make the server
-/// queue them without bound. Event replies are read from the history only into an empty
-/// outbox, so they never pile up either.
-const OUTBOX_BUDGET_BYTES: usize = 1 << 20;
+pub use outbox::{IN_FLIGHT_BUDGET, OUTBOX_BUDGET};
+use outbox::{Outbox, Responses, Sender};
 
 /// The watch ID etcd puts on responses that belong to no single watcher (progress).
 const NO_WATCH_ID: i64 = -1;
@@ -70,17 +66,17 @@ impl WatchService {
 
 #[tonic::async_trait]
 impl Watch for WatchService {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+    type WatchStream = Responses;
 
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let user = caller(&request).map(str::to_owned);
         let peer = request.remote_addr();
-        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let (tx, rx) = outbox::channel(Arc::clone(&self.gauges));
         let session =
             Session::new(Arc::clone(&self.store), user.clone(), self.config.clone(), Arc::clone(&self.gauges));
         let span = tracing::debug_span!("watch_stream", user = user.as_deref().unwrap_or(""), peer = ?peer);
         tokio::spawn(session.run(request.into_inner(), tx, self.shutdown.child_token()).instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 }
 
@@ -122,9 +118,17 @@ struct Session {
     next_id: i64,
     /// The store's revision as last published.
     current: i64,
-    outbox: VecDeque<WatchResponse>,
-    /// Encoded bytes of what `outbox` holds.
-    outbox_bytes: usize,
+    outbox: Outbox,
+    /// Where the last history read that hit the outbox budget stopped, so that the next one
+    /// starts with the watchers after it: every watcher gets its turn.
+    resume_after: Option<i64>,
+    /// Whether the stream is not reading requests because its outbox is full (counted once
+    /// per episode).
+    held_back: bool,
+    /// Whether some watcher may be behind `current`: set by a new revision or a watcher that
+    /// starts in the past, cleared by a catch-up that finds none. Spares a scan of every
+    /// watcher on every wake-up (each create request) of a stream holding thousands.
+    behind: bool,
     progress_requested: bool,
 }
 
@@ -134,59 +138,58 @@ impl Session {
         gauges.streams.fetch_add(1, Ordering::Relaxed);
         Self {
             store,
-            gauges,
             user,
             config,
             watchers: BTreeMap::new(),
             next_id: 0,
             current,
-            outbox: VecDeque::new(),
-            outbox_bytes: 0,
+            outbox: Outbox::new(Arc::clone(&gauges)),
+            gauges,
+            resume_after: None,
+            held_back: false,
+            behind: false,
             progress_requested: false,
         }
     }
 
-    async fn run(
-        mut self,
-        mut inbound: Streaming<WatchRequest>,
-        tx: mpsc::Sender<Result<WatchResponse, Status>>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run(mut self, mut inbound: Streaming<WatchRequest>, tx: Sender, shutdown: CancellationToken) {
         let mut revisions = self.store.subscribe();
         self.current = *revisions.borrow_and_update();
         let mut progress = tokio::time::interval(self.config.progress_notify_interval);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         progress.reset();
-        let mut held_back = false;
         loop {
             if self.outbox.is_empty() {
                 self.catch_up();
             }
-            let full = self.outbox_bytes >= OUTBOX_BUDGET_BYTES;
-            if full && !held_back {
-                self.gauges.backpressured.fetch_add(1, Ordering::Relaxed);
-            }
-            held_back = full;
+            let reading = self.note_backpressure();
+            let next_cost = self.outbox.front_cost();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                message = inbound.message(), if self.outbox_bytes < OUTBOX_BUDGET_BYTES => match message {
+                // Requests are not read while held back, so a client that left is noticed here.
+                () = tx.closed() => break,
+                slot = tx.reserve(next_cost.unwrap_or(0)), if next_cost.is_some() => match slot {
+                    Some(slot) => {
+                        if let Some((response, cost)) = self.outbox.pop() {
+                            slot.send(response, cost);
+                        }
+                    }
+                    None => break,
+                },
+                // Not polled while the outbox is full: the request stays in HTTP/2's window,
+                // which the client then cannot refill.
+                message = inbound.message(), if reading => match message {
                     Ok(Some(request)) => self.handle(request),
                     // The client closed its side (or the connection broke): etcd ends the
                     // stream then too.
                     Ok(None) | Err(_) => break,
                 },
-                permit = tx.reserve(), if !self.outbox.is_empty() => match permit {
-                    Ok(permit) => {
-                        if let Some(response) = self.outbox.pop_front() {
-                            self.outbox_bytes -= response.encoded_len();
-                            permit.send(Ok(response));
-                        }
-                    }
-                    Err(_) => break,
-                },
                 changed = revisions.changed() => match changed {
-                    Ok(()) => self.current = *revisions.borrow_and_update(),
+                    Ok(()) => {
+                        self.current = *revisions.borrow_and_update();
+                        self.behind = true;
+                    }
                     Err(_) => break,
                 },
                 _ = progress.tick() => self.notify_progress(),
@@ -194,13 +197,19 @@ impl Session {
         }
         if shutdown.is_cancelled() {
             // etcd closes watch streams with Unavailable on shutdown; clients reconnect.
-            let _ = tx.try_send(Err(Error::Stopped.into()));
+            tx.try_end(Error::Stopped.into());
         }
     }
 
-    fn queue(&mut self, response: WatchResponse) {
-        self.outbox_bytes += response.encoded_len();
-        self.outbox.push_back(response);
+    /// Whether requests may be read; counts each time the outbox budget stops reading.
+    fn note_backpressure(&mut self) -> bool {
+        let full = self.outbox.is_full();
+        if full && !self.held_back {
+            self.gauges.backpressured.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(bytes = self.outbox.bytes(), "client not reading: watch stream holds back");
+        }
+        self.held_back = full;
+        !full
     }
 
     fn handle(&mut self, request: WatchRequest) {
@@ -218,7 +227,7 @@ impl Session {
             return;
         }
         self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
-        self.queue(WatchResponse {
+        self.outbox.push(WatchResponse {
             header: Some(self.store.header_at(self.current)),
             watch_id,
             canceled: true,
@@ -236,17 +245,18 @@ impl Session {
             cancel_reason: reason,
             ..WatchResponse::default()
         };
-        let allowed = self.store.auth().read().check_read(self.user.as_deref(), &create.key, &create.range_end);
-        if let Err(error) = allowed {
+        if let Err(error) = self.store.auth().read().check_read(self.user.as_deref(), &create.key, &create.range_end) {
             // etcd reports the whole gRPC status text as the cancel reason.
             let status = tonic::Status::from(error);
             let reason = format!("rpc error: code = {:?} desc = {}", status.code(), status.message());
-            self.queue(refused(create.watch_id, reason));
+            self.outbox.push(refused(create.watch_id, reason));
             return;
         }
-        // etcd's `ErrEmptyWatcherRange`: a reversed range could never fire.
-        if !create.range_end.is_empty() && create.range_end.as_ref() != b"\0" && create.key >= create.range_end {
-            self.queue(refused(NO_WATCH_ID, "mvcc: watcher range is empty".into()));
+        // etcd's mvcc refuses a range that holds no key (start at or past its end) rather
+        // than create a watcher that can never fire; `\0` as the end means "from the key on".
+        let key: &[u8] = if create.key.is_empty() { b"\0" } else { &create.key };
+        if !create.range_end.is_empty() && create.range_end.as_ref() != b"\0" && key >= create.range_end.as_ref() {
+            self.outbox.push(refused(NO_WATCH_ID, "mvcc: watcher range is empty".into()));
             return;
         }
         let id = if create.watch_id == 0 {
@@ -256,20 +266,23 @@ impl Session {
             self.next_id += 1;
             self.next_id - 1
         } else if self.watchers.contains_key(&create.watch_id) {
-            self.queue(refused(NO_WATCH_ID, "mvcc: duplicate watch ID provided on the WatchStream".into()));
+            self.outbox.push(refused(NO_WATCH_ID, "mvcc: duplicate watch ID provided on the WatchStream".into()));
             return;
         } else {
             create.watch_id
         };
         let next_revision = if create.start_revision > 0 { create.start_revision } else { self.current + 1 };
+        self.behind |= next_revision <= self.current;
         let filters = |f: FilterType| create.filters.contains(&(f as i32));
         self.watchers.insert(
             id,
             Watcher {
                 no_put: filters(FilterType::Noput),
                 no_delete: filters(FilterType::Nodelete),
-                key: create.key,
-                range_end: create.range_end,
+                // Copied: the request's bytes are a slice of the transport's receive buffer,
+                // which a long-lived watcher would otherwise keep whole.
+                key: bytes::Bytes::copy_from_slice(&create.key),
+                range_end: bytes::Bytes::copy_from_slice(&create.range_end),
                 next_revision,
                 prev_kv: create.prev_kv,
                 progress_notify: create.progress_notify,
@@ -277,14 +290,18 @@ impl Session {
             },
         );
         self.gauges.watchers.fetch_add(1, Ordering::Relaxed);
-        self.queue(WatchResponse { header, watch_id: id, created: true, ..WatchResponse::default() });
+        self.outbox.push(WatchResponse { header, watch_id: id, created: true, ..WatchResponse::default() });
     }
 
     /// Reads the history from the slowest watcher that is behind and queues what each
-    /// watcher should get. Bounded per call; the loop calls again once the queue is drained.
+    /// watcher should get. Bounded per call: whole reads of the history, and watchers served
+    /// in turn only until the outbox is full (the rest keep their place and go first next
+    /// time); the loop calls again once the queue is drained.
     fn catch_up(&mut self) {
         let current = self.current;
-        let Some(from) = self.watchers.values().map(|w| w.next_revision).filter(|&r| r <= current).min() else {
+        let from = self.behind.then(|| self.watchers.values().map(|w| w.next_revision).filter(|&r| r <= current).min());
+        let Some(from) = from.flatten() else {
+            self.behind = false;
             self.answer_progress_request();
             return;
         };
@@ -302,20 +319,35 @@ impl Session {
         let upto = read.upto.unwrap_or(current);
         let header = self.store.header_at(upto);
         let max_bytes = self.store.limits().max_request_bytes;
-        for (&id, watcher) in self.watchers.iter_mut() {
+        let order: Vec<i64> = match self.resume_after.take() {
+            Some(after) => {
+                self.watchers.range(after + 1..).chain(self.watchers.range(..=after)).map(|(&id, _)| id).collect()
+            }
+            None => self.watchers.keys().copied().collect(),
+        };
+        let mut last_served = None;
+        for id in order {
+            if self.outbox.is_full() {
+                // Watchers not served yet keep their `next_revision`: the next read starts
+                // from the slowest of them, so nothing is skipped.
+                self.resume_after = last_served;
+                return;
+            }
+            let Some(watcher) = self.watchers.get_mut(&id) else { continue };
             if watcher.next_revision > current {
                 continue;
             }
             let events = matching_events(watcher, &read.events);
             watcher.next_revision = watcher.next_revision.max(upto + 1);
+            last_served = Some(id);
             if events.is_empty() {
                 continue;
             }
             let response = WatchResponse { header: Some(header), watch_id: id, events, ..WatchResponse::default() };
-            let pieces = if watcher.fragment { fragments(response, max_bytes) } else { vec![response] };
-            for piece in pieces {
-                self.outbox_bytes += piece.encoded_len();
-                self.outbox.push_back(piece);
+            if watcher.fragment {
+                self.outbox.extend(fragments(response, max_bytes));
+            } else {
+                self.outbox.push(response);
             }
         }
         if upto >= current {
@@ -331,7 +363,7 @@ impl Session {
             self.watchers.remove(&watch_id);
             self.gauges.watchers.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(watch_id, compact_revision, "watcher fell behind a compaction");
-            self.queue(WatchResponse {
+            self.outbox.push(WatchResponse {
                 header: Some(header),
                 watch_id,
                 canceled: true,
@@ -344,9 +376,9 @@ impl Session {
     /// A progress response promises that every later event has a higher revision, so it is
     /// only sent once every watcher of the stream has been given everything up to now.
     fn answer_progress_request(&mut self) {
-        if self.progress_requested && self.watchers.values().all(|w| w.next_revision > self.current) {
+        if self.progress_requested && (!self.behind || self.watchers.values().all(|w| w.next_revision > self.current)) {
             self.progress_requested = false;
-            self.queue(WatchResponse {
+            self.outbox.push(WatchResponse {
                 header: Some(self.store.header_at(self.current)),
                 watch_id: NO_WATCH_ID,
                 ..WatchResponse::default()
@@ -354,16 +386,17 @@ impl Session {
         }
     }
 
+    /// etcd skips a progress notification a watcher's full channel cannot take (the next
+    /// tick tries again); a full outbox is skipped the same way.
     fn notify_progress(&mut self) {
+        if self.outbox.is_full() {
+            return;
+        }
         let header = self.store.header_at(self.current);
-        let due: Vec<i64> = self
-            .watchers
-            .iter()
-            .filter(|(_, w)| w.progress_notify && w.next_revision > self.current)
-            .map(|(&id, _)| id)
-            .collect();
-        for watch_id in due {
-            self.queue(WatchResponse { header: Some(header), watch_id, ..WatchResponse::default() });
+        for (&watch_id, watcher) in &self.watchers {
+            if watcher.progress_notify && watcher.next_revision > self.current {
+                self.outbox.push(WatchResponse { header: Some(header), watch_id, ..WatchResponse::default() });
+            }
         }
     }
 }
