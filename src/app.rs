@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,7 +32,7 @@ use crate::kvstore::embedded::Embedded;
 use crate::kvstore::etcd::{Etcd, EtcdConfig};
 use crate::kvstore::instrumented::{Instrumented, KvstoreMetrics};
 use crate::kvstore::limited::{Limiter, RateLimited, Rates};
-use crate::kvstore::quorum;
+use crate::kvstore::quorum::{self, QuorumCheck};
 use crate::kvstoremesh::{self, KvstoremeshConfig, ReadyTimeouts, RemovalPolicy};
 use crate::metrics::{self, Routes};
 use crate::process_metrics::ProcessCollector;
@@ -138,9 +139,9 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             let backend = Arc::new(Embedded::new(store));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
             if let Some((config, listeners)) = kvstoremesh {
-                start_kvstoremesh(backend, config, listeners, &tracker, &token, None).await?;
+                start_kvstoremesh(backend, config, listeners, &tracker, &token, None, None).await?;
             }
-            running
+            (running, None)
         }
         KvstoreKind::Etcd => {
             let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
@@ -154,17 +155,22 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             let backend = Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
             tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
+            let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
+            let check = QuorumCheck::from_env(args.cilium.kvstore_max_consecutive_quorum_errors)
+                .map_err(|e| anyhow::anyhow!(e))?;
             let errors = running.kvstore_metrics.quorum_errors.clone();
             tracker.spawn(
-                quorum::run(etcd, HEARTBEAT_KEY, errors, quorum::CHECK_INTERVAL, token.child_token())
+                quorum::run(etcd, HEARTBEAT_KEY, errors, reachable, check, token.child_token())
                     .instrument(tracing::info_span!("quorum_check")),
             );
             if let Some((config, listeners)) = kvstoremesh {
-                start_kvstoremesh(backend, config, listeners, &tracker, &token, None).await?;
+                let reachable = Some(reachable_rx.clone());
+                start_kvstoremesh(backend, config, listeners, &tracker, &token, None, reachable).await?;
             }
-            running
+            (running, Some(reachable_rx))
         }
     };
+    let (running, reachable) = running;
     // A store that fails takes the whole process down with it.
     let failed = store_token.clone();
     let main = token.clone();
@@ -173,7 +179,8 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         main.cancel();
     });
     let health = bind(SocketAddr::new(args.health_bind_address, args.health_port)).await?;
-    let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
+    let ready = ready_while_reachable(running.ready.clone(), reachable, &tracker, &token);
+    let routes = Routes { ready: Some(ready), ..Routes::default() };
     tracker.spawn(serve_admin(health, routes, token.child_token(), "health"));
     if let Some(addr) = args.prometheus_addr()? {
         let routes = Routes { metrics: Some(Arc::new(root)), ..Routes::default() };
@@ -182,6 +189,39 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     wait_for_shutdown(&token, &tracker).await?;
     store_token.cancel();
     wait_for_shutdown(&store_token, &store_tracker).await
+}
+
+/// `/readyz` of a role on an attached etcd: synchronised, and the store answering quorum reads
+/// (a role cut off from its store is not serving what Kubernetes says, whatever it synced
+/// before). Without a quorum check (the embedded store), synchronised is enough.
+fn ready_while_reachable(
+    synced: watch::Receiver<bool>,
+    reachable: Option<watch::Receiver<bool>>,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) -> watch::Receiver<bool> {
+    let Some(mut reachable) = reachable else { return synced };
+    let mut synced = synced;
+    let both = |synced: &watch::Receiver<bool>, reachable: &watch::Receiver<bool>| {
+        *synced.borrow() && *reachable.borrow()
+    };
+    let (ready, ready_rx) = watch::channel(both(&synced, &reachable));
+    let shutdown = token.child_token();
+    tracker.spawn(async move {
+        // A sender that is gone keeps its last value (the mirror drops its readiness sender
+        // once synchronised for good).
+        let (mut synced_open, mut reachable_open) = (true, true);
+        while synced_open || reachable_open {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = synced.changed(), if synced_open => synced_open = changed.is_ok(),
+                changed = reachable.changed(), if reachable_open => reachable_open = changed.is_ok(),
+            }
+            let now = both(&synced, &reachable);
+            ready.send_if_modified(|ready| std::mem::replace(ready, now) != now);
+        }
+    });
+    ready_rx
 }
 
 /// Cilium's etcd client leaves its bootstrap rate once the first synchronisation is done.
@@ -240,9 +280,12 @@ async fn run_kvstoremesh(args: KvstoremeshArgs) -> anyhow::Result<()> {
     let etcd = EtcdConfig::load(&path)?.connect().await?;
     let limiter = Limiter::new(Rates { bootstrap: options.bootstrap_qps, steady: options.qps });
     let backend = Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
-    let kvstore_metrics = start_kvstoremesh(backend, config, listeners, &tracker, &token, Some(limiter)).await?;
+    let check = QuorumCheck::from_env(cilium.kvstore_max_consecutive_quorum_errors).map_err(|e| anyhow::anyhow!(e))?;
+    let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
+    let kvstore_metrics =
+        start_kvstoremesh(backend, config, listeners, &tracker, &token, Some(limiter), Some(reachable_rx)).await?;
     tracker.spawn(
-        quorum::run(etcd, HEARTBEAT_KEY, kvstore_metrics.quorum_errors, quorum::CHECK_INTERVAL, token.child_token())
+        quorum::run(etcd, HEARTBEAT_KEY, kvstore_metrics.quorum_errors, reachable, check, token.child_token())
             .instrument(tracing::info_span!("quorum_check")),
     );
     wait_for_shutdown(&token, &tracker).await
@@ -304,6 +347,7 @@ async fn start_kvstoremesh<B: Backend>(
     tracker: &TaskTracker,
     token: &CancellationToken,
     limiter: Option<Arc<Limiter>>,
+    store_reachable: Option<watch::Receiver<bool>>,
 ) -> anyhow::Result<KvstoreMetrics> {
     let mut root = Registry::default();
     root.register_collector(Box::new(ProcessCollector));
@@ -316,7 +360,8 @@ async fn start_kvstoremesh<B: Backend>(
         tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
     }
     let health = bind(listeners.health).await?;
-    let routes = Routes { ready: Some(running.ready.clone()), ..Routes::default() };
+    let ready = ready_while_reachable(running.ready.clone(), store_reachable, tracker, token);
+    let routes = Routes { ready: Some(ready), ..Routes::default() };
     tracker.spawn(serve_admin(health, routes, token.child_token(), "kvstoremesh-health"));
     if let Some(addr) = listeners.metrics {
         let routes = Routes { metrics: Some(Arc::new(root)), ..Routes::default() };

@@ -383,7 +383,9 @@ pub struct CiliumCompatArgs {
     pub k8s_service_proxy_name: Option<String>,
     #[arg(long, hide = true)]
     pub kvstore_connectivity_timeout: Option<String>,
-    #[arg(long, hide = true)]
+    /// Failed etcd quorum checks in a row after which an attached store counts as unreachable
+    /// and /readyz answers 503 until a check passes (Cilium's default: 2).
+    #[arg(long)]
     pub kvstore_max_consecutive_quorum_errors: Option<u64>,
     #[arg(long, hide = true)]
     pub kvstore_periodic_sync: Option<String>,
@@ -422,7 +424,6 @@ impl CiliumCompatArgs {
             ("k8s-heartbeat-timeout", self.k8s_heartbeat_timeout.is_some()),
             ("k8s-service-proxy-name", self.k8s_service_proxy_name.is_some()),
             ("kvstore-connectivity-timeout", self.kvstore_connectivity_timeout.is_some()),
-            ("kvstore-max-consecutive-quorum-errors", self.kvstore_max_consecutive_quorum_errors.is_some()),
             ("kvstore-periodic-sync", self.kvstore_periodic_sync.is_some()),
         ];
         let names: Vec<&str> = set.iter().filter(|(_, given)| *given).map(|(name, _)| *name).collect();

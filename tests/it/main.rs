@@ -8,6 +8,7 @@ mod chart_pods;
 mod client_port_http;
 mod client_remote;
 mod conformance;
+mod containers;
 mod differential;
 mod differential_prop;
 mod etcd_answers;

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use clustermesh_apiserver::kvstore::instrumented::KvstoreMetrics;
-use clustermesh_apiserver::kvstore::quorum;
+use clustermesh_apiserver::kvstore::quorum::{self, QuorumCheck};
 use clustermesh_apiserver::translate::Settings;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -114,17 +114,20 @@ async fn operations_on_an_attached_etcd_are_timed_under_the_same_names() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_attached_etcd_that_stops_answering_counts_quorum_errors() {
+async fn an_attached_etcd_that_stops_answering_counts_quorum_errors_and_turns_unreachable_after_two() {
     let pki = Pki::new();
     let mut etcd = EtcdProcess::start(&pki).await;
     let client = etcd.client(&pki, "root").await;
     let metrics = KvstoreMetrics::register(&mut Registry::default());
     let token = CancellationToken::new();
+    let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
+    let check = QuorumCheck { interval: Duration::from_millis(200), max_consecutive_errors: 2 };
     let check = tokio::spawn(quorum::run(
         client,
         "cilium/.heartbeat",
         metrics.quorum_errors.clone(),
-        Duration::from_millis(200),
+        reachable,
+        check,
         token.clone(),
     ));
     let total = || {
@@ -139,10 +142,16 @@ async fn an_attached_etcd_that_stops_answering_counts_quorum_errors() {
     };
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(total(), 0.0, "a healthy etcd answers every check");
+    assert!(*reachable_rx.borrow(), "reachable while it answers");
 
     etcd.kill();
     eventually("a quorum error to be counted", Duration::from_secs(10), || async { (total() > 0.0).then_some(()) })
         .await;
+    eventually("two failures in a row to make the store unreachable", Duration::from_secs(10), || async {
+        (!*reachable_rx.borrow()).then_some(())
+    })
+    .await;
+    assert!(total() >= 2.0, "unreachable only after two failed checks, counted {}", total());
     token.cancel();
     check.await.expect("the check stops on shutdown");
 }

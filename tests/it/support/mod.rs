@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod etcdctl;
+pub mod docker;
 pub mod eventually;
 pub mod fake_k8s;
 pub mod fuzz_targets;
