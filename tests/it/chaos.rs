@@ -2,7 +2,8 @@
 //! CiliumIdentities, CiliumEndpoints, Services with EndpointSlices, Namespaces; creates,
 //! updates, deletes, objects turning invalid) on the fake API server, while the real binary is
 //! SIGKILLed and restarted, watches get 410 Gone and relist, and — in attached mode — members of
-//! a three-member etcd cluster on loopback are SIGKILLed and restarted. After settling, the
+//! a three-member etcd 3.5 cluster in containers (on a private Docker network, reached through
+//! ports published on 127.0.0.1) are SIGKILLed and restarted. After settling, the
 //! store under `cilium/state/` must hold exactly the expected keys and bytes: no stale key, no
 //! missing key, no wrong value.
 //!
@@ -25,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use crate::support::etcd_cluster::EtcdCluster;
+use crate::support::docker::{ETCD_35, EtcdContainers};
 use crate::support::server::{ServerProcess, StoreMode, free_port};
 use crate::support::{FakeApiServer, FakeOptions, Pki, client_tls, init_tracing};
 
@@ -253,7 +254,7 @@ struct Tally {
 
 enum Store {
     Embedded { client_port: u16 },
-    Attached(EtcdCluster),
+    Attached(EtcdContainers),
 }
 
 /// Runs the chaos sequence against the real binary writing to `store`, settles, and asserts
@@ -419,9 +420,9 @@ async fn converge_under_chaos(mut store: Store, pki: &Pki) {
 /// kill (on the dead process's 15-minute lease) must be pruned, and writes lost to an etcd
 /// member's death must be retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attached_to_a_three_member_etcd_the_store_converges_to_exactly_the_expected_keys_through_kills_and_relists() {
+async fn attached_to_a_three_member_etcd_in_containers_the_store_converges_to_exactly_the_expected_keys_through_kills_and_relists() {
     let pki = Pki::new();
-    let cluster = EtcdCluster::start(&pki, 3).await;
+    let cluster = EtcdContainers::start(&pki, 3, ETCD_35).await;
     converge_under_chaos(Store::Attached(cluster), &pki).await;
 }
 

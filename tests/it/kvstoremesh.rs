@@ -15,7 +15,8 @@ use crate::support::etcd::http_get;
 use crate::support::kvstoremesh::{MeshCluster, Tuning, cached_copy, client_options, node, write_peer};
 use crate::support::mirror::Target;
 use crate::support::process::interrupt_and_wait;
-use crate::support::{EmbeddedStore, EtcdProcess, Pki, eventually, init_tracing};
+use crate::support::docker::{ETCD_35, EtcdContainers};
+use crate::support::{EmbeddedStore, Pki, eventually, init_tracing};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 
@@ -345,7 +346,7 @@ async fn old_remote(pki: &Pki) -> EmbeddedStore {
 async fn the_kvstoremesh_command_fills_a_real_etcd_and_reports_through_its_status_api_dbg_and_metrics() {
     init_tracing();
     let pki = Pki::new();
-    let etcd = EtcdProcess::start(&pki).await;
+    let etcd = EtcdContainers::start(&pki, 1, ETCD_35).await;
     let local = Target::etcd(etcd.client(&pki, "root").await);
     // Left by an earlier session, when cluster4 still offered service exports.
     local.put("cilium/cache/serviceexports/v1/cluster4/default/old", "{}").await;

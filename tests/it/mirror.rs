@@ -8,7 +8,8 @@ use clustermesh_apiserver::translate::Settings;
 use serde_json::{Value, json};
 
 use crate::support::mirror::{Mirror, Target, wait_for_key};
-use crate::support::{EmbeddedStore, EtcdProcess, FakeApiServer, Pki, eventually};
+use crate::support::docker::{ETCD_35, EtcdContainers};
+use crate::support::{EmbeddedStore, FakeApiServer, Pki, eventually};
 
 const NODES: &str = "cilium/state/nodes/v1/cluster1/";
 
@@ -104,9 +105,9 @@ async fn adds_updates_and_deletes_in_kubernetes_reach_the_embedded_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adds_updates_and_deletes_in_kubernetes_reach_a_real_etcd() {
+async fn adds_updates_and_deletes_in_kubernetes_reach_a_real_etcd_in_a_container() {
     let pki = Pki::new();
-    let etcd = EtcdProcess::start(&pki).await;
+    let etcd = EtcdContainers::start(&pki, 1, ETCD_35).await;
     adds_updates_and_deletes_propagate(Target::etcd(etcd.client(&pki, "root").await)).await;
 }
 
@@ -183,7 +184,7 @@ async fn a_relist_after_410_gone_deletes_what_vanished_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_deleted_while_the_server_was_down_is_pruned_after_restart_in_attached_mode() {
     let pki = Pki::new();
-    let etcd = EtcdProcess::start(&pki).await;
+    let etcd = EtcdContainers::start(&pki, 1, ETCD_35).await;
     let target = Target::etcd(etcd.client(&pki, "root").await);
     let fake = FakeApiServer::start().await;
     fake.apply(node("node-a", "10.0.0.1"));
