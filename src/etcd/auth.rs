@@ -40,11 +40,6 @@ impl Permission {
         Self::new(perm_type, Bytes::copy_from_slice(prefix), prefix_end(prefix))
     }
 
-    /// What `role get root` shows: etcd reports this one permission for the root role
-    /// whatever was granted to it, because root's access is not permission-based.
-    fn root() -> Self {
-        Self::new(PermType::Readwrite, Bytes::new(), Bytes::from_static(b"\0"))
-    }
 }
 
 /// etcd's `GetPrefixRangeEnd`, shared with the client library so that both sides of the
@@ -264,10 +259,10 @@ impl AuthStore {
         Ok(())
     }
 
-    /// The role's permissions; for `root`, the single everything-permission etcd shows.
+    /// The role's permissions as granted; for `root` too, whose access needs none (etcd 3.5;
+    /// 3.6 shows root one everything-permission instead).
     pub fn role_get(&self, name: &str) -> Result<Vec<Permission>> {
-        let perms = self.roles.get(name).ok_or(Error::RoleNotFound)?;
-        if name == ROOT_ROLE { Ok(vec![Permission::root()]) } else { Ok(perms.clone()) }
+        self.roles.get(name).cloned().ok_or(Error::RoleNotFound)
     }
 
     /// All role names, sorted. Role `root` appears only once added with `role add`.
@@ -618,7 +613,7 @@ mod tests {
         assert_eq!(auth.role_get("root"), Err(Error::RoleNotFound));
         assert!(auth.role_list().is_empty());
         auth.role_add("root").unwrap();
-        assert_eq!(auth.role_get("root"), Ok(vec![Permission::root()]));
+        assert_eq!(auth.role_get("root"), Ok(vec![]));
         assert_eq!(auth.role_list(), vec!["root"]);
     }
 

@@ -1,4 +1,4 @@
-//! The harness itself, proven against the real etcd 3.4: the generated PKI is one that etcd
+//! The harness itself, proven against the real etcd 3.5: the generated PKI is one that etcd
 //! accepts, it refuses what it should, and etcdctl works over mTLS.
 
 use std::time::Duration;

@@ -8,7 +8,7 @@ use clustermesh_apiserver::translate::Settings;
 use serde_json::{Value, json};
 
 use crate::support::mirror::{Mirror, Target, wait_for_key};
-use crate::support::docker::{ETCD_35, EtcdContainers};
+use crate::support::docker::{ETCD_34, ETCD_35, EtcdContainers};
 use crate::support::{EmbeddedStore, FakeApiServer, Pki, eventually};
 
 const NODES: &str = "cilium/state/nodes/v1/cluster1/";
@@ -108,6 +108,14 @@ async fn adds_updates_and_deletes_in_kubernetes_reach_the_embedded_store() {
 async fn adds_updates_and_deletes_in_kubernetes_reach_a_real_etcd_in_a_container() {
     let pki = Pki::new();
     let etcd = EtcdContainers::start(&pki, 1, ETCD_35).await;
+    adds_updates_and_deletes_propagate(Target::etcd(etcd.client(&pki, "root").await)).await;
+}
+
+/// Debian bookworm's etcd, for operators who attach an older etcd than Cilium ships.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_updates_and_deletes_in_kubernetes_reach_etcd_3_4_in_a_container() {
+    let pki = Pki::new();
+    let etcd = EtcdContainers::start(&pki, 1, ETCD_34).await;
     adds_updates_and_deletes_propagate(Target::etcd(etcd.client(&pki, "root").await)).await;
 }
 

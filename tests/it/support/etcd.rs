@@ -1,5 +1,5 @@
-//! A real etcd (Debian's 3.4 `etcd` from PATH) with mTLS on random 127.0.0.1 ports, and mTLS
-//! clients for any etcd-compatible endpoint.
+//! A real etcd (Debian's 3.5.16, see [`find_binary`]) with mTLS on random 127.0.0.1 ports, and
+//! mTLS clients for any etcd-compatible endpoint.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt as _;
@@ -13,6 +13,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::certs::{ClientCert, Pki};
 
+/// Debian's etcd 3.5.16 (the line Cilium ships), unpacked by docker/build-images: the oracle of
+/// the differential and etcdctl tests. `$ETCD_BIN` and `$ETCDCTL_BIN` point elsewhere (e.g.
+/// Debian bookworm's 3.4 in /usr/bin).
+const ORACLE_DIR: &str = "target/docker/etcd-3.5.16/usr/bin";
 /// How long etcd may take to report `"health":"true"` (it needs about 1 s to elect itself).
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Start attempts when etcd loses a race for one of its random ports.
@@ -307,8 +311,8 @@ pub async fn http_get(host: &str, port: u16, path: &str) -> anyhow::Result<(u16,
     Ok((status, body.to_string()))
 }
 
-/// Finds `name`: the path in `$override_var` if set and non-empty, else the first match on PATH, else
-/// `/usr/bin/<name>`.
+/// Finds the oracle's `name` (`etcd` or `etcdctl`): the path in `$override_var` if set and
+/// non-empty, else Debian's 3.5.16 ([`ORACLE_DIR`]).
 ///
 /// # Panics
 /// If no executable is found: a missing tool fails the test instead of skipping it.
@@ -318,15 +322,9 @@ pub fn find_binary(name: &str, override_var: &str) -> PathBuf {
         assert!(path.is_file(), "${override_var} is {}, which is not a file", path.display());
         return path;
     }
-    let path_var = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path_var)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` not found on PATH or in /usr/bin: these tests need the real tool \
-                 (Debian: apt-get install etcd-server etcd-client), or set ${override_var}"
-            )
-        })
+    // The unpacked package docker/build-images makes its etcd 3.5 image from.
+    super::docker::images();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(ORACLE_DIR).join(name);
+    assert!(path.is_file(), "{} missing after docker/build-images", path.display());
+    path
 }

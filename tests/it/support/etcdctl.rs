@@ -1,4 +1,5 @@
-//! Debian's `etcdctl` 3.4 run as a subprocess against an mTLS endpoint.
+//! Debian's `etcdctl` (3.5.16, see [`super::etcd::find_binary`]) run as a subprocess against an
+//! mTLS endpoint.
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -88,7 +89,7 @@ impl Etcdctl {
     }
 
     /// Like [`Etcdctl::run`], feeding `stdin` (then EOF), e.g. for interactive `etcdctl txn`:
-    /// compares, blank line, success ops, blank line, failure ops, blank line (etcdctl 3.4
+    /// compares, blank line, success ops, blank line, failure ops, blank line (etcdctl
     /// fails with "Error: EOF" without the last blank line).
     pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
         self.run_with_timeout(args, Some(stdin), DEFAULT_RUN_TIMEOUT)
