@@ -3,6 +3,11 @@ use clustermesh_apiserver::persona::{self, Invocation, Persona};
 use clustermesh_apiserver::{app, config};
 use tracing_subscriber::EnvFilter;
 
+/// See Cargo.toml: freed memory goes back to the kernel within jemalloc's decay time (10 s).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // One executable, two programs of Cilium's pod: started as `etcd`, it is the store.

@@ -250,3 +250,33 @@ async fn history_replayed_to_stalled_watchers_stops_at_the_budget_and_readers_ge
     drop(stalled);
     server.remote_read(&pki).await;
 }
+
+/// A burst the store legitimately holds (64 MiB of values) and then lets go of (deleted,
+/// compacted) does not leave the pod's memory at its high-water mark: the allocator gives freed
+/// pages back, so resident memory returns near where it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_taken_by_a_burst_is_given_back_once_the_data_is_deleted_and_compacted() {
+    let pki = Pki::new();
+    let server = Server::start(&pki).await;
+    let mut admin = connect(&server.url, &pki, "root").await.unwrap();
+    let before = server.rss();
+    let value = vec![b'v'; 16 << 10];
+    for i in 0..4096 {
+        admin.put(format!("cilium/state/burst/{i:05}"), value.clone(), None).await.expect("put");
+    }
+    let peak = server.rss();
+    assert!(peak > before + (48 << 20), "the burst is held: {} → {} MiB", before >> 20, peak >> 20);
+    let deleted = admin.delete("cilium/state/burst/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    let revision = deleted.header().expect("header").revision();
+    admin.compact(revision, None).await.expect("compact");
+    crate::support::eventually("resident memory to come back within 16 MiB of the start", Duration::from_secs(30), || async {
+        let now = server.rss();
+        if now < before + (16 << 20) {
+            Ok(())
+        } else {
+            Err(format!("{} MiB at start, {} MiB at the peak, {} MiB now", before >> 20, peak >> 20, now >> 20))
+        }
+    })
+    .await;
+    server.remote_read(&pki).await;
+}
