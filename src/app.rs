@@ -202,9 +202,8 @@ fn ready_while_reachable(
 ) -> watch::Receiver<bool> {
     let Some(mut reachable) = reachable else { return synced };
     let mut synced = synced;
-    let both = |synced: &watch::Receiver<bool>, reachable: &watch::Receiver<bool>| {
-        *synced.borrow() && *reachable.borrow()
-    };
+    let both =
+        |synced: &watch::Receiver<bool>, reachable: &watch::Receiver<bool>| *synced.borrow() && *reachable.borrow();
     let (ready, ready_rx) = watch::channel(both(&synced, &reachable));
     let shutdown = token.child_token();
     tracker.spawn(async move {

@@ -39,7 +39,6 @@ impl Permission {
     pub fn prefix(perm_type: PermType, prefix: &[u8]) -> Self {
         Self::new(perm_type, Bytes::copy_from_slice(prefix), prefix_end(prefix))
     }
-
 }
 
 /// etcd's `GetPrefixRangeEnd`, shared with the client library so that both sides of the

@@ -37,8 +37,9 @@ impl QuorumCheck {
     /// Cilium's client does.
     pub fn from_env(max_consecutive_errors: Option<u64>) -> Result<QuorumCheck, String> {
         let interval = match std::env::var("CILIUM_ETCD_STATUS_CHECK_INTERVAL") {
-            Ok(text) => crate::config::humantime_secs(&text)
-                .map_err(|e| format!("CILIUM_ETCD_STATUS_CHECK_INTERVAL: {e}"))?,
+            Ok(text) => {
+                crate::config::humantime_secs(&text).map_err(|e| format!("CILIUM_ETCD_STATUS_CHECK_INTERVAL: {e}"))?
+            }
             Err(_) => CHECK_INTERVAL,
         };
         Ok(QuorumCheck {

@@ -266,17 +266,22 @@ async fn memory_taken_by_a_burst_is_given_back_once_the_data_is_deleted_and_comp
     }
     let peak = server.rss();
     assert!(peak > before + (48 << 20), "the burst is held: {} → {} MiB", before >> 20, peak >> 20);
-    let deleted = admin.delete("cilium/state/burst/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    let deleted =
+        admin.delete("cilium/state/burst/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
     let revision = deleted.header().expect("header").revision();
     admin.compact(revision, None).await.expect("compact");
-    crate::support::eventually("resident memory to come back within 16 MiB of the start", Duration::from_secs(30), || async {
-        let now = server.rss();
-        if now < before + (16 << 20) {
-            Ok(())
-        } else {
-            Err(format!("{} MiB at start, {} MiB at the peak, {} MiB now", before >> 20, peak >> 20, now >> 20))
-        }
-    })
+    crate::support::eventually(
+        "resident memory to come back within 16 MiB of the start",
+        Duration::from_secs(30),
+        || async {
+            let now = server.rss();
+            if now < before + (16 << 20) {
+                Ok(())
+            } else {
+                Err(format!("{} MiB at start, {} MiB at the peak, {} MiB now", before >> 20, peak >> 20, now >> 20))
+            }
+        },
+    )
     .await;
     server.remote_read(&pki).await;
 }

@@ -420,7 +420,8 @@ async fn converge_under_chaos(mut store: Store, pki: &Pki) {
 /// kill (on the dead process's 15-minute lease) must be pruned, and writes lost to an etcd
 /// member's death must be retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attached_to_a_three_member_etcd_in_containers_the_store_converges_to_exactly_the_expected_keys_through_kills_and_relists() {
+async fn attached_to_a_three_member_etcd_in_containers_the_store_converges_to_exactly_the_expected_keys_through_kills_and_relists()
+ {
     let pki = Pki::new();
     let cluster = EtcdContainers::start(&pki, 3, ETCD_35).await;
     converge_under_chaos(Store::Attached(cluster), &pki).await;

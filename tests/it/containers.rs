@@ -48,7 +48,8 @@ impl Objects {
     }
 
     fn apply(&mut self, object: Value) {
-        let name = format!("{}-{}.json", object["kind"].as_str().unwrap(), object["metadata"]["name"].as_str().unwrap());
+        let name =
+            format!("{}-{}.json", object["kind"].as_str().unwrap(), object["metadata"]["name"].as_str().unwrap());
         let tmp = self.dir.path().join(format!(".{name}.tmp"));
         fs::write(&tmp, serde_json::to_vec_pretty(&object).unwrap()).expect("write manifest");
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).expect("chmod");
@@ -194,8 +195,11 @@ async fn converged(client: &etcd_client::Client, expected: &BTreeMap<String, Vec
         let mut client = client.clone();
         async move {
             let answer = client.get(STATE, Some(GetOptions::new().with_prefix())).await.map_err(|e| e.to_string())?;
-            let found: BTreeMap<String, Vec<u8>> =
-                answer.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())).collect();
+            let found: BTreeMap<String, Vec<u8>> = answer
+                .kvs()
+                .iter()
+                .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+                .collect();
             compare(&found, expected)
         }
     })
@@ -206,7 +210,8 @@ async fn converged(client: &etcd_client::Client, expected: &BTreeMap<String, Vec
 fn compare(found: &BTreeMap<String, Vec<u8>>, expected: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
     let stale: Vec<&String> = found.keys().filter(|k| !expected.contains_key(*k)).collect();
     let missing: Vec<&String> = expected.keys().filter(|k| !found.contains_key(*k)).collect();
-    let wrong: Vec<&String> = expected.iter().filter(|(k, v)| found.get(*k).is_some_and(|f| f != *v)).map(|(k, _)| k).collect();
+    let wrong: Vec<&String> =
+        expected.iter().filter(|(k, v)| found.get(*k).is_some_and(|f| f != *v)).map(|(k, _)| k).collect();
     if stale.is_empty() && missing.is_empty() && wrong.is_empty() {
         Ok(())
     } else {
@@ -217,7 +222,8 @@ fn compare(found: &BTreeMap<String, Vec<u8>>, expected: &BTreeMap<String, Vec<u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_as_uid_65532_and_answers_as_the_apiserver_and_as_etcd() {
     crate::support::docker::images();
-    let config = docker_ok(&["image", "inspect", "-f", "{{.Config.User}} {{json .Config.Entrypoint}}", APISERVER_IMAGE]);
+    let config =
+        docker_ok(&["image", "inspect", "-f", "{{.Config.User}} {{json .Config.Entrypoint}}", APISERVER_IMAGE]);
     assert_eq!(config.trim(), r#"65532:65532 ["/usr/bin/clustermesh-apiserver"]"#);
     let version = docker_ok(&["run", "--rm", APISERVER_IMAGE, "version"]);
     assert!(version.starts_with("clustermesh-apiserver "), "{version}");
@@ -227,8 +233,15 @@ async fn the_image_runs_as_uid_65532_and_answers_as_the_apiserver_and_as_etcd() 
     // A volume mounted over the image's certificate directory starts writable by the non-root
     // user (docker/compose.yaml's one-shot `certs generate` relies on it).
     let made = docker_ok(&[
-        "run", "--rm", "-v", "/var/lib/clustermesh-apiserver", APISERVER_IMAGE,
-        "certs", "generate", "--cluster-name=cluster1", "--out=/var/lib/clustermesh-apiserver/cluster1",
+        "run",
+        "--rm",
+        "-v",
+        "/var/lib/clustermesh-apiserver",
+        APISERVER_IMAGE,
+        "certs",
+        "generate",
+        "--cluster-name=cluster1",
+        "--out=/var/lib/clustermesh-apiserver/cluster1",
     ]);
     assert!(!made.contains("rror"), "{made}");
 }
@@ -265,8 +278,10 @@ async fn through_partitions_of_a_member_and_of_the_apiserver_nothing_is_stale_or
     assert!(behind.keys().any(|k| k.ends_with("/node-a")), "the cut-off member cannot have seen the delete");
     cluster.reconnect(2).await;
     let expected = objects.expected();
-    eventually("the healed member to catch up", CONVERGE, || async { compare(&cluster.member_dump(2, STATE)?, &expected).map_err(anyhow::Error::msg) })
-        .await;
+    eventually("the healed member to catch up", CONVERGE, || async {
+        compare(&cluster.member_dump(2, STATE)?, &expected).map_err(anyhow::Error::msg)
+    })
+    .await;
 
     // The apiserver cut off its store.
     let errors_before = apiserver.quorum_errors().await.expect("metrics");

@@ -11,11 +11,11 @@ use clustermesh_client::{ClusterMesh, RemoteCluster};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::docker::{ETCD_35, EtcdContainers};
 use crate::support::etcd::http_get;
 use crate::support::kvstoremesh::{MeshCluster, Tuning, cached_copy, client_options, node, write_peer};
 use crate::support::mirror::Target;
 use crate::support::process::interrupt_and_wait;
-use crate::support::docker::{ETCD_35, EtcdContainers};
 use crate::support::{EmbeddedStore, Pki, eventually, init_tracing};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clustermesh_apiserver::translate::Settings;
 use serde_json::{Value, json};
 
-use crate::support::mirror::{Mirror, Target, wait_for_key};
 use crate::support::docker::{ETCD_34, ETCD_35, EtcdContainers};
+use crate::support::mirror::{Mirror, Target, wait_for_key};
 use crate::support::{EmbeddedStore, FakeApiServer, Pki, eventually};
 
 const NODES: &str = "cilium/state/nodes/v1/cluster1/";

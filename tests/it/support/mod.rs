@@ -6,11 +6,11 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod certs;
+pub mod docker;
 pub mod embedded;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod etcdctl;
-pub mod docker;
 pub mod eventually;
 pub mod fake_k8s;
 pub mod fuzz_targets;
