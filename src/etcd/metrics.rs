@@ -264,8 +264,8 @@ where
     }
 }
 
-/// A request over the receive limit is `RESOURCE_EXHAUSTED` in gRPC and etcd (clients retry
-/// or circuit-break on that code); tonic reports its decoder's refusal as `OUT_OF_RANGE`.
+/// A unary request over the receive limit, answered trailers-only: its code as gRPC says it
+/// (see [`super::service::is_too_large`]).
 fn resource_exhausted_as_grpc_says<R>(response: &mut http::Response<R>) {
     let headers = response.headers_mut();
     let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
@@ -273,7 +273,7 @@ fn resource_exhausted_as_grpc_says<R>(response: &mut http::Response<R>) {
             .get("grpc-message")
             .and_then(|v| v.to_str().ok())
             // grpc-message is percent-encoded on the wire.
-            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+            .is_some_and(|m| super::service::is_too_large(tonic::Code::OutOfRange, &m.replace("%20", " ")));
     if too_large {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }

@@ -351,6 +351,12 @@ async fn oversized_requests_and_transactions_with_too_many_operations_are_refuse
     // gRPC's and etcd's code for it, which clients retry or circuit-break on.
     let over_transport = answer("put", client.put("huge", "x".repeat(600 * 1024), None)).await;
     assert_eq!(status("huge put", over_transport).0, Code::ResourceExhausted);
+    // The same on a watch stream: the stream ends with that code, not with a silent OK.
+    let huge_watch = async {
+        let mut watch = client.watch("x".repeat(600 * 1024), None).await?;
+        watch.message().await
+    };
+    assert_eq!(status("huge watch", answer("watch", huge_watch).await).0, Code::ResourceExhausted);
     let big_txn =
         Txn::new().and_then([TxnOp::put("a", "x".repeat(2500), None), TxnOp::put("b", "x".repeat(2500), None)]);
     let too_large = answer("txn", client.txn(big_txn)).await;

@@ -183,7 +183,13 @@ impl Session {
                     Ok(Some(request)) => self.handle(request),
                     // The client closed its side (or the connection broke): etcd ends the
                     // stream then too.
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => break,
+                    // A request that could not be read ends the stream with the reason, as
+                    // gRPC does (a silent OK would read as a clean close).
+                    Err(status) => {
+                        tx.try_end(super::decode_error_as_grpc_says(status));
+                        break;
+                    }
                 },
                 changed = revisions.changed() => match changed {
                     Ok(()) => {
