@@ -583,6 +583,7 @@ async fn start_store(
         auto_compaction_retention,
         max_request_bytes,
         max_txn_ops,
+        max_leases_per_user,
         max_concurrent_streams,
         watch_progress_notify_interval,
     } = args;
@@ -614,7 +615,11 @@ async fn start_store(
     let config = EmbeddedConfig {
         tls,
         tls_reload_interval: *tls_reload_interval,
-        limits: Limits { max_txn_ops: *max_txn_ops, max_request_bytes: *max_request_bytes },
+        limits: Limits {
+            max_txn_ops: *max_txn_ops,
+            max_request_bytes: *max_request_bytes,
+            max_leases_per_user: *max_leases_per_user,
+        },
         server: ServerOptions {
             member: MemberInfo { name: name.clone(), client_urls },
             watch: WatchConfig { progress_notify_interval: *watch_progress_notify_interval },

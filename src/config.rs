@@ -207,6 +207,11 @@ pub struct StoreArgs {
     /// Most operations in each part of a transaction (etcd's default: 128).
     #[arg(long, default_value_t = 128)]
     pub max_txn_ops: usize,
+    /// Live leases one client identity (certificate Common Name) may hold; a grant beyond is
+    /// refused with RESOURCE_EXHAUSTED (etcd: unbounded). Cilium's writers hold one lease per
+    /// 1,000 keys.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_leases_per_user: usize,
     /// HTTP/2 streams (watches, keep-alives, requests in flight) one client connection may
     /// hold open at once (etcd: unbounded).
     #[arg(long, default_value_t = crate::etcd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]

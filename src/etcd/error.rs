@@ -29,6 +29,8 @@ pub enum Error {
     LeaseExists,
     #[error("too large lease TTL")]
     LeaseTtlTooLarge,
+    #[error("too many leases held by this user")]
+    TooManyLeases,
     #[error("request is too large")]
     RequestTooLarge,
     #[error("root user does not exist")]
@@ -88,6 +90,8 @@ impl Error {
             LeaseNotFound => (Code::NotFound, "etcdserver: requested lease not found"),
             LeaseExists => (Code::FailedPrecondition, "etcdserver: lease already exists"),
             LeaseTtlTooLarge => (Code::OutOfRange, "etcdserver: too large lease TTL"),
+            // Ours (etcd has no such cap): gRPC's code for a quota.
+            TooManyLeases => (Code::ResourceExhausted, "etcdserver: too many leases held by this user"),
             RequestTooLarge => (Code::InvalidArgument, "etcdserver: request is too large"),
             RootUserNotExist => (Code::FailedPrecondition, "etcdserver: root user does not exist"),
             RootRoleNotExist => (Code::FailedPrecondition, "etcdserver: root user does not have root role"),

@@ -123,7 +123,13 @@ impl Collector for StoreCollector {
                 None,
                 MetricType::Counter,
             )?,
-        )
+        )?;
+        prometheus_client::metrics::counter::ConstCounter::new(stats.leases_refused).encode(encoder.encode_descriptor(
+            "clustermesh_store_lease_grants_refused",
+            "Lease grants refused because the user held --max-leases-per-user leases",
+            None,
+            MetricType::Counter,
+        )?)
     }
 }
 

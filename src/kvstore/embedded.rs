@@ -30,7 +30,7 @@ fn embedded(error: crate::etcd::Error) -> Error {
 impl Backend for Embedded {
     async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
         let request = LeaseGrantRequest { ttl: ttl.as_secs() as i64, id: 0 };
-        Ok(self.store.lease_grant(&request).map_err(embedded)?.id)
+        Ok(self.store.lease_grant(&request, None).map_err(embedded)?.id)
     }
 
     async fn keep_alive(&self, lease: i64) -> Result<()> {

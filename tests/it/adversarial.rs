@@ -24,10 +24,15 @@ struct Server {
 
 impl Server {
     async fn start(pki: &Pki) -> Server {
+        Self::start_with(pki, &[]).await
+    }
+
+    async fn start_with(pki: &Pki, flags: &[&str]) -> Server {
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let (port, metrics_port) = (free(), free());
         let child = Command::new(BIN)
             .args(["--log-level=warn", "kvstore", "--cluster-name=cluster1"])
+            .args(flags)
             .arg(format!("--listen-client-urls=https://127.0.0.1:{port}"))
             .arg(format!("--listen-metrics-urls=http://127.0.0.1:{metrics_port}"))
             .arg("--cert-file")
@@ -284,4 +289,33 @@ async fn memory_taken_by_a_burst_is_given_back_once_the_data_is_deleted_and_comp
     )
     .await;
     server.remote_read(&pki).await;
+}
+
+/// A read-only user cannot grant leases until memory runs out: past its cap each grant is
+/// refused with gRPC's quota code, counted, and other users keep their own places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_granting_leases_without_end_is_stopped_at_its_cap() {
+    let pki = Pki::new();
+    let server = Server::start_with(&pki, &["--max-leases-per-user=1000"]).await;
+    let mut attacker = connect(&server.url, &pki, "remote").await.unwrap();
+    let mut refused = 0;
+    for _ in 0..1200 {
+        match attacker.lease_grant(9_000_000_000, None).await {
+            Ok(_) => {}
+            Err(etcd_client::Error::GRpcStatus(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                refused += 1
+            }
+            Err(other) => panic!("a lease grant failed otherwise: {other}"),
+        }
+    }
+    assert_eq!(refused, 200, "exactly the grants past the cap are refused");
+    let mut admin = connect(&server.url, &pki, "admin-cluster1").await.unwrap();
+    admin.lease_grant(60, None).await.expect("another user still gets leases");
+    server.remote_read(&pki).await;
+    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clustermesh_store_lease_grants_refused_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(counted, Some(200), "the refusals are counted");
 }

@@ -339,7 +339,7 @@ async fn a_certificate_whose_common_name_is_no_user_is_denied() {
 async fn oversized_requests_and_transactions_with_too_many_operations_are_refused() {
     init_tracing();
     let pki = Pki::new();
-    let limits = Limits { max_request_bytes: 4096, max_txn_ops: 4 };
+    let limits = Limits { max_request_bytes: 4096, max_txn_ops: 4, ..Limits::default() };
     let store = EmbeddedStore::start_with(&pki, AuthStore::default(), limits).await;
     let mut client = store.client(&pki, "root").await;
     answer("put", client.put("small", "x".repeat(3000), None)).await.expect("a put under the limit");

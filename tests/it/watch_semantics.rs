@@ -58,9 +58,12 @@ async fn next(responses: &mut tonic::Streaming<WatchResponse>) -> WatchResponse 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_over_the_request_limit_arrives_in_fragments_when_asked() {
     let pki = Pki::new();
-    let store =
-        EmbeddedStore::start_with(&pki, AuthStore::default(), Limits { max_request_bytes: 4096, max_txn_ops: 128 })
-            .await;
+    let store = EmbeddedStore::start_with(
+        &pki,
+        AuthStore::default(),
+        Limits { max_request_bytes: 4096, max_txn_ops: 128, ..Limits::default() },
+    )
+    .await;
     let mut client = store.client(&pki, "root").await;
     for i in 0..8 {
         client.put(format!("f/{i}"), vec![b'x'; 1000], None).await.expect("put");

@@ -29,7 +29,7 @@ impl LeaseService {
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
-        Ok(Response::new(self.store.lease_grant(request.get_ref())?))
+        Ok(Response::new(self.store.lease_grant(request.get_ref(), caller(&request))?))
     }
 
     /// Revoking deletes the lease's keys, so etcd requires write access to every one of them.

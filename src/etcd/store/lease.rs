@@ -6,6 +6,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,6 +32,8 @@ pub struct Lease {
     pub ttl: i64,
     pub deadline: Instant,
     pub keys: LeaseKeys,
+    /// Who granted it: the client certificate's Common Name ("" without one).
+    owner: Arc<str>,
 }
 
 impl Lease {
@@ -49,10 +52,14 @@ pub struct Leases {
     /// its rate. Entries of revoked leases are dropped when popped, or all at once when they
     /// outnumber the live leases.
     expiries: BinaryHeap<Reverse<(Instant, i64)>>,
+    /// Live leases per owner, for the per-user cap.
+    owned: HashMap<Arc<str>, usize>,
 }
 
 impl Leases {
-    pub fn grant(&mut self, id: i64, ttl: i64, now: Instant) -> Result<&Lease> {
+    /// Grants a lease to `owner`, who may hold at most `max_per_owner` at once: without a cap,
+    /// a read-only user could grant leases until memory runs out (etcd does not stop it).
+    pub fn grant(&mut self, id: i64, ttl: i64, now: Instant, owner: &str, max_per_owner: usize) -> Result<&Lease> {
         if ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge);
         }
@@ -60,10 +67,16 @@ impl Leases {
         if self.leases.contains_key(&id) {
             return Err(Error::LeaseExists);
         }
+        let owner: Arc<str> = match self.owned.get_key_value(owner) {
+            Some((_, &held)) if held >= max_per_owner => return Err(Error::TooManyLeases),
+            Some((owner, _)) => Arc::clone(owner),
+            None => Arc::from(owner),
+        };
+        *self.owned.entry(Arc::clone(&owner)).or_default() += 1;
         let ttl = ttl.max(MIN_LEASE_TTL);
         let deadline = now + Duration::from_secs(ttl as u64);
         self.expiries.push(Reverse((deadline, id)));
-        Ok(self.leases.entry(id).or_insert(Lease { id, ttl, deadline, keys: LeaseKeys::default() }))
+        Ok(self.leases.entry(id).or_insert(Lease { id, ttl, deadline, keys: LeaseKeys::default(), owner }))
     }
 
     /// Positive, random and unused: clients print lease IDs in hex and some treat negative
@@ -103,6 +116,12 @@ impl Leases {
     /// Removes the lease; the caller deletes the keys it returns.
     pub fn remove(&mut self, id: i64) -> Result<Lease> {
         let lease = self.leases.remove(&id).ok_or(Error::LeaseNotFound)?;
+        if let Some(held) = self.owned.get_mut(&lease.owner) {
+            *held -= 1;
+            if *held == 0 {
+                self.owned.remove(&lease.owner);
+            }
+        }
         // Grant-and-revoke churn must not grow the heap past a multiple of the live leases.
         if self.expiries.len() > 2 * self.leases.len() + 64 {
             self.expiries = self.leases.values().map(|l| Reverse((l.deadline, l.id))).collect();
@@ -159,7 +178,7 @@ mod tests {
     #[test]
     fn short_ttls_are_raised_to_etcds_minimum() {
         let mut leases = Leases::default();
-        let lease = leases.grant(7, 1, Instant::now()).expect("granted");
+        let lease = leases.grant(7, 1, Instant::now(), "", usize::MAX).expect("granted");
         assert_eq!((lease.id, lease.ttl), (7, MIN_LEASE_TTL));
     }
 
@@ -167,16 +186,16 @@ mod tests {
     fn granting_an_existing_id_is_refused() {
         let mut leases = Leases::default();
         let now = Instant::now();
-        leases.grant(7, 10, now).expect("granted");
-        assert_eq!(leases.grant(7, 10, now).err(), Some(Error::LeaseExists));
+        leases.grant(7, 10, now, "", usize::MAX).expect("granted");
+        assert_eq!(leases.grant(7, 10, now, "", usize::MAX).err(), Some(Error::LeaseExists));
     }
 
     #[test]
     fn a_renewed_lease_does_not_expire_at_its_old_deadline() {
         let mut leases = Leases::default();
         let start = Instant::now();
-        leases.grant(1, 10, start).expect("granted");
-        leases.grant(2, 10, start).expect("granted");
+        leases.grant(1, 10, start, "", usize::MAX).expect("granted");
+        leases.grant(2, 10, start, "", usize::MAX).expect("granted");
         leases.renew(1, start + Duration::from_secs(5)).expect("renewed");
         assert_eq!(leases.expired(start + Duration::from_secs(11)), vec![2]);
         assert_eq!(leases.expired(start + Duration::from_secs(16)), vec![1]);
@@ -186,16 +205,29 @@ mod tests {
     fn keep_alives_and_grant_revoke_churn_do_not_grow_the_expiry_heap() {
         let mut leases = Leases::default();
         let start = Instant::now();
-        leases.grant(1, MAX_LEASE_TTL, start).expect("granted");
+        leases.grant(1, MAX_LEASE_TTL, start, "", usize::MAX).expect("granted");
         for i in 0..100_000u64 {
             leases.renew(1, start + Duration::from_millis(i)).expect("renewed");
         }
         assert_eq!(leases.heap_len(), 1);
         for id in 2..10_000 {
-            leases.grant(id, MAX_LEASE_TTL, start).expect("granted");
+            leases.grant(id, MAX_LEASE_TTL, start, "", usize::MAX).expect("granted");
             leases.remove(id).expect("revoked");
         }
         assert!(leases.heap_len() <= 2 * leases.len() + 65, "{}", leases.heap_len());
         assert_eq!(leases.expired(start + Duration::from_secs(MAX_LEASE_TTL as u64 + 200)), vec![1]);
+    }
+
+    #[test]
+    fn each_owner_holds_at_most_its_cap_and_a_revoked_lease_frees_a_place() {
+        let mut leases = Leases::default();
+        let now = Instant::now();
+        leases.grant(1, 10, now, "remote", 2).expect("first");
+        leases.grant(2, 10, now, "remote", 2).expect("second");
+        assert_eq!(leases.grant(3, 10, now, "remote", 2).err(), Some(Error::TooManyLeases));
+        leases.grant(3, 10, now, "admin-cluster1", 2).expect("another owner has places of its own");
+        leases.remove(1).expect("revoked");
+        leases.grant(4, 10, now, "remote", 2).expect("a place freed by the revoke");
+        assert_eq!(leases.owned.get("remote"), Some(&2));
     }
 }

@@ -13,6 +13,7 @@ mod txn;
 mod versions;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -67,11 +68,14 @@ pub struct Limits {
     pub max_txn_ops: usize,
     /// `--max-request-bytes` (etcd: 1.5 MiB).
     pub max_request_bytes: usize,
+    /// `--max-leases-per-user`: live leases one client identity may hold (ours; etcd has no
+    /// cap). Cilium's writers hold one lease per 1,000 keys, agents none on a remote cluster.
+    pub max_leases_per_user: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_txn_ops: 128, max_request_bytes: 1536 * 1024 }
+        Self { max_txn_ops: 128, max_request_bytes: 1536 * 1024, max_leases_per_user: 100_000 }
     }
 }
 
@@ -106,6 +110,7 @@ pub struct Stats {
     /// Bytes held by the paged-count cache, and how often its bound dropped entries.
     pub count_cache_bytes: usize,
     pub count_cache_evictions: u64,
+    pub leases_refused: u64,
 }
 
 pub struct Store {
@@ -119,6 +124,8 @@ pub struct Store {
     revision_tx: watch::Sender<i64>,
     /// Wakes the expiry task when a lease may now expire earlier than it planned.
     lease_granted: Notify,
+    /// Lease grants refused by the per-user cap.
+    leases_refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -138,6 +145,7 @@ impl Store {
             counts: Mutex::new(CountCache::default()),
             revision_tx: watch::Sender::new(1),
             lease_granted: Notify::new(),
+            leases_refused: AtomicU64::new(0),
         })
     }
 
@@ -187,6 +195,7 @@ impl Store {
             leases: state.leases.len(),
             count_cache_bytes: counts.bytes,
             count_cache_evictions: counts.evictions,
+            leases_refused: self.leases_refused.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -245,9 +254,16 @@ impl Store {
         Ok(CompactionResponse { header: Some(self.header_at(state.revision)) })
     }
 
-    pub fn lease_grant(&self, request: &LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+    /// Grants a lease to `user` (the caller's Common Name; `None` for the process itself or a
+    /// client without one), within [`Limits::max_leases_per_user`].
+    pub fn lease_grant(&self, request: &LeaseGrantRequest, user: Option<&str>) -> Result<LeaseGrantResponse> {
         let mut state = self.state.write();
-        let lease = state.leases.grant(request.id, request.ttl, Instant::now())?;
+        let max = self.limits.max_leases_per_user;
+        let granted = state.leases.grant(request.id, request.ttl, Instant::now(), user.unwrap_or_default(), max);
+        if matches!(granted, Err(Error::TooManyLeases)) {
+            self.leases_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let lease = granted?;
         let (id, ttl) = (lease.id, lease.ttl);
         let response =
             LeaseGrantResponse { header: Some(self.header_at(state.revision)), id, ttl, error: String::new() };
@@ -723,7 +739,7 @@ mod tests {
     #[test]
     fn revoking_a_lease_deletes_its_keys_in_one_revision_visible_to_watchers() {
         let store = store();
-        let lease = store.lease_grant(&LeaseGrantRequest { ttl: 60, id: 0 }).expect("grant").id;
+        let lease = store.lease_grant(&LeaseGrantRequest { ttl: 60, id: 0 }, None).expect("grant").id;
         for key in ["k1", "k2"] {
             let request = PutRequest { key: key.as_bytes().to_vec().into(), lease, ..Default::default() };
             store.put(request).expect("put");
@@ -758,7 +774,7 @@ mod tests {
         let store = store();
         let shutdown = CancellationToken::new();
         let expiry = tokio::spawn(Arc::clone(&store).run_lease_expiry(shutdown.clone()));
-        let lease = store.lease_grant(&LeaseGrantRequest { ttl: 5, id: 0 }).expect("grant").id;
+        let lease = store.lease_grant(&LeaseGrantRequest { ttl: 5, id: 0 }, None).expect("grant").id;
         store.put(PutRequest { key: b"k".to_vec().into(), lease, ..Default::default() }).expect("put");
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert!(get(&store, "k").is_some());

@@ -347,8 +347,11 @@ fn check_invariants(store: &Store, last_revision: &mut i64) {
 /// and a successful put is visible to the next read.
 pub fn store_requests(data: &[u8]) {
     let mut u = Unstructured::new(data);
-    let store =
-        Store::new(Identity::random(), Limits { max_txn_ops: 8, max_request_bytes: 4096 }, AuthStore::default());
+    let store = Store::new(
+        Identity::random(),
+        Limits { max_txn_ops: 8, max_request_bytes: 4096, ..Limits::default() },
+        AuthStore::default(),
+    );
     let mut last = store.revision();
     let _ = store_inner(&mut u, &store, &mut last);
     check_invariants(&store, &mut last);
@@ -404,7 +407,7 @@ fn store_inner(u: &mut Unstructured<'_>, store: &Store, last: &mut i64) -> Resul
             }
             7 => {
                 let request = LeaseGrantRequest { ttl: small(u)?, id: u.int_in_range(0..=4)? };
-                let answer = store.lease_grant(&request);
+                let answer = store.lease_grant(&request, None);
                 if debug {
                     eprintln!("grant {request:?} -> {answer:?}");
                 }
