@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 
 use super::auth::AuthStore;
 use super::metrics;
-use super::server::{self, ServerMetrics, ServerOptions};
+use super::server::{self, ServerOptions};
 use super::store::{Identity, Limits, Store};
 use super::tls::{self, ReloadingConfig, TlsFiles};
 use crate::metrics::Routes;
@@ -70,10 +70,9 @@ pub fn spawn(
             .instrument(tracing::info_span!("tls_reloader")),
     );
     let mut registry = Registry::default();
-    let (grpc, watch) = metrics::register(&mut registry, Arc::clone(&store));
+    let server_metrics = metrics::register(&mut registry, Arc::clone(&store));
     // An etcd sidecar exports its own process metrics on this port; operators scrape them here.
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
-    let server_metrics = ServerMetrics { grpc, watch };
     let routes = Routes { metrics: Some(Arc::new(registry)), ready: None, etcd_health: true };
     for listener in listeners.metrics {
         let addr = listener.local_addr().ok();

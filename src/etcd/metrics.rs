@@ -15,6 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use super::server::ServerMetrics;
 use super::store::Store;
 
 /// Watch streams and watchers currently open, kept by the Watch service.
@@ -27,6 +28,15 @@ pub struct WatchGauges {
     /// Times a watch stream stopped reading its client's requests because the client was not
     /// reading the answers (the outbox budget was full).
     pub backpressured: std::sync::atomic::AtomicU64,
+}
+
+/// Connections the client port dropped before they reached the gRPC server.
+#[derive(Debug, Default)]
+pub struct ConnectionCounters {
+    /// TLS handshakes refused: no certificate, an unknown CA, an expired certificate.
+    pub handshakes_refused: std::sync::atomic::AtomicU64,
+    /// Connections that did not finish the handshake, or sent nothing after it, in time.
+    pub silent_closed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,20 +62,24 @@ pub struct GrpcMetrics {
     handled: Family<HandledLabels, Counter>,
 }
 
-/// Registers the store's metrics; returns the handles the gRPC server and Watch service feed.
-pub fn register(registry: &mut Registry, store: Arc<Store>) -> (GrpcMetrics, Arc<WatchGauges>) {
+/// Registers the store's metrics; returns the handles the server, its listeners and the Watch
+/// service feed.
+pub fn register(registry: &mut Registry, store: Arc<Store>) -> ServerMetrics {
     let grpc = GrpcMetrics::default();
     registry.register("grpc_server_started", "RPCs started on the server", grpc.started.clone());
     registry.register("grpc_server_handled", "RPCs completed on the server, by status code", grpc.handled.clone());
     let watch = Arc::new(WatchGauges::default());
-    registry.register_collector(Box::new(StoreCollector { store, watch: Arc::clone(&watch) }));
-    (grpc, watch)
+    let connections = Arc::new(ConnectionCounters::default());
+    let collector = StoreCollector { store, watch: Arc::clone(&watch), connections: Arc::clone(&connections) };
+    registry.register_collector(Box::new(collector));
+    ServerMetrics { grpc, watch, connections }
 }
 
 #[derive(Debug)]
 struct StoreCollector {
     store: Arc<Store>,
     watch: Arc<WatchGauges>,
+    connections: Arc<ConnectionCounters>,
 }
 
 impl Collector for StoreCollector {
@@ -124,12 +138,32 @@ impl Collector for StoreCollector {
                 MetricType::Counter,
             )?,
         )?;
-        prometheus_client::metrics::counter::ConstCounter::new(stats.leases_refused).encode(encoder.encode_descriptor(
-            "clustermesh_store_lease_grants_refused",
-            "Lease grants refused because the user held --max-leases-per-user leases",
-            None,
-            MetricType::Counter,
-        )?)
+        let counters = [
+            (
+                "clustermesh_store_lease_grants_refused",
+                "Lease grants refused because the user held --max-leases-per-user leases",
+                stats.leases_refused,
+            ),
+            (
+                "clustermesh_store_tls_handshakes_refused",
+                "Client connections whose TLS handshake was refused (certificate missing, unknown or expired)",
+                self.connections.handshakes_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "clustermesh_store_silent_connections_closed",
+                "Client connections closed for finishing no handshake, or sending nothing, within 10 s",
+                self.connections.silent_closed.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            prometheus_client::metrics::counter::ConstCounter::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
     }
 }
 

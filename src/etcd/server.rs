@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::{GrpcMetrics, GrpcMetricsLayer, WatchGauges};
+use super::metrics::{ConnectionCounters, GrpcMetrics, GrpcMetricsLayer, WatchGauges};
 use super::pb::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
@@ -46,6 +46,7 @@ const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 pub struct ServerMetrics {
     pub grpc: GrpcMetrics,
     pub watch: Arc<WatchGauges>,
+    pub connections: Arc<ConnectionCounters>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +107,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let max_message = store.limits().max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let incoming = tls::incoming(listener, tls, http1_handler(shutdown.clone()), shutdown.clone());
+    let incoming = tls::incoming(listener, tls, http1_handler(shutdown.clone()), metrics.connections, shutdown.clone());
     tonic::transport::Server::builder()
         .layer(GrpcMetricsLayer(metrics.grpc))
         // etcd's server keepalive defaults: clients behind a LoadBalancer are told about a

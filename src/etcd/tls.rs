@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use super::metrics::ConnectionCounters;
 
 /// A handshake that has not finished by then is dropped, so that idle sockets cannot pile up
 /// in front of the accept loop.
@@ -279,6 +282,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingConfig>,
     http1: Http1Handler,
+    counters: Arc<ConnectionCounters>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
     let (tx, rx) = mpsc::channel(64);
@@ -300,8 +304,9 @@ pub fn incoming(
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(tls.current());
-                let (tx, http1) = (tx.clone(), Arc::clone(&http1));
+                let (tx, http1, counters) = (tx.clone(), Arc::clone(&http1), Arc::clone(&counters));
                 tokio::spawn(async move {
+                    let silent = || counters.silent_closed.fetch_add(1, Ordering::Relaxed);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let common_name = stream
@@ -316,11 +321,20 @@ pub fn incoming(
                                 Ok(Ok(true)) => http1(connection),
                                 Ok(Ok(false)) => drop(tx.send(Ok(connection)).await),
                                 Ok(Err(error)) => tracing::debug!(%remote_addr, %error, "connection closed early"),
-                                Err(_) => tracing::debug!(%remote_addr, "no request within the handshake timeout"),
+                                Err(_) => {
+                                    silent();
+                                    tracing::debug!(%remote_addr, "no request within the handshake timeout");
+                                }
                             }
                         }
-                        Ok(Err(error)) => tracing::debug!(%remote_addr, %error, "TLS handshake refused"),
-                        Err(_) => tracing::debug!(%remote_addr, "TLS handshake timed out"),
+                        Ok(Err(error)) => {
+                            counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%remote_addr, %error, "TLS handshake refused");
+                        }
+                        Err(_) => {
+                            silent();
+                            tracing::debug!(%remote_addr, "TLS handshake timed out");
+                        }
                     }
                 });
             }

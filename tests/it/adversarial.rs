@@ -209,6 +209,12 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
     .await;
     assert!(closed.is_ok(), "the silent connection is still open after 20 s");
     server.remote_read(&pki).await;
+    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
+    let closed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clustermesh_store_silent_connections_closed_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(closed, Some(1), "the close is counted");
 }
 
 /// A client opens hundreds of watchers from revision 1 on one stream and never reads: the
@@ -318,4 +324,26 @@ async fn a_user_granting_leases_without_end_is_stopped_at_its_cap() {
         .find_map(|l| l.strip_prefix("clustermesh_store_lease_grants_refused_total "))
         .and_then(|v| v.trim().parse::<u64>().ok());
     assert_eq!(counted, Some(200), "the refusals are counted");
+}
+
+/// A certificate from another CA gets no connection, and each refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_with_a_certificate_of_another_ca_are_refused_and_counted() {
+    let pki = Pki::new();
+    let server = Server::start(&pki).await;
+    let foreign = pki.foreign_client("remote");
+    for _ in 0..3 {
+        let tls = crate::support::client_tls(pki.ca_pem(), Some(&foreign));
+        if let Ok(mut client) = crate::support::connect_with_tls(&server.url, tls).await {
+            let read = tokio::time::timeout(Duration::from_secs(5), client.get("cilium/", None)).await;
+            assert!(!matches!(read, Ok(Ok(_))), "a foreign certificate was served: {read:?}");
+        }
+    }
+    server.remote_read(&pki).await;
+    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clustermesh_store_tls_handshakes_refused_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 3), "each refusal is counted: {refused:?}");
 }
