@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     let mut raw = 0;
     let store = Store::new(Identity::random(), Limits::default(), AuthStore::default());
     let leases: Vec<i64> = (0..sizes.total().div_ceil(1000))
-        .map(|_| store.lease_grant(&LeaseGrantRequest { ttl: 3600, id: 0 }).expect("grant").id)
+        .map(|_| store.lease_grant(&LeaseGrantRequest { ttl: 3600, id: 0 }, None).expect("grant").id)
         .collect();
     let before = rss_kib();
     let start = std::time::Instant::now();

@@ -64,6 +64,12 @@ impl Server {
         kb * 1024
     }
 
+    /// A counter or gauge of the store's metrics listener.
+    async fn metric(&self, name: &str) -> Option<u64> {
+        let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", self.metrics_port, "/metrics").await.ok()?;
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// A legitimate agent's read answers within a bound.
     async fn remote_read(&self, pki: &Pki) {
         let read = async {
@@ -125,11 +131,7 @@ async fn a_client_creating_watches_without_reading_the_answers_is_held_back() {
         }
     };
     within_budget("watch-create flood", &pki, &server, attack).await;
-    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
-    let held_back = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("clustermesh_store_watch_backpressure_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let held_back = server.metric("clustermesh_store_watch_backpressure_total").await;
     assert!(held_back.is_some_and(|n| n >= 1), "the limit is reported when hit: {held_back:?}");
 }
 
@@ -209,11 +211,7 @@ async fn a_connection_that_never_sends_a_request_is_closed() {
     .await;
     assert!(closed.is_ok(), "the silent connection is still open after 20 s");
     server.remote_read(&pki).await;
-    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
-    let closed = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("clustermesh_store_silent_connections_closed_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let closed = server.metric("clustermesh_store_silent_connections_closed_total").await;
     assert_eq!(closed, Some(1), "the close is counted");
 }
 
@@ -318,11 +316,7 @@ async fn a_user_granting_leases_without_end_is_stopped_at_its_cap() {
     let mut admin = connect(&server.url, &pki, "admin-cluster1").await.unwrap();
     admin.lease_grant(60, None).await.expect("another user still gets leases");
     server.remote_read(&pki).await;
-    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
-    let counted = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("clustermesh_store_lease_grants_refused_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let counted = server.metric("clustermesh_store_lease_grants_refused_total").await;
     assert_eq!(counted, Some(200), "the refusals are counted");
 }
 
@@ -340,10 +334,6 @@ async fn handshakes_with_a_certificate_of_another_ca_are_refused_and_counted() {
         }
     }
     server.remote_read(&pki).await;
-    let (_, metrics) = crate::support::etcd::http_get("127.0.0.1", server.metrics_port, "/metrics").await.unwrap();
-    let refused = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("clustermesh_store_tls_handshakes_refused_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let refused = server.metric("clustermesh_store_tls_handshakes_refused_total").await;
     assert!(refused.is_some_and(|n| n >= 3), "each refusal is counted: {refused:?}");
 }
