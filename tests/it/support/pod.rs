@@ -203,10 +203,9 @@ impl Pod {
     /// container's mounts and environment.
     fn container(&self, spec: &ContainerSpec) -> Container {
         let Sandbox::Docker { pause, hosts, .. } = &self.sandbox else { unreachable!("a Docker pod") };
-        let user = format!("{POD_UID}:{POD_UID}");
         let mut options: Vec<String> = vec![
             format!("--network=container:{}", pause.name()),
-            format!("--user={user}"),
+            format!("--user={POD_UID}:{POD_UID}"),
             "--cap-drop=ALL".into(),
             "--security-opt=no-new-privileges".into(),
             // `--add-host` is refused with another container's network: kubelet's way instead.
@@ -268,21 +267,9 @@ impl Pod {
                 RunningProcess::Container(container) => (container.pid(), Some("HOME")),
             };
             let name = &running.spec.name;
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
-            let mut environment: Vec<(String, String)> = environ
-                .split(|&b| b == 0)
-                .filter(|entry| !entry.is_empty())
-                .map(|entry| {
-                    let (key, value) = String::from_utf8_lossy(entry)
-                        .split_once('=')
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .expect("KEY=VALUE");
-                    (key, value)
-                })
-                .filter(|(key, _)| Some(key.as_str()) != runtime_adds)
-                .collect();
+            let mut environment = process_environment(pid);
+            environment.retain(|(key, _)| Some(key.as_str()) != runtime_adds);
             let mut expected = running.spec.env.clone();
-            environment.sort();
             expected.sort();
             assert_eq!(environment, expected, "pod {}: {name}'s environment", self.name);
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -346,6 +333,17 @@ impl Drop for Pod {
             let _ = pause.wait();
         }
     }
+}
+
+/// The environment of process `pid`, sorted.
+fn process_environment(pid: u32) -> Vec<(String, String)> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let mut environment: Vec<(String, String)> = String::from_utf8_lossy(&environ)
+        .split_terminator('\0')
+        .map(|entry| entry.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).expect("KEY=VALUE"))
+        .collect();
+    environment.sort();
+    environment
 }
 
 /// Shell lines that put `addresses` on the loopback of the namespace they run in.
