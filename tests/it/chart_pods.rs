@@ -152,7 +152,8 @@ fn stage_volumes(
                 continue;
             }
             if from.starts_with("configMap clustermesh-remote-users") {
-                write_owned(&staged_path(&staged, path), peer_users, 0o644);
+                // The volume's defaultMode, as for the Secrets: 0400 in every fixture.
+                write_owned(&staged_path(&staged, path), peer_users, 0o400);
                 continue;
             }
             if from.starts_with("secret cilium-kvstoremesh") {
