@@ -2,7 +2,9 @@
 //! `tests/fixtures/cilium-chart-pods/` (Cilium 1.16.19 and 1.20.0, value sets A to D) is
 //! replayed the way kubelet runs it — the Secrets' files with the Secrets' subjects, the
 //! ConfigMaps, the file baked into the image, the init container first, then every container
-//! with its exact argv and environment, as uid 65532, in the pod's own namespaces.
+//! with its exact argv, environment and volume mounts, as uid 65532, in the pod's own
+//! namespaces. The whole replay runs twice: with host processes and this build's binary as the
+//! image's files, and as containers of our image on Docker ([`Runtime`]).
 //!
 //! For each pod: etcd-init exits 0; the etcd container serves Cilium's users over mTLS and its
 //! metrics; the apiserver mirrors the test's Kubernetes API (reached through in-cluster
@@ -18,7 +20,7 @@ use serde_json::Value;
 
 use crate::support::eventually;
 use crate::support::fake_k8s::{FakeApiServer, ResourceSpec};
-use crate::support::pod::{POD_UID, Pod, PodFs};
+use crate::support::pod::{ContainerSpec, Mount, POD_UID, Pod, PodFs, Runtime};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-apiserver");
 /// Where the pod reaches the Kubernetes API (kubelet's `KUBERNETES_SERVICE_HOST/PORT`).
@@ -90,7 +92,8 @@ impl MeshPki {
     }
 }
 
-/// The files of the pod's volumes, staged under `root` with kubelet's ownership and modes.
+/// The files of the pod's volumes, staged under `root` with kubelet's ownership and modes, at
+/// the paths the containers see them (one tree for `/var/lib`, one for `/run`).
 struct Staged {
     var_lib: PathBuf,
     run: PathBuf,
@@ -139,7 +142,9 @@ fn stage_volumes(
                 continue;
             }
             if from.starts_with("baked into the image") {
-                // Our image's own file (docker/etcd-config.yaml), as the Dockerfile bakes it.
+                // Our image's own file (docker/etcd-config.yaml), as the Dockerfile bakes it: for
+                // the process runtime's pod. No volume holds it, so containers of the image
+                // see the image's own.
                 let baked =
                     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/etcd-config.yaml"))
                         .expect("baked etcd-config.yaml");
@@ -147,7 +152,8 @@ fn stage_volumes(
                 continue;
             }
             if from.starts_with("configMap clustermesh-remote-users") {
-                write_owned(&staged_path(&staged, path), peer_users, 0o644);
+                // The volume's defaultMode, as for the Secrets: 0400 in every fixture.
+                write_owned(&staged_path(&staged, path), peer_users, 0o400);
                 continue;
             }
             if from.starts_with("secret cilium-kvstoremesh") {
@@ -207,6 +213,50 @@ fn container_env(container: &Value, cluster: Cluster, pod_uid: &str) -> Vec<(Str
         env.push((name, value));
     }
     env
+}
+
+/// Where the service account's token, CA and namespace are (kubelet mounts them in every
+/// container, `automountServiceAccountToken`).
+const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// A container of the pod `pod` (the fixture's), as kubelet starts it.
+fn container_spec(pod: &Value, container: &Value, staged: &Staged, cluster: Cluster, pod_uid: &str) -> ContainerSpec {
+    let env = container_env(container, cluster, pod_uid);
+    ContainerSpec {
+        name: container["name"].as_str().expect("name").to_owned(),
+        argv: argv(container, &env),
+        env,
+        mounts: mounts(pod, container, staged),
+    }
+}
+
+/// The container's volume mounts, and the service account.
+fn mounts(pod: &Value, container: &Value, staged: &Staged) -> Vec<Mount> {
+    let mut mounts: Vec<Mount> = volume_mounts(container)
+        .map(|mount| Mount {
+            source: volume_dir(pod, mount["volume"].as_str().expect("volume"), staged),
+            path: mount["mountPath"].as_str().expect("mountPath").to_owned(),
+            read_only: mount["readOnly"].as_bool().unwrap_or(false),
+        })
+        .collect();
+    mounts.push(Mount { source: staged_path(staged, SERVICE_ACCOUNT), path: SERVICE_ACCOUNT.into(), read_only: true });
+    mounts
+}
+
+fn volume_mounts(container: &Value) -> impl Iterator<Item = &Value> {
+    container["volumeMounts"].as_array().into_iter().flatten()
+}
+
+/// Where `volume` is staged: at the first path a container of `pod` mounts it, so that every
+/// container that mounts it (etcd-init and etcd, the emptyDir) has the same directory.
+fn volume_dir(pod: &Value, volume: &str, staged: &Staged) -> PathBuf {
+    let containers = pod["initContainers"].as_array().into_iter().chain(pod["containers"].as_array()).flatten();
+    let path = containers
+        .flat_map(volume_mounts)
+        .find(|mount| mount["volume"] == volume)
+        .and_then(|mount| mount["mountPath"].as_str())
+        .unwrap_or_else(|| panic!("volume {volume} mounted nowhere"));
+    staged_path(staged, path)
 }
 
 /// kubelet's `$(VAR)` expansion of command and args.
@@ -284,14 +334,23 @@ fn curl(pod: &Pod, url: &str) -> Option<String> {
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// What every pod of one replay shares.
+struct Replay<'a> {
+    runtime: Runtime,
+    pki: &'a MeshPki,
+    /// The image's executable for [`Runtime::Processes`], where the pod's user can read it.
+    binary: &'a Path,
+}
+
 /// A running pod of one cluster, with what the checks need.
 struct RunningPod {
     pod: Pod,
     fake: FakeApiServer,
     version: String,
+    staged: Staged,
 }
 
-async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path, binary: &Path) -> RunningPod {
+async fn start_pod(replay: &Replay<'_>, fixture: &Value, cluster: Cluster, root: &Path) -> RunningPod {
     let version = fixture["fixture"]["cilium_release"].as_str().map(str::to_owned).unwrap_or_default();
     // The test's API serves the MCS-API ServiceExports in `v1alpha1`; Cilium 1.20 installs the
     // `v1beta1` CRD (`clustermesh-mcs-api-install-crds`) and reads only that version.
@@ -311,7 +370,7 @@ async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path
         // Not rendered by the chart for this set (1.20 A/B): `cilium clustermesh` creates it.
         _ => "users:\n".to_owned(),
     };
-    let staged = stage_volumes(fixture, pki, cluster, &users, root, &k8s_ca.cert_pem());
+    let staged = stage_volumes(fixture, replay.pki, cluster, &users, root, &k8s_ca.cert_pem());
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost\n");
     for alias in fixture["pod"]["hostAliases"].as_array().into_iter().flatten() {
         for name in alias["hostnames"].as_array().into_iter().flatten() {
@@ -324,7 +383,7 @@ async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path
         var_lib: &staged.var_lib,
         run: &staged.run,
         hosts,
-        usr_bin: vec![("clustermesh-apiserver", binary), ("etcd", binary)],
+        usr_bin: vec![("clustermesh-apiserver", replay.binary), ("etcd", replay.binary)],
     };
     let mut addresses = vec![format!("{POD_IP}/32")];
     addresses.extend(
@@ -335,7 +394,7 @@ async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path
             .map(|a| format!("{}/32", a["ip"].as_str().unwrap())),
     );
     let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
-    let mut pod = Pod::start(&format!("{version}-{}", cluster.name), root, &fs, &addresses);
+    let mut pod = Pod::start(replay.runtime, &format!("{version}-{}", cluster.name), root, &fs, &addresses);
     let test_pid = std::process::id();
     pod.relay(
         "k8s-relay",
@@ -346,9 +405,8 @@ async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path
     );
 
     let pod_uid = format!("6f1c2a7e-0000-4000-8000-00000000000{}", cluster.id);
-    let init = &fixture["pod"]["initContainers"][0];
-    let env = container_env(init, cluster, &pod_uid);
-    let output = pod.run(&argv(init, &env), &env);
+    let spec = |container| container_spec(&fixture["pod"], container, &staged, cluster, &pod_uid);
+    let output = pod.run(&spec(&fixture["pod"]["initContainers"][0]));
     assert!(
         output.status.success(),
         "{version} {}: etcd-init exited {}: {}",
@@ -357,11 +415,9 @@ async fn start_pod(fixture: &Value, pki: &MeshPki, cluster: Cluster, root: &Path
         String::from_utf8_lossy(&output.stderr)
     );
     for container in fixture["pod"]["containers"].as_array().expect("containers") {
-        let env = container_env(container, cluster, &pod_uid);
-        let name = container["name"].as_str().expect("name");
-        pod.spawn(name, &argv(container, &env), &env);
+        pod.spawn(&spec(container));
     }
-    RunningPod { pod, fake, version }
+    RunningPod { pod, fake, version, staged }
 }
 
 fn release_at_least(version: &str, major: u32, minor: u32) -> bool {
@@ -423,6 +479,17 @@ fn check_users(running: &RunningPod, pki: &MeshPki, cluster: Cluster, scratch: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
+    replay_every_pod(Runtime::Processes).await;
+}
+
+/// The same pods as containers of our image (`clustermesh-apiserver:dev`, built from this
+/// build's binary): the image's own `/usr/bin/etcd` and `/var/lib/cilium/etcd-config.yaml`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pod_ciliums_chart_renders_runs_as_containers_of_our_image() {
+    replay_every_pod(Runtime::Docker).await;
+}
+
+async fn replay_every_pod(runtime: Runtime) {
     crate::support::install_crypto_provider();
     let fixtures = fixtures();
     assert!(fixtures.len() >= 8, "the fixtures of 1.16.19 and 1.20.0, sets A to D: {fixtures:?}");
@@ -432,13 +499,14 @@ async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
     let binary = scratch.path().join("clustermesh-apiserver");
     std::fs::copy(BIN, &binary).expect("copy the binary");
     let pki = MeshPki { ca: clustermesh_apiserver::pki::Authority::new("Cilium CA").expect("CA") };
+    let replay = Replay { runtime, pki: &pki, binary: &binary };
 
     for path in fixtures {
         let fixture = load(&path);
         let label = path.file_stem().unwrap().to_string_lossy().into_owned();
         let root = scratch.path().join(&label);
         std::fs::create_dir_all(root.join(CLUSTER1.name)).unwrap();
-        let mut running = start_pod(&fixture, &pki, CLUSTER1, &root.join(CLUSTER1.name), &binary).await;
+        let mut running = start_pod(&replay, &fixture, CLUSTER1, &root.join(CLUSTER1.name)).await;
 
         // The 1.16 chart has etcd serve its metrics on the pod IP only.
         let metrics_host = if argv_mentions(&fixture, "etcd", "HOSTNAME_IP") { POD_IP } else { "127.0.0.1" };
@@ -455,22 +523,23 @@ async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
         let node = etcdctl.run(&admin, &["get", "--print-value-only", "cilium/state/nodes/v1/cluster1/node-cluster1"]);
         assert!(node.as_deref().is_ok_and(|v| v.contains("10.1.0.1")), "{label}: the node mirrored: {node:?}");
         wait_http(&mut running.pod, "kvstoremesh's /readyz on 9881", "http://127.0.0.1:9881/readyz").await;
+        running.pod.assert_as_specified();
 
         // The peer pod of set D stays up until the troubleshooting below has reached it.
         let _peer = if fixture["agent_side"]["Secret cilium-kvstoremesh (read by the kvstoremesh container; decoded)"]
             .is_object()
         {
-            Some(check_peer(&fixture, &pki, &mut running, &root, &binary, &label).await)
+            Some(check_peer(&replay, &fixture, &mut running, &root, &label).await)
         } else {
             None
         };
-        // What `cilium clustermesh status` and `cilium sysdump` exec in the pod's containers.
+        // What `cilium clustermesh status` and `cilium sysdump` exec in the pod's containers:
+        // the `*-dbg` commands in the container of the same role.
         let exec = |args: &[&str]| {
-            let argv: Vec<String> = std::iter::once("/usr/bin/clustermesh-apiserver")
-                .chain(args.iter().copied())
-                .map(str::to_owned)
-                .collect();
-            running.pod.run(&argv, &[])
+            let container = if args[0] == "kvstoremesh-dbg" { "kvstoremesh" } else { "apiserver" };
+            let argv: Vec<&str> =
+                std::iter::once("/usr/bin/clustermesh-apiserver").chain(args.iter().copied()).collect();
+            running.pod.exec(container, &argv)
         };
         let version = exec(&["version"]);
         assert!(version.status.success(), "{label}: version: {version:?}");
@@ -497,8 +566,7 @@ async fn every_pod_ciliums_chart_renders_runs_on_our_image() {
         // in-cluster configuration.
         for job in fixture["other_workloads_using_the_image"].as_array().into_iter().flatten() {
             for container in job["containers"].as_array().into_iter().flatten() {
-                let env = container_env(container, CLUSTER1, "job");
-                let output = running.pod.run(&argv(container, &env), &env);
+                let output = running.pod.run(&container_spec(job, container, &running.staged, CLUSTER1, "job"));
                 assert!(output.status.success(), "{label}: Job {}: {output:?}", job["name"]);
                 let corefile = running.fake.get("v1", "ConfigMap", Some("kube-system"), "coredns").unwrap_or_default();
                 let corefile = corefile["data"]["Corefile"].as_str().unwrap_or_default();
@@ -527,15 +595,15 @@ fn set_mode(path: &Path, mode: u32) {
 /// (172.18.0.10:32379 inside cluster1's pod); cluster1's kvstoremesh caches it and an agent
 /// with the chart's agent certificate reads it through the cache.
 async fn check_peer(
+    replay: &Replay<'_>,
     fixture: &Value,
-    pki: &MeshPki,
     running: &mut RunningPod,
     root: &Path,
-    binary: &Path,
     label: &str,
 ) -> RunningPod {
+    let pki = replay.pki;
     std::fs::create_dir_all(root.join(CLUSTER2.name)).unwrap();
-    let peer = start_pod(fixture, pki, CLUSTER2, &root.join(CLUSTER2.name), binary).await;
+    let peer = start_pod(replay, fixture, CLUSTER2, &root.join(CLUSTER2.name)).await;
     let alias = fixture["pod"]["hostAliases"][0]["ip"].as_str().expect("host alias");
     running.pod.relay("peer-relay", &format!("{alias}:32379"), peer.pod.pid(), "127.0.0.1:2379", None);
 
@@ -566,29 +634,26 @@ async fn check_peer(
         write_owned(&agent_dir.join(format!("{prefix}.crt")), &issued.cert, 0o400);
         write_owned(&agent_dir.join(format!("{prefix}.key")), &issued.key, 0o400);
     }
-    let script = format!(
-        "mount --bind {} /var/lib/cilium/clustermesh && exec setpriv --reuid={POD_UID} --regid={POD_UID} --clear-groups \
-         /usr/bin/clustermesh-apiserver --log-level=warn status --clustermesh-config /var/lib/cilium/clustermesh \
-         --cluster-name cluster1 --cluster-id 1 --wait 30s -o json",
-        agent_dir.display()
-    );
-    let output = std::process::Command::new("nsenter")
-        .args([
-            "-t",
-            &running.pod.pid().to_string(),
-            "-m",
-            "-n",
-            "--",
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .expect("agent");
+    // In cluster1's pod's network, where 127.0.0.1:2379 is cluster1's etcd (an agent on the
+    // node reaches it at the Service's address).
+    let agent = ContainerSpec {
+        name: "agent".into(),
+        argv: [
+            "/usr/bin/clustermesh-apiserver",
+            "--log-level=warn",
+            "status",
+            "--clustermesh-config=/var/lib/cilium/clustermesh",
+            "--cluster-name=cluster1",
+            "--cluster-id=1",
+            "--wait=30s",
+            "--output=json",
+        ]
+        .map(str::to_owned)
+        .into(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        mounts: vec![Mount { source: agent_dir, path: "/var/lib/cilium/clustermesh".into(), read_only: true }],
+    };
+    let output = running.pod.run(&agent);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success() && stdout.contains("cluster2"),

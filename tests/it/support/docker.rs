@@ -30,6 +30,8 @@ pub const APISERVER_IMAGE: &str = "clustermesh-apiserver:dev";
 pub const ETCD_35: &str = "clustermesh-local/etcd:3.5.16";
 /// Debian bookworm's etcd.
 pub const ETCD_34: &str = "clustermesh-local/etcd:3.4.23";
+/// The base of the images above: scratch with this machine's C library (no shell, no tools).
+pub const BASE_IMAGE: &str = "clustermesh-local/base:bookworm";
 
 /// How long an etcd member (or a restarted one) may take to report healthy.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -180,6 +182,16 @@ impl Container {
 
     pub fn is_running(&self) -> bool {
         docker(&["inspect", "-f", "{{.State.Running}}", &self.name]).stdout.starts_with(b"true")
+    }
+
+    /// The host pid of the container's first process (0 when it is not running).
+    pub fn pid(&self) -> u32 {
+        docker_ok(&["inspect", "-f", "{{.State.Pid}}", &self.name]).trim().parse().expect("pid")
+    }
+
+    /// The exit code of the container's last run (0 while it runs).
+    pub fn exit_code(&self) -> String {
+        docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", &self.name]).trim().to_owned()
     }
 
     /// Cuts the container off `network`: every connection over it fails from now on.
