@@ -739,14 +739,10 @@ pub struct KvstoremeshDbgStatusArgs {
 /// Cilium's rule (enforced since 1.17): the name becomes part of keys, DNS names and
 /// certificate names.
 pub fn validate_cluster_name(name: &str) -> Result<(), ConfigError> {
-    let bytes = name.as_bytes();
-    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let valid = !bytes.is_empty()
-        && bytes.len() <= 32
-        && bytes.iter().all(|b| alnum(b) || *b == b'-')
-        && bytes.first().is_some_and(alnum)
-        && bytes.last().is_some_and(alnum);
-    if valid { Ok(()) } else { Err(ConfigError::ClusterName(name.to_owned())) }
+    match clustermesh_client::ClusterName::new(name) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ConfigError::ClusterName(name.to_owned())),
+    }
 }
 
 /// A listen URL reduced to what we bind.

@@ -18,7 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The key every Cilium user may read: a read of it checks authentication and authorisation.
-const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
+use clustermesh_client::wire::HEARTBEAT_KEY;
 
 /// What the checks found, as the lines to print.
 #[derive(Debug, Default)]

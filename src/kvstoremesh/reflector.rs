@@ -47,20 +47,17 @@ impl CachePaths {
 /// `kvstoremesh/remote_cluster.go`, `Run`). `endpointSlicesExportMode` is not copied, as in the
 /// Cilium source read: endpoint slices are not reflected, so agents must not look for them.
 pub fn cached_cluster_config(remote: &ClusterConfig) -> Bytes {
-    let mut text = String::from("{");
-    if remote.id.get() != 0 {
-        text.push_str(&format!("\"id\":{},", remote.id));
-    }
-    text.push_str("\"capabilities\":{\"syncedCanaries\":true,\"cached\":true");
-    let max = remote.capabilities.max_connected_clusters;
-    if max != 0 {
-        text.push_str(&format!(",\"maxConnectedClusters\":{max}"));
-    }
-    if let Some(enabled) = remote.capabilities.service_exports_enabled {
-        text.push_str(&format!(",\"serviceExportsEnabled\":{enabled}"));
-    }
-    text.push_str("}}");
-    Bytes::from(text)
+    let cached = ClusterConfig {
+        id: remote.id,
+        capabilities: Capabilities {
+            synced_canaries: true,
+            cached: true,
+            max_connected_clusters: remote.capabilities.max_connected_clusters,
+            service_exports_enabled: remote.capabilities.service_exports_enabled,
+            endpoint_slices_export_mode: None,
+        },
+    };
+    Bytes::from(cached.encode())
 }
 
 /// The [`RawSink`] of one remote cluster: every report becomes a desired key of the cluster's

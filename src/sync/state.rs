@@ -15,7 +15,7 @@ use crate::kvstore::Backend;
 
 /// Cilium's heartbeat key, rewritten every [`HEARTBEAT_INTERVAL`]; clients reconnect after
 /// two intervals without one.
-pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
+pub use clustermesh_client::wire::HEARTBEAT_KEY;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Keeps the heartbeat fresh until `shutdown`.

@@ -58,68 +58,39 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A key and the exact bytes to store under it.
 pub type Entry = (String, Bytes);
 
-// Store prefixes (Cilium's `SyncStore` prefixes). Keys are `<prefix>/<suffix>`; the prefixes carry
-// no trailing slash, so list `<prefix>/` to avoid matching siblings such as `.../v10`.
-
-/// `cilium/state/nodes/v1/<cluster>/<node>`.
-pub const NODES_PREFIX: &str = "cilium/state/nodes/v1";
-/// `cilium/state/identities/v1/id/<numeric id>`; no cluster segment (one cluster per store).
-pub const IDENTITIES_PREFIX: &str = "cilium/state/identities/v1/id";
-/// `cilium/state/ip/v1/default/<ip>`; `default` is Cilium's only address space.
-pub const IPCACHE_PREFIX: &str = "cilium/state/ip/v1/default";
-/// `cilium/state/services/v1/<cluster>/<namespace>/<service>`.
-pub const SERVICES_PREFIX: &str = "cilium/state/services/v1";
-/// `cilium/state/serviceexports/v1/<cluster>/<namespace>/<service>` (MCS-API, Cilium 1.17+).
-pub const SERVICE_EXPORTS_PREFIX: &str = "cilium/state/serviceexports/v1";
-/// `cilium/state/endpointslices/v1/<cluster>/<namespace>/<slice>` (Cilium 1.20+).
-pub const ENDPOINT_SLICES_PREFIX: &str = "cilium/state/endpointslices/v1";
-/// `cilium/cluster-config/<cluster>`: written by the sync layer before anything else.
-pub const CLUSTER_CONFIG_PREFIX: &str = "cilium/cluster-config";
-/// `cilium/synced/<cluster>/<canary name>`: one per prefix, written after its initial sync.
-pub const SYNCED_PREFIX: &str = "cilium/synced";
+// The key layout is the client library's (`clustermesh_client::wire`), the one owner of what a
+// Cilium peer can see; the writer uses it as the readers do.
+pub use clustermesh_client::wire::{
+    CLUSTER_CONFIG_PREFIX, ENDPOINT_SLICES_PREFIX, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, SERVICE_EXPORTS_PREFIX,
+    SERVICES_PREFIX, SYNCED_PREFIX, state_canary_name as canary_name,
+};
+use clustermesh_client::wire::{Capabilities, ClusterConfig, ClusterId};
 
 /// The key of this cluster's configuration.
 pub fn cluster_config_key(settings: &Settings) -> String {
-    format!("{CLUSTER_CONFIG_PREFIX}/{}", settings.cluster_name)
+    clustermesh_client::wire::cluster_config_key(&settings.cluster_name)
 }
 
-/// The value of `cilium/cluster-config/<cluster>` (Go `CiliumClusterConfig`): `id` and
-/// `maxConnectedClusters` are omitted when zero, `capabilities` is always present,
-/// `serviceExportsEnabled` is a tri-state that this apiserver always sets, and
-/// `endpointSlicesExportMode` tells 1.20+ agents whether legacy services are still exported.
+/// The value of `cilium/cluster-config/<cluster>`: this apiserver always writes per-prefix
+/// canaries and always sets the `serviceExportsEnabled` tri-state; `endpointSlicesExportMode`
+/// tells 1.20+ agents whether legacy services are still exported.
 pub fn cluster_config(settings: &Settings) -> Bytes {
-    let mut w = encode::JsonWriter::new();
-    w.begin_object();
-    if settings.cluster_id != 0 {
-        w.field_uint("id", u64::from(settings.cluster_id));
-    }
-    w.key("capabilities");
-    w.begin_object();
-    // This apiserver always writes per-prefix canaries (the sync layer's contract).
-    w.field_bool("syncedCanaries", true);
-    if settings.max_connected_clusters != 0 {
-        w.field_uint("maxConnectedClusters", u64::from(settings.max_connected_clusters));
-    }
-    w.field_bool("serviceExportsEnabled", settings.mcs_api_enabled);
-    w.field_str("endpointSlicesExportMode", settings.service_v2_mode.export_mode());
-    w.end_object();
-    w.end_object();
-    Bytes::from(w.finish())
-}
-
-/// The name under which the canary of `prefix` is written: agents register their watchers under
-/// the parent prefix for identities and ipcache, so those two are overridden.
-pub fn canary_name(prefix: &str) -> &str {
-    match prefix {
-        IDENTITIES_PREFIX => "cilium/state/identities/v1",
-        IPCACHE_PREFIX => "cilium/state/ip/v1",
-        other => other,
-    }
+    let config = ClusterConfig {
+        id: ClusterId(settings.cluster_id),
+        capabilities: Capabilities {
+            synced_canaries: true,
+            cached: false,
+            max_connected_clusters: settings.max_connected_clusters,
+            service_exports_enabled: Some(settings.mcs_api_enabled),
+            endpoint_slices_export_mode: Some(settings.service_v2_mode.export_mode().to_owned()),
+        },
+    };
+    Bytes::from(config.encode())
 }
 
 /// `cilium/synced/<cluster>/<canary name>` for a store prefix.
 pub fn canary_key(settings: &Settings, prefix: &str) -> String {
-    format!("{SYNCED_PREFIX}/{}/{}", settings.cluster_name, canary_name(prefix))
+    format!("{}{}", clustermesh_client::wire::canary_prefix(&settings.cluster_name), canary_name(prefix))
 }
 
 #[cfg(test)]

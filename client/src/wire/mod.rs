@@ -239,13 +239,14 @@ impl Kind {
 
     /// The `<kind>/v1` path segment shared by the state and cache layouts.
     fn segment(self) -> &'static str {
-        match self {
-            Kind::Nodes => "nodes/v1",
-            Kind::Services => "services/v1",
-            Kind::Identities => "identities/v1",
-            Kind::IpCache => "ip/v1",
-            Kind::ServiceExports => "serviceexports/v1",
-        }
+        let state = match self {
+            Kind::Nodes => NODES_PREFIX,
+            Kind::Services => SERVICES_PREFIX,
+            Kind::Identities => IDENTITIES_PREFIX.trim_end_matches("/id"),
+            Kind::IpCache => IPCACHE_PREFIX.trim_end_matches("/default"),
+            Kind::ServiceExports => SERVICE_EXPORTS_PREFIX,
+        };
+        &state[STATE_PREFIX.len() + 1..]
     }
 
     /// The prefix watched for `cluster`, with the trailing `/` Cilium's watch store always adds
@@ -286,15 +287,46 @@ pub const STATE_PREFIX: &str = "cilium/state";
 pub const CACHE_PREFIX: &str = "cilium/cache";
 /// `kvstore.HeartbeatPath`: rewritten every minute by the writer; only its events matter.
 pub const HEARTBEAT_KEY: &str = "cilium/.heartbeat";
+/// `cilium/cluster-config/<C>`: how cluster `<C>` describes itself.
+pub const CLUSTER_CONFIG_PREFIX: &str = "cilium/cluster-config";
+/// `cilium/synced/<C>/<canary name>`: one canary per prefix, written after its initial sync.
+pub const SYNCED_PREFIX: &str = "cilium/synced";
+
+// The state layout, as the apiserver writes it. Keys are `<prefix>/<suffix>`; the prefixes carry
+// no trailing slash, so list `<prefix>/` to avoid matching siblings such as `.../v10`.
+
+/// `cilium/state/nodes/v1/<cluster>/<node>`.
+pub const NODES_PREFIX: &str = "cilium/state/nodes/v1";
+/// `cilium/state/identities/v1/id/<numeric id>`; no cluster segment (one cluster per store).
+pub const IDENTITIES_PREFIX: &str = "cilium/state/identities/v1/id";
+/// `cilium/state/ip/v1/default/<ip>`; `default` is Cilium's only address space.
+pub const IPCACHE_PREFIX: &str = "cilium/state/ip/v1/default";
+/// `cilium/state/services/v1/<cluster>/<namespace>/<service>`.
+pub const SERVICES_PREFIX: &str = "cilium/state/services/v1";
+/// `cilium/state/serviceexports/v1/<cluster>/<namespace>/<service>` (MCS-API, Cilium 1.17+).
+pub const SERVICE_EXPORTS_PREFIX: &str = "cilium/state/serviceexports/v1";
+/// `cilium/state/endpointslices/v1/<cluster>/<namespace>/<slice>` (Cilium 1.20+; written, not
+/// read by this crate).
+pub const ENDPOINT_SLICES_PREFIX: &str = "cilium/state/endpointslices/v1";
 
 /// `cilium/cluster-config/<C>`.
-pub fn cluster_config_key(cluster: &ClusterName) -> String {
-    format!("cilium/cluster-config/{cluster}")
+pub fn cluster_config_key(cluster: impl AsRef<str>) -> String {
+    format!("{CLUSTER_CONFIG_PREFIX}/{}", cluster.as_ref())
 }
 
 /// `cilium/synced/<C>/`: the canaries of every prefix of `cluster`.
-pub fn canary_prefix(cluster: &ClusterName) -> String {
-    format!("cilium/synced/{cluster}/")
+pub fn canary_prefix(cluster: impl AsRef<str>) -> String {
+    format!("{SYNCED_PREFIX}/{}/", cluster.as_ref())
+}
+
+/// The name a writer's canary for the state `prefix` carries: agents register their watchers
+/// under the parent prefix for identities and ipcache, so those two are overridden.
+pub fn state_canary_name(prefix: &str) -> &str {
+    match prefix {
+        IDENTITIES_PREFIX => "cilium/state/identities/v1",
+        IPCACHE_PREFIX => "cilium/state/ip/v1",
+        other => other,
+    }
 }
 
 /// The first key after every key starting with `prefix` (etcd's `GetPrefixRangeEnd`).
