@@ -61,8 +61,8 @@ pub type Entry = (String, Bytes);
 // The key layout is the client library's (`clustermesh_client::wire`), the one owner of what a
 // Cilium peer can see; the writer uses it as the readers do.
 pub use clustermesh_client::wire::{
-    CLUSTER_CONFIG_PREFIX, ENDPOINT_SLICES_PREFIX, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, SERVICE_EXPORTS_PREFIX,
-    SERVICES_PREFIX, SYNCED_PREFIX, state_canary_name as canary_name,
+    CLUSTER_CONFIG_PREFIX, ENDPOINT_SLICES_PREFIX, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX,
+    SERVICE_EXPORTS_PREFIX, SERVICES_PREFIX, SYNCED_PREFIX, state_canary_name as canary_name,
 };
 use clustermesh_client::wire::{Capabilities, ClusterConfig, ClusterId};
 
