@@ -107,9 +107,9 @@ fn endpoint_slice(service: &str, address: &str) -> Value {
 }
 
 /// Our image running `clustermesh` attached to `cluster`, with its health and metrics
-/// listeners published on 127.0.0.1. It starts on a network of its own (where the ports are
-/// published) and joins the etcd network second, so that leaving the etcd network cuts it off
-/// its store but not off the test.
+/// listeners published on 127.0.0.1. It is created on a network of its own (where the ports are
+/// published) and joins the etcd network before it starts, so that leaving the etcd network
+/// cuts it off its store but not off the test.
 struct Apiserver {
     container: Container,
     _observe: Network,
@@ -156,8 +156,7 @@ impl Apiserver {
         ]
         .map(String::from)
         .into();
-        let container = Container::run("apiserver", &options, APISERVER_IMAGE, &args);
-        container.connect(cluster.network(), &[]);
+        let container = Container::run_on("apiserver", &options, APISERVER_IMAGE, &args, &[cluster.network()]);
         Apiserver { container, _observe: observe, health_port, metrics_port }
     }
 

@@ -155,15 +155,26 @@ pub struct Container {
 impl Container {
     /// `docker run -d` with `options` (network, ports, mounts, user...), `image` and `args`.
     pub fn run(purpose: &str, options: &[String], image: &str, args: &[String]) -> Container {
+        Self::run_on(purpose, options, image, args, &[])
+    }
+
+    /// Like [`Container::run`], joined to `also` before it starts, so that its program sees
+    /// every network from its first instant.
+    pub fn run_on(purpose: &str, options: &[String], image: &str, args: &[String], also: &[&Network]) -> Container {
         images();
         let name = unique_name(purpose);
         let label = label();
-        let mut argv: Vec<&str> = vec!["run", "-d", "--name", &name, "--label", &label];
+        let mut argv: Vec<&str> = vec!["create", "--name", &name, "--label", &label];
         argv.extend(options.iter().map(String::as_str));
         argv.push(image);
         argv.extend(args.iter().map(String::as_str));
         docker_ok(&argv);
-        Container { name }
+        let container = Container { name };
+        for network in also {
+            container.connect(network, &[]);
+        }
+        container.start();
+        container
     }
 
     pub fn name(&self) -> &str {
