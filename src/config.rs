@@ -739,10 +739,7 @@ pub struct KvstoremeshDbgStatusArgs {
 /// Cilium's rule (enforced since 1.17): the name becomes part of keys, DNS names and
 /// certificate names.
 pub fn validate_cluster_name(name: &str) -> Result<(), ConfigError> {
-    match clustermesh_client::ClusterName::new(name) {
-        Ok(_) => Ok(()),
-        Err(_) => Err(ConfigError::ClusterName(name.to_owned())),
-    }
+    clustermesh_client::ClusterName::new(name).map(drop).map_err(|_| ConfigError::ClusterName(name.to_owned()))
 }
 
 /// A listen URL reduced to what we bind.

@@ -16,21 +16,19 @@
 //! Knobs: `CHAOS_OPS` (operations, default 1000), `CHAOS_SEED` (default: random, printed), e.g.
 //! `CHAOS_OPS=5000 CHAOS_SEED=7 cargo test --test it chaos -- --nocapture`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clustermesh_apiserver::translate::Settings;
-use clustermesh_apiserver::translate::model::{Model, Object};
-use etcd_client::GetOptions;
+use clustermesh_apiserver::translate::model::Model;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use crate::support::docker::{ETCD_35, EtcdContainers};
 use crate::support::server::{ServerProcess, StoreMode, free_port};
+use crate::support::state::{Difference, Keys, STATE, dump, expected};
 use crate::support::{FakeApiServer, FakeOptions, Pki, client_tls, init_tracing};
 
-const STATE: &str = "cilium/state/";
 /// Bound on the server becoming ready, and on the store converging, after the last fault.
 const SETTLE: Duration = Duration::from_secs(90);
 
@@ -198,50 +196,16 @@ fn random_operation(generator: &mut Generator, fake: &FakeApiServer) -> String {
 }
 
 /// The keys and bytes the store must hold for the fake's current objects, per the model.
-fn expected_state(fake: &FakeApiServer) -> BTreeMap<String, Vec<u8>> {
-    let mut model = Model::new(Settings::new("cluster1", 1));
-    for (api_version, kind) in [
+fn expected_state(fake: &FakeApiServer) -> Keys {
+    let kinds = [
         ("v1", "Namespace"),
         ("cilium.io/v2", "CiliumNode"),
         ("cilium.io/v2", "CiliumIdentity"),
         ("cilium.io/v2", "CiliumEndpoint"),
         ("v1", "Service"),
         ("discovery.k8s.io/v1", "EndpointSlice"),
-    ] {
-        for object in fake.objects(api_version, kind) {
-            // An undecodable object contributes nothing, exactly like a deleted one.
-            if let Ok(Some(object)) = Object::decode(object) {
-                let _ = model.apply(object);
-            }
-        }
-    }
-    model.desired().into_iter().filter(|(k, _)| k.starts_with(STATE)).map(|(k, v)| (k, v.to_vec())).collect()
-}
-
-async fn dump(client: &mut etcd_client::Client, prefix: &str) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
-    let response = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-    Ok(response.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())).collect())
-}
-
-/// Stale (present but not expected), missing, and wrong-valued keys.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Difference {
-    stale: Vec<String>,
-    missing: Vec<String>,
-    wrong: Vec<String>,
-}
-
-fn difference(found: &BTreeMap<String, Vec<u8>>, expected: &BTreeMap<String, Vec<u8>>) -> Difference {
-    let mut diff = Difference::default();
-    for (key, value) in found {
-        match expected.get(key) {
-            None => diff.stale.push(key.clone()),
-            Some(want) if want != value => diff.wrong.push(key.clone()),
-            Some(_) => {}
-        }
-    }
-    diff.missing = expected.keys().filter(|k| !found.contains_key(*k)).cloned().collect();
-    diff
+    ];
+    expected(kinds.into_iter().flat_map(|(api_version, kind)| fake.objects(api_version, kind)))
 }
 
 #[derive(Debug, Default)]
@@ -373,7 +337,7 @@ async fn converge_under_chaos(mut store: Store, pki: &Pki) {
     let found = loop {
         let found = dump(&mut client, STATE).await;
         if let Ok(found) = &found
-            && difference(found, &expected) == Difference::default()
+            && Difference::between(found, &expected) == Difference::default()
         {
             break found.clone();
         }
@@ -382,7 +346,7 @@ async fn converge_under_chaos(mut store: Store, pki: &Pki) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let diff = difference(&found, &expected);
+    let diff = Difference::between(&found, &expected);
     println!(
         "chaos ({mode_name}): seed={seed} operations={} server SIGKILLs={} 410 relists={} etcd member SIGKILLs={} \
          server starts={} expected keys={} stale={} missing={} wrong={}",

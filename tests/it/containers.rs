@@ -15,17 +15,14 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
-use clustermesh_apiserver::translate::Settings;
-use clustermesh_apiserver::translate::model::{Model, Object};
-use etcd_client::GetOptions;
 use serde_json::{Value, json};
 
 use crate::support::docker::{APISERVER_IMAGE, Container, ETCD_35, EtcdContainers, Network, docker_ok};
 use crate::support::etcd::http_get;
 use crate::support::server::free_port;
+use crate::support::state::{self, Difference, Keys, STATE};
 use crate::support::{Pki, eventually, init_tracing};
 
-const STATE: &str = "cilium/state/";
 /// Bound on the apiserver getting ready and on the store converging after a change or a heal
 /// (an HTTP/2 keep-alive of 15 s + 5 s finds a dead connection; then a resync).
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -68,13 +65,8 @@ impl Objects {
     }
 
     /// The keys and bytes the store must hold for these objects, per the model.
-    fn expected(&self) -> BTreeMap<String, Vec<u8>> {
-        let mut model = Model::new(Settings::new("cluster1", 1));
-        for object in self.objects.values() {
-            let object = Object::decode(object.clone()).expect("decode").expect("a mirrored kind");
-            let _changes = model.apply(object);
-        }
-        model.desired().into_iter().filter(|(k, _)| k.starts_with(STATE)).map(|(k, v)| (k, v.to_vec())).collect()
+    fn expected(&self) -> Keys {
+        state::expected(self.objects.values().cloned())
     }
 }
 
@@ -189,33 +181,12 @@ impl Apiserver {
 
 /// Waits until the store (a quorum read, through whichever member answers) holds exactly the
 /// expected keys.
-async fn converged(client: &etcd_client::Client, expected: &BTreeMap<String, Vec<u8>>, why: &str) {
+async fn converged(client: &etcd_client::Client, expected: &Keys, why: &str) {
     eventually(why, CONVERGE, || {
         let mut client = client.clone();
-        async move {
-            let answer = client.get(STATE, Some(GetOptions::new().with_prefix())).await.map_err(|e| e.to_string())?;
-            let found: BTreeMap<String, Vec<u8>> = answer
-                .kvs()
-                .iter()
-                .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
-                .collect();
-            compare(&found, expected)
-        }
+        async move { Difference::none(&state::dump(&mut client, STATE).await.map_err(|e| e.to_string())?, expected) }
     })
     .await;
-}
-
-/// `Ok` when `found` is exactly `expected`; else the stale, missing and wrong keys.
-fn compare(found: &BTreeMap<String, Vec<u8>>, expected: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
-    let stale: Vec<&String> = found.keys().filter(|k| !expected.contains_key(*k)).collect();
-    let missing: Vec<&String> = expected.keys().filter(|k| !found.contains_key(*k)).collect();
-    let wrong: Vec<&String> =
-        expected.iter().filter(|(k, v)| found.get(*k).is_some_and(|f| f != *v)).map(|(k, _)| k).collect();
-    if stale.is_empty() && missing.is_empty() && wrong.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("stale {stale:?}, missing {missing:?}, wrong {wrong:?}"))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,7 +249,7 @@ async fn through_partitions_of_a_member_and_of_the_apiserver_nothing_is_stale_or
     cluster.reconnect(2).await;
     let expected = objects.expected();
     eventually("the healed member to catch up", CONVERGE, || async {
-        compare(&cluster.member_dump(2, STATE)?, &expected).map_err(anyhow::Error::msg)
+        Difference::none(&cluster.member_dump(2, STATE)?, &expected).map_err(anyhow::Error::msg)
     })
     .await;
 
@@ -300,7 +271,7 @@ async fn through_partitions_of_a_member_and_of_the_apiserver_nothing_is_stale_or
     converged(&client, &expected, "what changed while the apiserver was cut off").await;
     for member in 0..cluster.size() {
         eventually("every member to hold the same keys", CONVERGE, || async {
-            compare(&cluster.member_dump(member, STATE)?, &expected).map_err(anyhow::Error::msg)
+            Difference::none(&cluster.member_dump(member, STATE)?, &expected).map_err(anyhow::Error::msg)
         })
         .await;
     }

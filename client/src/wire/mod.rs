@@ -242,11 +242,11 @@ impl Kind {
         let state = match self {
             Kind::Nodes => NODES_PREFIX,
             Kind::Services => SERVICES_PREFIX,
-            Kind::Identities => IDENTITIES_PREFIX.trim_end_matches("/id"),
-            Kind::IpCache => IPCACHE_PREFIX.trim_end_matches("/default"),
+            Kind::Identities => IDENTITIES_PREFIX,
+            Kind::IpCache => IPCACHE_PREFIX,
             Kind::ServiceExports => SERVICE_EXPORTS_PREFIX,
         };
-        &state[STATE_PREFIX.len() + 1..]
+        &state_canary_name(state)[STATE_PREFIX.len() + 1..]
     }
 
     /// The prefix watched for `cluster`, with the trailing `/` Cilium's watch store always adds
@@ -323,8 +323,8 @@ pub fn canary_prefix(cluster: impl AsRef<str>) -> String {
 /// under the parent prefix for identities and ipcache, so those two are overridden.
 pub fn state_canary_name(prefix: &str) -> &str {
     match prefix {
-        IDENTITIES_PREFIX => "cilium/state/identities/v1",
-        IPCACHE_PREFIX => "cilium/state/ip/v1",
+        IDENTITIES_PREFIX => IDENTITIES_PREFIX.trim_end_matches("/id"),
+        IPCACHE_PREFIX => IPCACHE_PREFIX.trim_end_matches("/default"),
         other => other,
     }
 }

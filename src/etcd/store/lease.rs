@@ -54,6 +54,8 @@ pub struct Leases {
     expiries: BinaryHeap<Reverse<(Instant, i64)>>,
     /// Live leases per owner, for the per-user cap.
     owned: HashMap<Arc<str>, usize>,
+    /// Grants the cap refused, for the metrics.
+    refused: u64,
 }
 
 impl Leases {
@@ -68,7 +70,10 @@ impl Leases {
             return Err(Error::LeaseExists);
         }
         let owner: Arc<str> = match self.owned.get_key_value(owner) {
-            Some((_, &held)) if held >= max_per_owner => return Err(Error::TooManyLeases),
+            Some((_, &held)) if held >= max_per_owner => {
+                self.refused += 1;
+                return Err(Error::TooManyLeases);
+            }
             Some((owner, _)) => Arc::clone(owner),
             None => Arc::from(owner),
         };
@@ -104,6 +109,11 @@ impl Leases {
 
     pub fn len(&self) -> usize {
         self.leases.len()
+    }
+
+    /// Grants refused by the per-owner cap so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// Pushes the deadline a full TTL away; returns the TTL.

@@ -13,7 +13,6 @@ mod txn;
 mod versions;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -124,8 +123,6 @@ pub struct Store {
     revision_tx: watch::Sender<i64>,
     /// Wakes the expiry task when a lease may now expire earlier than it planned.
     lease_granted: Notify,
-    /// Lease grants refused by the per-user cap.
-    leases_refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -145,7 +142,6 @@ impl Store {
             counts: Mutex::new(CountCache::default()),
             revision_tx: watch::Sender::new(1),
             lease_granted: Notify::new(),
-            leases_refused: AtomicU64::new(0),
         })
     }
 
@@ -195,7 +191,7 @@ impl Store {
             leases: state.leases.len(),
             count_cache_bytes: counts.bytes,
             count_cache_evictions: counts.evictions,
-            leases_refused: self.leases_refused.load(std::sync::atomic::Ordering::Relaxed),
+            leases_refused: state.leases.refused(),
         }
     }
 
@@ -259,11 +255,7 @@ impl Store {
     pub fn lease_grant(&self, request: &LeaseGrantRequest, user: Option<&str>) -> Result<LeaseGrantResponse> {
         let mut state = self.state.write();
         let max = self.limits.max_leases_per_user;
-        let granted = state.leases.grant(request.id, request.ttl, Instant::now(), user.unwrap_or_default(), max);
-        if matches!(granted, Err(Error::TooManyLeases)) {
-            self.leases_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        let lease = granted?;
+        let lease = state.leases.grant(request.id, request.ttl, Instant::now(), user.unwrap_or_default(), max)?;
         let (id, ttl) = (lease.id, lease.ttl);
         let response =
             LeaseGrantResponse { header: Some(self.header_at(state.revision)), id, ttl, error: String::new() };

@@ -20,6 +20,7 @@ pub mod pod;
 pub mod process;
 pub mod relay;
 pub mod server;
+pub mod state;
 
 pub use certs::{ClientCert, Pki};
 pub use embedded::EmbeddedStore;
