@@ -36,6 +36,7 @@ use crate::kvstore::quorum::{self, QuorumCheck};
 use crate::kvstoremesh::{self, KvstoremeshConfig, ReadyTimeouts, RemovalPolicy};
 use crate::metrics::{self, Routes};
 use crate::process_metrics::ProcessCollector;
+use crate::source::filter::ListFilter;
 use crate::sync::state::HEARTBEAT_KEY;
 use crate::sync::store::ETCD_MAX_IN_FLIGHT;
 use crate::translate::model::Settings;
@@ -104,8 +105,13 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         (Some(dir), _) => Source::Directory(dir.clone(), Duration::from_secs(1)),
         (None, path) => Source::Kubernetes(kube_client(path.as_deref(), args.k8s_api_server()).await?),
     };
+    let liveness = match &source {
+        Source::Kubernetes(client) => Some(kubernetes_answers(client.clone())),
+        Source::Directory(..) => None,
+    };
     let mut config = ClustermeshConfig::new(settings, source);
     config.lease_ttl = args.kvstore_lease_ttl;
+    config.filter = ListFilter { service_proxy_name: args.k8s_service_proxy_name.clone() };
     // `--clustermesh-config`: the kvstoremesh role too, on the same store.
     let kvstoremesh = match &args.kvstoremesh.clustermesh_config {
         Some(dir) => {
@@ -180,7 +186,7 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     });
     let health = bind(SocketAddr::new(args.health_bind_address, args.health_port)).await?;
     let ready = ready_while_reachable(running.ready.clone(), reachable, &tracker, &token);
-    let routes = Routes { ready: Some(ready), ..Routes::default() };
+    let routes = Routes { ready: Some(ready), liveness, ..Routes::default() };
     tracker.spawn(serve_admin(health, routes, token.child_token(), "health"));
     if let Some(addr) = args.prometheus_addr()? {
         let routes = Routes { metrics: Some(Arc::new(root)), ..Routes::default() };
@@ -449,6 +455,23 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>, api_server: Option<&s
         config.cluster_url = url.parse().with_context(|| format!("--k8s-api-server {url:?}"))?;
     }
     Ok(kube::Client::try_from(config)?)
+}
+
+/// How long `/healthz` waits for the Kubernetes API server.
+const KUBERNETES_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Cilium's apiserver `/healthz`: the Kubernetes API server answers its version.
+fn kubernetes_answers(client: kube::Client) -> metrics::Liveness {
+    Arc::new(move || {
+        let client = client.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(KUBERNETES_HEALTH_TIMEOUT, client.apiserver_version()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(crate::error_chain(&error)),
+                Err(_) => Err(format!("the Kubernetes API server did not answer within {KUBERNETES_HEALTH_TIMEOUT:?}")),
+            }
+        })
+    })
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

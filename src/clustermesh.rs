@@ -13,6 +13,7 @@ use tracing::Instrument;
 
 use crate::kvstore::Backend;
 use crate::kvstore::instrumented::{Instrumented, KvstoreMetrics};
+use crate::source::filter::ListFilter;
 use crate::source::{self, SourceEvent};
 use crate::sync::metrics::{Bootstrap, SyncCollector};
 use crate::sync::mirror::{Mirror, MirrorMetrics};
@@ -32,6 +33,8 @@ pub enum Source {
 pub struct ClustermeshConfig {
     pub settings: Settings,
     pub source: Source,
+    /// Which objects of each kind are read, from either source.
+    pub filter: ListFilter,
     /// `--kvstore-lease-ttl`: every key is written on a lease of this TTL, so that keys of a
     /// server that died without cleaning up expire on their own (Cilium: 15 minutes).
     pub lease_ttl: Duration,
@@ -47,6 +50,7 @@ impl ClustermeshConfig {
         Self {
             settings,
             source,
+            filter: ListFilter::default(),
             lease_ttl: Duration::from_secs(15 * 60),
             cluster_config_check: Duration::from_secs(5),
             heartbeat: HEARTBEAT_INTERVAL,
@@ -115,11 +119,12 @@ pub fn spawn<B: Backend>(
     let (events_tx, events_rx) = mpsc::channel::<SourceEvent>(1024);
     tracker.spawn(mirror.run(events_rx, shutdown.child_token()).instrument(tracing::info_span!("mirror", %cluster)));
     match config.source {
-        Source::Kubernetes(client) => source::kube::spawn(client, &kinds, events_tx, tracker, shutdown),
+        Source::Kubernetes(client) => source::kube::spawn(client, &kinds, &config.filter, events_tx, tracker, shutdown),
         Source::Directory(dir, interval) => {
             let span = tracing::info_span!("objects_dir", dir = %dir.display());
             tracker.spawn(
-                source::objects_dir::run(dir, kinds, interval, events_tx, shutdown.child_token()).instrument(span),
+                source::objects_dir::run(dir, kinds, config.filter, interval, events_tx, shutdown.child_token())
+                    .instrument(span),
             );
         }
     }

@@ -308,6 +308,10 @@ pub struct ClustermeshArgs {
     /// Cilium's list form of --k8s-api-server; the first URL is used.
     #[arg(long, value_delimiter = ',')]
     pub k8s_api_server_urls: Vec<String>,
+    /// Read only the Services labelled `service.kubernetes.io/service-proxy-name` with this
+    /// value; empty: the Services without that label (Cilium's flag and default).
+    #[arg(long, default_value = "")]
+    pub k8s_service_proxy_name: String,
     /// Read objects from this directory of YAML/JSON manifests instead of the Kubernetes API.
     #[arg(long, conflicts_with = "k8s_kubeconfig_path")]
     pub k8s_objects_dir: Option<PathBuf>,
@@ -385,8 +389,6 @@ pub struct CiliumCompatArgs {
     #[arg(long, hide = true)]
     pub k8s_heartbeat_timeout: Option<String>,
     #[arg(long, hide = true)]
-    pub k8s_service_proxy_name: Option<String>,
-    #[arg(long, hide = true)]
     pub kvstore_connectivity_timeout: Option<String>,
     /// Failed etcd quorum checks in a row after which an attached store counts as unreachable
     /// and /readyz answers 503 until a check passes (Cilium's default: 2).
@@ -427,7 +429,6 @@ impl CiliumCompatArgs {
             ("k8s-client-connection-keep-alive", self.k8s_client_connection_keep_alive.is_some()),
             ("k8s-client-connection-timeout", self.k8s_client_connection_timeout.is_some()),
             ("k8s-heartbeat-timeout", self.k8s_heartbeat_timeout.is_some()),
-            ("k8s-service-proxy-name", self.k8s_service_proxy_name.is_some()),
             ("kvstore-connectivity-timeout", self.kvstore_connectivity_timeout.is_some()),
             ("kvstore-periodic-sync", self.kvstore_periodic_sync.is_some()),
         ];

@@ -11,14 +11,22 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// What `/healthz` checks, as an error text when it fails.
+pub type Liveness = Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
 /// What one admin listener answers. Cilium splits these over ports (metrics on 9962/9963,
 /// health on 9880), so each listener gets only what belongs on it.
 #[derive(Clone, Default)]
 pub struct Routes {
     /// `/metrics`, in OpenMetrics or Prometheus' text format, as the scraper's `Accept` asks.
     pub metrics: Option<Arc<Registry>>,
-    /// `/readyz` answers 200 once this turns true, 503 before; `/healthz` always 200.
+    /// The health routes: `/readyz` answers 200 `Ready` once this turns true, 500 `NotReady`
+    /// before, as Cilium's; `/livez` answers 200 while the process serves HTTP (what a
+    /// liveness probe should ask: nothing outside the process); `/healthz` asks `liveness`.
     pub ready: Option<watch::Receiver<bool>>,
+    /// Cilium's apiserver `/healthz`: 200 `ok` when the Kubernetes API server answers, 500
+    /// with the error when not. Without a check, `/healthz` is `/livez`.
+    pub liveness: Option<Liveness>,
     /// etcd's own `/health` (`{"health":"true"}`), for probes written against an etcd sidecar.
     pub etcd_health: bool,
 }
@@ -29,8 +37,11 @@ pub fn router(routes: Routes) -> Router {
         router = router.route("/metrics", get(move |headers| metrics(Arc::clone(&registry), headers)));
     }
     if let Some(ready) = routes.ready {
-        router =
-            router.route("/healthz", get(|| async { "ok\n" })).route("/readyz", get(move || readyz(ready.clone())));
+        let liveness = routes.liveness;
+        router = router
+            .route("/livez", get(|| async { "ok" }))
+            .route("/healthz", get(move || healthz(liveness.clone())))
+            .route("/readyz", get(move || readyz(ready.clone())));
     }
     if routes.etcd_health {
         router = router.route(
@@ -100,8 +111,20 @@ fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+/// Cilium's words and codes (`clustermesh-apiserver/clustermesh/health.go`).
 async fn readyz(ready: watch::Receiver<bool>) -> impl IntoResponse {
-    if *ready.borrow() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+    if *ready.borrow() { (StatusCode::OK, "Ready") } else { (StatusCode::INTERNAL_SERVER_ERROR, "NotReady") }
+}
+
+async fn healthz(liveness: Option<Liveness>) -> impl IntoResponse {
+    let answer = match liveness {
+        Some(check) => check().await,
+        None => Ok(()),
+    };
+    match answer {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error),
+    }
 }
 
 /// Serves `routes` on `listener` until `shutdown`.
@@ -134,5 +157,40 @@ mod tests {
              # HELP build_info Build.\n# TYPE build_info gauge\nbuild_info{version=\"1\"} 1\n\
              # HELP size Size.\n# TYPE size gauge\nsize 7\n"
         );
+    }
+
+    async fn get(routes: Routes, path: &str) -> (StatusCode, String) {
+        use tower::ServiceExt;
+        let request = axum::http::Request::get(path).body(axum::body::Body::empty()).expect("request");
+        let response = router(routes).oneshot(request).await.expect("answered");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.expect("body");
+        (status, String::from_utf8(body.to_vec()).expect("utf-8"))
+    }
+
+    fn health(ready: bool, liveness: Option<Liveness>) -> Routes {
+        let (_, ready) = watch::channel(ready);
+        Routes { ready: Some(ready), liveness, ..Routes::default() }
+    }
+
+    #[tokio::test]
+    async fn readiness_answers_in_ciliums_words_and_codes() {
+        assert_eq!(get(health(false, None), "/readyz").await, (StatusCode::INTERNAL_SERVER_ERROR, "NotReady".into()));
+        assert_eq!(get(health(true, None), "/readyz").await, (StatusCode::OK, "Ready".into()));
+    }
+
+    #[tokio::test]
+    async fn healthz_reports_the_kubernetes_check_and_livez_only_the_process() {
+        let unreachable: Liveness =
+            Arc::new(|| Box::pin(async { Err("Get \"https://10.96.0.1/version\": connection refused".to_owned()) }));
+        let routes = health(true, Some(unreachable));
+        let (status, body) = get(routes.clone(), "/healthz").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body.contains("connection refused"), "{body}");
+        assert_eq!(get(routes, "/livez").await, (StatusCode::OK, "ok".into()));
+
+        let reachable: Liveness = Arc::new(|| Box::pin(async { Ok(()) }));
+        assert_eq!(get(health(false, Some(reachable)), "/healthz").await, (StatusCode::OK, "ok".into()));
+        assert_eq!(get(health(false, None), "/healthz").await, (StatusCode::OK, "ok".into()));
     }
 }

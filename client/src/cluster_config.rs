@@ -70,6 +70,54 @@ pub(crate) async fn retrieve(
     }
 }
 
+/// Follows `cilium/cluster-config/<cluster>` for the rest of a session: returns the new config
+/// once the stored one decodes to anything other than `current` (`Ok(None)` when cancelled).
+///
+/// Cilium reads the config once per connection (cilium/cilium#37701): a remote that enables
+/// service exports or KVStoreMesh, or changes its ID, during an upgrade is read with the old
+/// config until something else breaks the connection. Deletes and undecodable values are not
+/// a config: the remote's apiserver restores its own key.
+pub(crate) async fn follow(
+    connection: &Connection,
+    cluster: &ClusterName,
+    current: &ClusterConfig,
+    token: &CancellationToken,
+) -> connect::Result<Option<ClusterConfig>> {
+    let key = cluster_config_key(cluster);
+    let changed = token.child_token();
+    let mut sink = Follower { key: &key, current, changed: &changed, new: None };
+    crate::cache::list_and_watch(connection, &key, &changed, &mut sink).await?;
+    Ok(sink.new)
+}
+
+struct Follower<'a> {
+    key: &'a str,
+    current: &'a ClusterConfig,
+    /// Cancelled once a different config is seen, which ends the watch.
+    changed: &'a CancellationToken,
+    new: Option<ClusterConfig>,
+}
+
+impl crate::cache::Sink for Follower<'_> {
+    fn upsert(&mut self, key: &str, value: &[u8]) {
+        // The watch is on a prefix: `cilium/cluster-config/c2` also matches `.../c20`.
+        if key != self.key || self.new.is_some() {
+            return;
+        }
+        match ClusterConfig::decode(value) {
+            Ok(config) if config != *self.current => {
+                tracing::info!(key, from = ?self.current, to = ?config, "the remote cluster's configuration changed");
+                self.new = Some(config);
+                self.changed.cancel();
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(key, %error, "ignoring an undecodable cluster configuration"),
+        }
+    }
+
+    fn delete(&mut self, _key: &str) {}
+}
+
 /// `ValidateRemoteConfig`: the ID in `1..=max`, and, when the local cluster runs with more than
 /// 255 clusters, the same `maxConnectedClusters` on both sides.
 pub fn validate(config: &ClusterConfig, local: &LocalCluster) -> Result<()> {

@@ -51,6 +51,9 @@ pub enum SessionError {
     Heartbeat(#[from] HeartbeatTimeout),
     #[error("a session task stopped unexpectedly: {0}")]
     Task(String),
+    /// Not a failure: the session starts again at once with the new config.
+    #[error("the remote cluster's configuration changed")]
+    ClusterConfigChanged,
 }
 
 /// Where a remote cluster's connection stands.
@@ -512,6 +515,7 @@ impl Inner {
     async fn session(&self, token: &CancellationToken, established: &mut Option<Instant>) -> SessionEnd {
         match self.try_session(token, established).await {
             Ok(()) => SessionEnd::Cancelled,
+            Err(SessionError::ClusterConfigChanged) => SessionEnd::Reconfigured,
             Err(error) => SessionEnd::Failed(error),
         }
     }
@@ -595,6 +599,20 @@ impl Inner {
                 None => self.caches.drain(kind),
             }
         }
+
+        // Whatever the remote writes to its config from now on ends the session, so that the
+        // next one reads the prefixes the new config offers.
+        let (follow_connection, follow_name, follow_token) = (connection.clone(), self.name.clone(), token.clone());
+        let followed = config.clone();
+        tasks.spawn(
+            async move {
+                match cluster_config::follow(&follow_connection, &follow_name, &followed, &follow_token).await? {
+                    Some(_) => Err(SessionError::ClusterConfigChanged),
+                    None => Ok(()),
+                }
+            }
+            .instrument(tracing::debug_span!("cluster_config")),
+        );
 
         // 3. Canaries, then one list+watch per prefix.
         let canaries = if config.capabilities.synced_canaries {

@@ -73,7 +73,7 @@ pub fn spawn(
     let server_metrics = metrics::register(&mut registry, Arc::clone(&store));
     // An etcd sidecar exports its own process metrics on this port; operators scrape them here.
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
-    let routes = Routes { metrics: Some(Arc::new(registry)), ready: None, etcd_health: true };
+    let routes = Routes { metrics: Some(Arc::new(registry)), etcd_health: true, ..Routes::default() };
     for listener in listeners.metrics {
         let addr = listener.local_addr().ok();
         let (routes, shutdown) = (routes.clone(), shutdown.child_token());

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::SourceEvent;
+use super::filter::ListFilter;
 use super::guard::Guarded;
 use crate::translate::model::{Kind, Object, ObjectKey};
 
@@ -22,10 +23,12 @@ fn object_key(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
     ObjectKey { kind, namespace: meta.namespace.clone(), name: meta.name.clone().unwrap_or_default() }
 }
 
-/// Starts one watcher per kind in `kinds`, all feeding `events`.
+/// Starts one watcher per kind in `kinds`, all feeding `events`, each listing what `filter`
+/// selects.
 pub fn spawn(
     client: Client,
     kinds: &[Kind],
+    filter: &ListFilter,
     events: mpsc::Sender<SourceEvent>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
@@ -33,25 +36,32 @@ pub fn spawn(
     for &kind in kinds {
         let (client, events, shutdown) = (client.clone(), events.clone(), shutdown.child_token());
         let span = tracing::info_span!("watch", ?kind);
+        let config = match filter.label_selector(kind) {
+            Some(selector) => watcher::Config::default().labels(&selector),
+            None => watcher::Config::default(),
+        };
         match kind {
             Kind::CiliumNode => {
-                tracker.spawn(watch(client, kind, Object::CiliumNode, events, shutdown).instrument(span))
+                tracker.spawn(watch(client, kind, Object::CiliumNode, config, events, shutdown).instrument(span))
             }
             Kind::CiliumIdentity => {
-                tracker.spawn(watch(client, kind, Object::CiliumIdentity, events, shutdown).instrument(span))
+                tracker.spawn(watch(client, kind, Object::CiliumIdentity, config, events, shutdown).instrument(span))
             }
             Kind::CiliumEndpoint => {
-                tracker.spawn(watch(client, kind, Object::CiliumEndpoint, events, shutdown).instrument(span))
+                tracker.spawn(watch(client, kind, Object::CiliumEndpoint, config, events, shutdown).instrument(span))
             }
-            Kind::CiliumEndpointSlice => {
-                tracker.spawn(watch(client, kind, Object::CiliumEndpointSlice, events, shutdown).instrument(span))
+            Kind::CiliumEndpointSlice => tracker
+                .spawn(watch(client, kind, Object::CiliumEndpointSlice, config, events, shutdown).instrument(span)),
+            Kind::Service => {
+                tracker.spawn(watch(client, kind, Object::Service, config, events, shutdown).instrument(span))
             }
-            Kind::Service => tracker.spawn(watch(client, kind, Object::Service, events, shutdown).instrument(span)),
             Kind::EndpointSlice => {
-                tracker.spawn(watch(client, kind, Object::EndpointSlice, events, shutdown).instrument(span))
+                tracker.spawn(watch(client, kind, Object::EndpointSlice, config, events, shutdown).instrument(span))
             }
             Kind::ServiceExport => tracker.spawn(watch_service_exports(client, events, shutdown).instrument(span)),
-            Kind::Namespace => tracker.spawn(watch(client, kind, Object::Namespace, events, shutdown).instrument(span)),
+            Kind::Namespace => {
+                tracker.spawn(watch(client, kind, Object::Namespace, config, events, shutdown).instrument(span))
+            }
         };
     }
 }
@@ -73,13 +83,16 @@ async fn watch_service_exports(client: Client, events: mpsc::Sender<SourceEvent>
     while !shutdown.is_cancelled() {
         if served(&Api::<ServiceExport>::all(client.clone())).await {
             tracing::info!(version = "v1beta1", "watching MCS-API ServiceExports");
-            run_watch(client.clone(), kind, Object::ServiceExport, events.clone(), shutdown.clone(), true).await;
+            let config = watcher::Config::default();
+            run_watch(client.clone(), kind, Object::ServiceExport, config, events.clone(), shutdown.clone(), true)
+                .await;
             continue;
         }
         if served(&Api::<ServiceExportV1Alpha1>::all(client.clone())).await {
             tracing::info!(version = "v1alpha1", "watching MCS-API ServiceExports");
             let wrap = |old: ServiceExportV1Alpha1| Object::ServiceExport(ServiceExport::from(old));
-            run_watch(client.clone(), kind, wrap, events.clone(), shutdown.clone(), true).await;
+            let config = watcher::Config::default();
+            run_watch(client.clone(), kind, wrap, config, events.clone(), shutdown.clone(), true).await;
             continue;
         }
         tracing::warn!("the MCS-API ServiceExport CRD is not served (v1beta1 or v1alpha1); waiting for it");
@@ -113,12 +126,13 @@ async fn watch<K>(
     client: Client,
     kind: Kind,
     wrap: fn(K) -> Object,
+    config: watcher::Config,
     events: mpsc::Sender<SourceEvent>,
     shutdown: CancellationToken,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    run_watch(client, kind, wrap, events, shutdown, false).await
+    run_watch(client, kind, wrap, config, events, shutdown, false).await
 }
 
 fn is_not_served(error: &watcher::Error) -> bool {
@@ -138,6 +152,7 @@ async fn run_watch<K>(
     client: Client,
     kind: Kind,
     wrap: fn(K) -> Object,
+    config: watcher::Config,
     events: mpsc::Sender<SourceEvent>,
     shutdown: CancellationToken,
     end_when_gone: bool,
@@ -145,7 +160,7 @@ async fn run_watch<K>(
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let api: Api<Guarded<K>> = Api::all(client);
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let stream = watcher(api, config).default_backoff();
     let mut stream = std::pin::pin!(stream);
     loop {
         let next = tokio::select! {

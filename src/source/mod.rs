@@ -1,6 +1,7 @@
 //! Where Kubernetes objects come from: the API server (kube watchers) or a directory of
 //! manifests. Both speak the same event protocol to the mirror.
 
+pub mod filter;
 mod guard;
 pub mod kube;
 pub mod objects_dir;

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::SourceEvent;
+use super::filter::ListFilter;
 use crate::translate::model::{Kind, Object, ObjectKey};
 
 /// One manifest document, as decoded.
@@ -25,6 +26,7 @@ enum Document {
 pub async fn run(
     dir: PathBuf,
     kinds: Vec<Kind>,
+    filter: ListFilter,
     interval: Duration,
     events: mpsc::Sender<SourceEvent>,
     shutdown: CancellationToken,
@@ -52,6 +54,9 @@ pub async fn run(
         let mut now: BTreeMap<ObjectKey, String> = BTreeMap::new();
         for (fingerprint, document) in scanned {
             let key = match &document {
+                // What the API server would not list is not there: a label change that
+                // takes an object out of the selection is its delete.
+                Document::Valid(object) if !filter.admits(object) => continue,
                 Document::Valid(object) => object.key(),
                 Document::Invalid { key, .. } => key.clone(),
             };

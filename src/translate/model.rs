@@ -224,7 +224,7 @@ impl Object {
         }
     }
 
-    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
             Object::CiliumNode(o) => &o.metadata,
             Object::CiliumIdentity(o) => &o.metadata,

@@ -708,3 +708,46 @@ async fn a_connection_cut_mid_list_ends_with_exactly_the_remotes_data() {
     remote.stop().await;
     store.stop().await;
 }
+
+/// Cilium reads a remote's cluster config once per connection (cilium/cilium#37701); we follow
+/// it: a remote that turns on service exports mid-session (an upgrade, a Helm change) is read
+/// with its new capabilities at once, without counting a failure or waiting for a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_cluster_config_changed_mid_session_is_followed_at_once() {
+    init_tracing();
+    let pki = Pki::new();
+    let store = EmbeddedStore::start(&pki).await;
+    let target = Target::embedded(&store);
+    target.put("cilium/.heartbeat", "2026-05-04T09:25:44Z").await;
+    target.put("cilium/cluster-config/cluster2", &cluster_config(2, false)).await;
+    target.put("cilium/state/nodes/v1/cluster2/node-a", &node_value("cluster2", 2, "node-a", "10.2.0.1")).await;
+    load_vectors(&target, |kind| kind == "serviceexport").await;
+
+    let dir = tempfile::tempdir().expect("config dir");
+    let path = write_peer(dir.path(), "cluster2", &store.client_url(), &pki, "");
+    let shutdown = CancellationToken::new();
+    let remote = RemoteCluster::start(name("cluster2"), path, options().with_service_exports(true), &shutdown);
+    wait_ready(&remote).await;
+    let before = remote.status();
+    assert_eq!(before.config.service_exports_enabled, None, "{before:#?}");
+    assert!(!before.prefixes.contains_key(&Kind::ServiceExports), "{before:#?}");
+    assert!(remote.service_exports().snapshot().is_empty());
+
+    let exporting = json!({"id": 2, "capabilities": {"syncedCanaries": false, "maxConnectedClusters": 255,
+        "serviceExportsEnabled": true}});
+    target.put("cilium/cluster-config/cluster2", &exporting.to_string()).await;
+    let after = wait_status(&remote, "the new config to be read", |s| {
+        s.config.service_exports_enabled == Some(true) && s.ready
+    })
+    .await;
+    assert_eq!(keys(&remote.service_exports().snapshot()), ["payments/db"]);
+    assert_eq!(keys(&remote.nodes().snapshot()), ["node-a"]);
+    assert_eq!(after.num_failures, 0, "a config change is not a failure: {after:#?}");
+
+    // The same config written again (the remote's enforcer restoring it) changes nothing.
+    target.put("cilium/cluster-config/cluster2", &exporting.to_string()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(remote.status().num_failures, 0);
+    remote.stop().await;
+    store.stop().await;
+}

@@ -259,7 +259,7 @@ async fn through_partitions_of_a_member_and_of_the_apiserver_nothing_is_stale_or
     objects.delete("CiliumNode", "node-b");
     objects.apply(node("node-e", "172.20.0.5"));
     objects.delete("EndpointSlice", "web-1");
-    apiserver.wait_readyz(503, "not ready while cut off from etcd").await;
+    apiserver.wait_readyz(500, "not ready while cut off from etcd").await;
     let errors_cut = apiserver.quorum_errors().await.expect("metrics");
     assert!(errors_cut >= errors_before + 2.0, "quorum errors while cut off: {errors_before} → {errors_cut}");
     let unchanged = cluster.member_dump(0, STATE).expect("dump");

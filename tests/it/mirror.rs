@@ -235,3 +235,66 @@ async fn an_invalid_object_is_skipped_and_counted_and_never_stops_the_stream() {
     mirror.stop().await;
     store.stop().await;
 }
+
+fn global_service(name: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default", "labels": labels,
+            "annotations": {"service.cilium.io/global": "true"}},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "type": "ClusterIP",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    })
+}
+
+fn endpoint_slice(service: &str, name: &str, address: &str, managed_by: &str) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service, "endpointslice.kubernetes.io/managed-by": managed_by}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    })
+}
+
+/// The backend addresses exported for each global service of cluster1.
+async fn exported_backends(target: &Target) -> BTreeMap<String, Vec<String>> {
+    let prefix = "cilium/state/services/v1/cluster1/default/";
+    target
+        .dump(prefix)
+        .await
+        .into_iter()
+        .map(|(key, value)| {
+            let service: Value = serde_json::from_str(&value).expect("service JSON");
+            let backends = service["backends"].as_object().map(|b| b.keys().cloned().collect()).unwrap_or_default();
+            (key.trim_start_matches(prefix).to_owned(), backends)
+        })
+        .collect()
+}
+
+/// Cilium lists Services without another proxy's `service-proxy-name` and EndpointSlices not
+/// written by its own endpoint-slice mesh controller (`pkg/k8s/utils/utils.go`): a remote
+/// cluster's backends, mirrored into this cluster by the operator, must never be exported back
+/// into the mesh as this cluster's, and another proxy's Services are not Cilium's to serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_of_another_proxy_and_slices_of_ciliums_mesh_controller_are_never_exported() {
+    let Embedded { _pki, store, target, fake } = Embedded::start().await;
+    fake.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}));
+    fake.apply(global_service("web", json!({})));
+    fake.apply(endpoint_slice("web", "web-local", "10.1.0.1", "endpointslice-controller.k8s.io"));
+    fake.apply(endpoint_slice("web", "web-cluster2", "10.2.0.1", "endpointslice-mesh-controller.cilium.io"));
+    fake.apply(global_service("gateway", json!({"service.kubernetes.io/service-proxy-name": "other-proxy"})));
+    fake.apply(endpoint_slice("gateway", "gateway-local", "10.1.0.9", "endpointslice-controller.k8s.io"));
+    let mirror = start_mirror(&target, &fake).await;
+    let only_local = BTreeMap::from([("web".to_owned(), vec!["10.1.0.1".to_owned()])]);
+    assert_eq!(exported_backends(&target).await, only_local);
+
+    // A service handed over to another proxy leaves the selection: to the mirror, a delete.
+    fake.apply(global_service("web", json!({"service.kubernetes.io/service-proxy-name": "other-proxy"})));
+    eventually("web's export to be withdrawn", Duration::from_secs(15), || async {
+        exported_backends(&target).await.is_empty().then_some(())
+    })
+    .await;
+    mirror.stop().await;
+    store.stop().await;
+}
