@@ -4,7 +4,8 @@
 //! Only NOSPACE has a meaning here: the store raises it when a write would take it over its
 //! space quota, and while it is active the store refuses whatever could grow it (see
 //! `quota.rs`). It stays until an administrator disarms it, as in etcd: freeing space does not
-//! clear it by itself.
+//! clear it by itself. Unlike etcd's, alarms are not kept across a restart: neither are the
+//! keys, and a store that starts empty is under any quota.
 
 use std::collections::BTreeSet;
 

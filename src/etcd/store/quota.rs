@@ -23,9 +23,9 @@ use crate::etcd::pb::etcdserverpb::{PutRequest, RequestOp, TxnRequest, request_o
 
 /// etcd's `DefaultQuotaBytes`, used when the flag is 0, and ours too: a store that stays under
 /// etcd's default stays under ours (see the module comment), so replacing an etcd sidecar never
-/// refuses writes that etcd accepted. At that bound the store's memory is about 3.5 GiB for
-/// Cilium-shaped data (payload and the ~190 bytes per key above), several million keys, more
-/// than the largest meshes Cilium documents; lower it to bound memory more tightly.
+/// refuses writes that etcd accepted. At that bound the store holds about 7 million
+/// Cilium-shaped keys (some 290 bytes of key and value each) in about 3.3 GiB (with the ~190
+/// bytes per key above); lower it to bound memory more tightly.
 pub const DEFAULT_QUOTA_BYTES: i64 = 2 * 1024 * 1024 * 1024;
 
 /// The quota in effect for the flag's value: 0 is etcd's default, a negative value turns the
