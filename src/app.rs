@@ -607,6 +607,7 @@ async fn start_store(
         max_request_bytes,
         max_txn_ops,
         max_leases_per_user,
+        quota_backend_bytes,
         max_concurrent_streams,
         watch_progress_notify_interval,
     } = args;
@@ -642,6 +643,7 @@ async fn start_store(
             max_txn_ops: *max_txn_ops,
             max_request_bytes: *max_request_bytes,
             max_leases_per_user: *max_leases_per_user,
+            quota_backend_bytes: *quota_backend_bytes,
         },
         server: ServerOptions {
             member: MemberInfo { name: name.clone(), client_urls },

@@ -212,6 +212,12 @@ pub struct StoreArgs {
     /// 1,000 keys.
     #[arg(long, default_value_t = 100_000)]
     pub max_leases_per_user: usize,
+    /// Space quota in bytes, etcd's flag: when a write would take the keys and values held
+    /// (history until compaction included) to it, the write is refused with etcd's NOSPACE
+    /// error and alarm, and writes stay refused until the alarm is disarmed (`etcdctl alarm
+    /// disarm`). 0 is etcd's default, 2 GiB; a negative value turns the quota off.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub quota_backend_bytes: i64,
     /// HTTP/2 streams (watches, keep-alives, requests in flight) one client connection may
     /// hold open at once (etcd: unbounded).
     #[arg(long, default_value_t = crate::etcd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::RawQuery;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -27,9 +28,13 @@ pub struct Routes {
     /// Cilium's apiserver `/healthz`: 200 `ok` when the Kubernetes API server answers, 500
     /// with the error when not. Without a check, `/healthz` is `/livez`.
     pub liveness: Option<Liveness>,
-    /// etcd's own `/health` (`{"health":"true"}`), for probes written against an etcd sidecar.
-    pub etcd_health: bool,
+    /// etcd's own `/health` (`{"health":"true"}`), for probes written against an etcd sidecar:
+    /// the names of the alarms raised (`NOSPACE`), which make it unhealthy as they make etcd.
+    pub etcd_health: Option<Alarms>,
 }
+
+/// The names of the alarms a store has raised, read at each `/health` request.
+pub type Alarms = Arc<dyn Fn() -> Vec<&'static str> + Send + Sync>;
 
 pub fn router(routes: Routes) -> Router {
     let mut router = Router::new();
@@ -43,13 +48,30 @@ pub fn router(routes: Routes) -> Router {
             .route("/healthz", get(move || healthz(liveness.clone())))
             .route("/readyz", get(move || readyz(ready.clone())));
     }
-    if routes.etcd_health {
-        router = router.route(
-            "/health",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], "{\"health\":\"true\",\"reason\":\"\"}") }),
-        );
+    if let Some(alarms) = routes.etcd_health {
+        router = router.route("/health", get(move |query| etcd_health(alarms(), query)));
     }
     router
+}
+
+/// etcd's `checkHealth`: unhealthy, 503, while an alarm not named in an `exclude` parameter
+/// is raised (`/health?exclude=NOSPACE` ignores a full store).
+async fn etcd_health(alarms: Vec<&'static str>, RawQuery(query): RawQuery) -> impl IntoResponse {
+    let query = query.unwrap_or_default();
+    let excluded: Vec<&str> = query.split('&').filter_map(|pair| pair.strip_prefix("exclude=")).collect();
+    match alarms.into_iter().find(|alarm| !excluded.contains(alarm)) {
+        None => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"health\":\"true\",\"reason\":\"\"}".to_owned(),
+        ),
+        // etcd writes it with Go's `http.Error`: plain text, a newline after the JSON.
+        Some(alarm) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{{\"health\":\"false\",\"reason\":\"ALARM {alarm}\"}}\n"),
+        ),
+    }
 }
 
 /// What a scraper asked for: OpenMetrics when its `Accept` names it (Prometheus asks for it
@@ -144,6 +166,20 @@ mod tests {
         assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
         assert!(!wants_openmetrics(Some("application/openmetrics-text;q=0, text/plain")));
         assert!(!wants_openmetrics(None));
+    }
+
+    #[tokio::test]
+    async fn etcd_health_is_503_while_an_alarm_not_excluded_is_raised() {
+        let status = |alarms: Vec<&'static str>, query: Option<&'static str>| async move {
+            etcd_health(alarms, RawQuery(query.map(str::to_owned))).await.into_response().status()
+        };
+        assert_eq!(status(vec![], None).await, StatusCode::OK);
+        assert_eq!(status(vec!["NOSPACE"], None).await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(vec!["NOSPACE"], Some("exclude=NOSPACE")).await, StatusCode::OK);
+        assert_eq!(status(vec!["NOSPACE"], Some("exclude=CORRUPT")).await, StatusCode::SERVICE_UNAVAILABLE);
+        let response = etcd_health(vec!["NOSPACE"], RawQuery(None)).await.into_response();
+        let body = axum::body::to_bytes(response.into_body(), 1024).await.expect("body");
+        assert_eq!(&body[..], b"{\"health\":\"false\",\"reason\":\"ALARM NOSPACE\"}\n", "etcd 3.5.16's answer");
     }
 
     #[test]

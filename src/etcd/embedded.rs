@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 use super::auth::AuthStore;
 use super::metrics;
+use super::pb::etcdserverpb::AlarmType;
 use super::server::{self, ServerOptions};
 use super::store::{Identity, Limits, Store};
 use super::tls::{self, ReloadingConfig, TlsFiles};
@@ -73,7 +74,14 @@ pub fn spawn(
     let server_metrics = metrics::register(&mut registry, Arc::clone(&store));
     // An etcd sidecar exports its own process metrics on this port; operators scrape them here.
     registry.register_collector(Box::new(crate::process_metrics::ProcessCollector));
-    let routes = Routes { metrics: Some(Arc::new(registry)), etcd_health: true, ..Routes::default() };
+    // etcd's /health turns unhealthy while an alarm is raised.
+    let alarms: crate::metrics::Alarms = {
+        let store = Arc::clone(&store);
+        Arc::new(move || {
+            store.alarms().iter().filter_map(|a| AlarmType::try_from(a.alarm).ok()).map(|a| a.as_str_name()).collect()
+        })
+    };
+    let routes = Routes { metrics: Some(Arc::new(registry)), etcd_health: Some(alarms), ..Routes::default() };
     for listener in listeners.metrics {
         let addr = listener.local_addr().ok();
         let (routes, shutdown) = (routes.clone(), shutdown.child_token());

@@ -33,6 +33,9 @@ pub enum Error {
     TooManyLeases,
     #[error("request is too large")]
     RequestTooLarge,
+    /// The space quota (`--quota-backend-bytes`) is used up, or its NOSPACE alarm is active.
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
     #[error("root user does not exist")]
     RootUserNotExist,
     #[error("root user does not have root role")]
@@ -93,6 +96,7 @@ impl Error {
             // Ours (etcd has no such cap): gRPC's code for a quota.
             TooManyLeases => (Code::ResourceExhausted, "etcdserver: too many leases held by this user"),
             RequestTooLarge => (Code::InvalidArgument, "etcdserver: request is too large"),
+            NoSpace => (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
             RootUserNotExist => (Code::FailedPrecondition, "etcdserver: root user does not exist"),
             RootRoleNotExist => (Code::FailedPrecondition, "etcdserver: root user does not have root role"),
             UserAlreadyExists => (Code::FailedPrecondition, "etcdserver: user name already exists"),
@@ -136,6 +140,13 @@ mod tests {
         let status = Status::from(Error::Compacted);
         assert_eq!(status.code(), Code::OutOfRange);
         assert_eq!(status.message(), "etcdserver: mvcc: required revision has been compacted");
+    }
+
+    #[test]
+    fn no_space_is_etcds_resource_exhausted_text() {
+        let status = Status::from(Error::NoSpace);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.message(), "etcdserver: mvcc: database space exceeded");
     }
 
     #[test]

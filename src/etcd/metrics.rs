@@ -85,11 +85,17 @@ struct StoreCollector {
 impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = self.store.stats();
-        let gauges: [(&str, &str, i64); 9] = [
+        let held = stats.retained_bytes as i64;
+        let gauges: [(&str, &str, i64); 10] = [
             ("etcd_server_has_leader", "Whether a leader exists: a single member always leads", 1),
             ("etcd_server_is_leader", "Whether this member is the leader", 1),
-            ("etcd_mvcc_db_total_size_in_bytes", "Bytes of keys and values held", stats.key_value_bytes as i64),
-            ("etcd_mvcc_db_total_size_in_use_in_bytes", "Bytes of keys and values held", stats.key_value_bytes as i64),
+            (
+                "etcd_server_quota_backend_bytes",
+                "Space quota in bytes (--quota-backend-bytes; negative: no quota)",
+                self.store.limits().quota_bytes(),
+            ),
+            ("etcd_mvcc_db_total_size_in_bytes", "Bytes of keys and values held, history included", held),
+            ("etcd_mvcc_db_total_size_in_use_in_bytes", "Bytes of keys and values held, history included", held),
             ("etcd_debugging_mvcc_keys_total", "Live keys", stats.keys as i64),
             ("etcd_debugging_mvcc_current_revision", "Current revision", stats.revision),
             ("etcd_debugging_mvcc_compact_revision", "Last compaction revision", stats.compact_revision),
@@ -143,6 +149,11 @@ impl Collector for StoreCollector {
                 "clustermesh_store_lease_grants_refused",
                 "Lease grants refused because the user held --max-leases-per-user leases",
                 stats.leases_refused,
+            ),
+            (
+                "clustermesh_store_quota_refusals",
+                "Writes and lease grants refused with NOSPACE: over --quota-backend-bytes, or while its alarm was raised",
+                stats.quota_refusals,
             ),
             (
                 "clustermesh_store_tls_handshakes_refused",

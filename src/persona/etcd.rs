@@ -33,6 +33,7 @@ const HONOURED: &[&str] = &[
     "max-txn-ops",
     "metrics",
     "name",
+    "quota-backend-bytes",
     "trusted-ca-file",
 ];
 
@@ -130,6 +131,9 @@ pub fn serve_args(flags: &Flags, env_has_legacy_chart: bool) -> Result<EtcdServe
         auto_compaction_retention,
         max_request_bytes: flags.get("max-request-bytes").map_or(defaults.max_request_bytes, parse_number),
         max_txn_ops: flags.get("max-txn-ops").map_or(defaults.max_txn_ops, parse_number),
+        quota_backend_bytes: flags
+            .get("quota-backend-bytes")
+            .map_or(defaults.quota_backend_bytes, |n| n.parse().expect("checked as a signed number when parsed")),
         // etcd's default is unbounded; ours stays unless the flag names a number.
         max_concurrent_streams: flags
             .get("max-concurrent-streams")
@@ -246,6 +250,16 @@ mod tests {
         assert_eq!(addrs, ["127.0.0.1:2379", "10.0.0.7:2379"]);
         let local = serve_args_of(&["--listen-client-urls=https://localhost:2379"]);
         assert_eq!(local.store.listen_urls().unwrap()[0].addr.to_string(), "127.0.0.1:2379");
+    }
+
+    #[test]
+    fn the_space_quota_is_honoured_with_etcds_meaning_of_zero_and_negative() {
+        let quota = |args: &[&str]| serve(args).unwrap().kvstore.store.quota_backend_bytes;
+        let tls = "--listen-client-urls=https://127.0.0.1:2379";
+        assert_eq!(quota(&[tls, "--quota-backend-bytes=1048576"]), 1_048_576);
+        assert_eq!(quota(&[tls, "--quota-backend-bytes=-1"]), -1);
+        assert_eq!(quota(&[tls]), 0, "unset: etcd's default quota");
+        assert!(serve(&[tls, "--quota-backend-bytes=1048576"]).unwrap().ignored.is_empty());
     }
 
     fn serve_args_of(args: &[&str]) -> KvstoreArgs {

@@ -183,7 +183,10 @@ impl SyncStore {
     }
 
     pub fn with_options(options: SyncOptions) -> Arc<Self> {
-        let options = SyncOptions { max_in_flight: options.max_in_flight.max(1), ..options };
+        let options = SyncOptions {
+            max_in_flight: options.max_in_flight.max(1),
+            max_keys_per_lease: options.max_keys_per_lease.max(1),
+        };
         Arc::new(Self { options, ..Self::default() })
     }
 
@@ -319,12 +322,28 @@ impl SyncStore {
                     Item::Canary { key, .. } => (key.clone(), true),
                 };
                 let lease = if puts {
-                    let lease = self.lease_for(&*backend, &mut leases, &key, lease_ttl, &shutdown).await;
-                    let Some(lease) = lease else {
-                        self.requeue(item, false);
-                        break;
+                    let lease = tokio::select! {
+                        () = shutdown.cancelled() => None,
+                        lease = self.lease_for(&*backend, &mut leases, &key, lease_ttl) => Some(lease),
                     };
-                    lease
+                    match lease {
+                        Some(Ok(lease)) => lease,
+                        // A refused grant (a full store refuses them all) is this write's
+                        // failure: counted, and retried after the backoff like any other,
+                        // while the loop goes on renewing the leases that hold what is
+                        // written. Retrying the grant in place stopped those renewals: after
+                        // one TTL of refusals every key written was gone.
+                        Some(Err(error)) => {
+                            self.failed(&item, &error, backoff);
+                            paused = Some(tokio::time::Instant::now() + backoff);
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            break;
+                        }
+                        None => {
+                            self.requeue(item, false);
+                            break;
+                        }
+                    }
                 } else {
                     0
                 };
@@ -409,36 +428,38 @@ impl SyncStore {
                 false
             }
             Err(error) => {
-                self.stats.lock().errors += 1;
-                *self.errors_by_scope.lock().entry(scope(key).to_owned()).or_default() += 1;
-                tracing::warn!(error = %crate::error_chain(&error), item = ?item, retry_in = ?backoff, "kvstore write failed");
-                self.requeue(item.clone(), true);
+                self.failed(item, &error, *backoff);
                 true
             }
         }
     }
 
-    /// The lease to put `key` with, granting a new one when every lease is full; `None`
-    /// only on shutdown.
+    /// Counts and logs a failed write, and queues it again.
+    fn failed(&self, item: &Item, error: &Error, retry_in: Duration) {
+        let key = match item {
+            Item::Key(key) | Item::Canary { key, .. } => key,
+        };
+        self.stats.lock().errors += 1;
+        *self.errors_by_scope.lock().entry(scope(key).to_owned()).or_default() += 1;
+        tracing::warn!(error = %crate::error_chain(error), item = ?item, ?retry_in, "kvstore write failed");
+        self.requeue(item.clone(), true);
+    }
+
+    /// The lease to put `key` with, granting a new one when every lease is full.
     async fn lease_for<B: Backend>(
         &self,
         backend: &B,
         leases: &mut Leases,
         key: &str,
         ttl: Duration,
-        shutdown: &CancellationToken,
-    ) -> Option<i64> {
+    ) -> Result<i64, Error> {
         if let Some(lease) = leases.assign(key) {
-            return Some(lease);
+            return Ok(lease);
         }
-        leases.add(self.grant(backend, ttl, shutdown).await?);
-        leases.assign(key)
-    }
-
-    async fn grant<B: Backend>(&self, backend: &B, ttl: Duration, shutdown: &CancellationToken) -> Option<i64> {
-        let lease = retry_until_shutdown("granting a lease", shutdown, || backend.grant_lease(ttl)).await?;
+        let lease = backend.grant_lease(ttl).await?;
         tracing::info!(lease = format_args!("{lease:x}"), ttl = ?ttl, "kvstore lease granted");
-        Some(lease)
+        leases.add(lease);
+        Ok(leases.assign(key).expect("a fresh lease has room"))
     }
 
     /// The lease is gone, and with it the keys written on it (and only those): they are
@@ -576,6 +597,9 @@ mod tests {
         leases: Mutex<HashSet<i64>>,
         next_lease: Mutex<i64>,
         fail_puts: Mutex<usize>,
+        /// Lease grants to refuse (as a store over its space quota refuses them).
+        fail_grants: Mutex<usize>,
+        keep_alives: Mutex<usize>,
         /// Listings to fail before answering.
         fail_lists: Mutex<usize>,
         /// Puts applied whose answer is then lost (an error for the caller).
@@ -614,6 +638,13 @@ mod tests {
 
     impl Backend for Memory {
         async fn grant_lease(&self, _: Duration) -> Result<i64> {
+            {
+                let mut fail = self.fail_grants.lock();
+                if *fail > 0 {
+                    *fail -= 1;
+                    return Err(Error::Embedded(crate::etcd::Error::NoSpace));
+                }
+            }
             let mut next = self.next_lease.lock();
             *next += 1;
             self.leases.lock().insert(*next);
@@ -621,6 +652,7 @@ mod tests {
         }
 
         async fn keep_alive(&self, lease: i64) -> Result<()> {
+            *self.keep_alives.lock() += 1;
             if self.leases.lock().contains(&lease) { Ok(()) } else { Err(Error::LeaseLost(lease)) }
         }
 
@@ -785,6 +817,39 @@ mod tests {
         settle().await;
         assert_eq!(backend.value("a").as_deref(), Some("1"));
         assert!(backend.value("synced/a").is_some(), "the canary comes back too");
+        token.cancel();
+        worker.await.unwrap();
+    }
+
+    /// A store over its space quota refuses lease grants until an administrator disarms its
+    /// alarm, for as long as that takes: meanwhile the leases holding what is written must
+    /// still be renewed, or every key goes with them after one TTL.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_lease_grant_is_a_failed_write_retried_while_the_leases_in_use_are_renewed() {
+        let backend = Arc::new(Memory::default());
+        let store = SyncStore::with_options(SyncOptions { max_keys_per_lease: 1, ..SyncOptions::default() });
+        let token = CancellationToken::new();
+        let worker =
+            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        store.upsert("cilium/state/nodes/v1/c/a".into(), Bytes::from_static(b"a"));
+        settle().await;
+        assert_eq!(backend.lease_of("cilium/state/nodes/v1/c/a"), Some(1));
+
+        *backend.fail_grants.lock() = usize::MAX;
+        store.upsert("cilium/state/nodes/v1/c/b".into(), Bytes::from_static(b"b"));
+        tokio::time::sleep(Duration::from_secs(2 * 900)).await;
+        settle().await;
+        assert!(*backend.keep_alives.lock() >= 5, "lease 1 renewed every 300 s meanwhile");
+        assert_eq!(backend.value("cilium/state/nodes/v1/c/b"), None);
+        assert!(store.stats().errors > 1, "each refused grant is a failed write");
+        assert_eq!(store.errors_by_scope().get("nodes/v1").copied(), Some(store.stats().errors));
+        assert_eq!(store.stats().queued, 1);
+
+        *backend.fail_grants.lock() = 0;
+        tokio::time::sleep(MAX_BACKOFF).await;
+        settle().await;
+        assert_eq!(backend.value("cilium/state/nodes/v1/c/b").as_deref(), Some("b"));
+        assert_eq!(store.stats().queued, 0);
         token.cancel();
         worker.await.unwrap();
     }

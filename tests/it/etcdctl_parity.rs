@@ -20,6 +20,9 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use clustermesh_apiserver::etcd::auth::AuthStore;
+use clustermesh_apiserver::etcd::store::Limits;
+
 use crate::support::{ClientCert, EmbeddedStore, EtcdProcess, Etcdctl, Output, Pki, init_tracing};
 
 /// Bound on one ordinary etcdctl run (etcdctl's own request timeout is 5 s).
@@ -30,22 +33,22 @@ const WATCH_WINDOW: Duration = Duration::from_millis(2500);
 
 /// What one etcdctl run showed, normalised for comparison.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Seen {
+pub(crate) struct Seen {
     /// Exit code; `None` when killed at the end of its window (a watch).
-    code: Option<i32>,
-    timed_out: bool,
-    stdout: String,
+    pub(crate) code: Option<i32>,
+    pub(crate) timed_out: bool,
+    pub(crate) stdout: String,
     /// stderr lines; etcdctl's JSON log lines are replaced by the gRPC error they report.
-    stderr: Vec<String>,
+    pub(crate) stderr: Vec<String>,
 }
 
 impl Seen {
-    fn succeeded(&self) -> bool {
+    pub(crate) fn succeeded(&self) -> bool {
         self.code == Some(0) && !self.timed_out
     }
 
     /// The last `Error: ...` line of stderr, or "" when there is none.
-    fn error(&self) -> &str {
+    pub(crate) fn error(&self) -> &str {
         self.stderr.iter().rev().find(|l| l.starts_with("Error:")).map_or("", String::as_str)
     }
 }
@@ -62,7 +65,7 @@ struct Side {
 }
 
 /// A real etcd and our store, driven by the same etcdctl commands.
-struct Parity {
+pub(crate) struct Parity {
     etcd: EtcdProcess,
     ours: EmbeddedStore,
     sides: [Side; 2],
@@ -75,9 +78,17 @@ struct Parity {
 
 impl Parity {
     async fn start() -> Parity {
+        Self::start_with(&[], Limits::default()).await
+    }
+
+    /// Both servers configured alike: etcd with `etcd_args`, ours with the same `limits`.
+    pub(crate) async fn start_with(etcd_args: &[&str], limits: Limits) -> Parity {
         init_tracing();
         let pki = Pki::new();
-        let (etcd, ours) = tokio::join!(EtcdProcess::start(&pki), EmbeddedStore::start(&pki));
+        let (etcd, ours) = tokio::join!(
+            EtcdProcess::start_with_args(&pki, etcd_args),
+            EmbeddedStore::start_with(&pki, AuthStore::default(), limits)
+        );
         let real_ids = ids(&mut etcd.client(&pki, "root").await).await;
         let our_ids = ids(&mut ours.client(&pki, "root").await).await;
         let side = |name, endpoint, (cluster_id, member_id)| Side {
@@ -89,6 +100,11 @@ impl Parity {
         };
         let sides = [side("real etcd", etcd.endpoint(), real_ids), side("our store", ours.endpoint(), our_ids)];
         Parity { etcd, ours, sides, certs: Mutex::new(HashMap::new()), step: 0, pki }
+    }
+
+    /// An etcd client of each server as `user`: the real etcd's first.
+    pub(crate) async fn clients(&self, user: &str) -> [etcd_client::Client; 2] {
+        [self.etcd.client(&self.pki, user).await, self.ours.client(&self.pki, user).await]
     }
 
     fn cert(&self, user: &str) -> ClientCert {
@@ -114,7 +130,7 @@ impl Parity {
 
     /// Runs a step on both sides and returns what each showed, normalised, without comparing:
     /// for the few steps where a difference is expected and asserted by the caller.
-    async fn both(&mut self, user: &str, args: &[&str], stdin: Option<&str>) -> [Seen; 2] {
+    pub(crate) async fn both(&mut self, user: &str, args: &[&str], stdin: Option<&str>) -> [Seen; 2] {
         self.step += 1;
         let outputs = self.run_raw(user, args, stdin, RUN_TIMEOUT).await;
         if args.starts_with(&["lease", "grant"]) {
@@ -167,7 +183,7 @@ impl Parity {
     }
 
     /// Both succeed and print the same; returns the (normalised) stdout.
-    async fn ok(&mut self, user: &str, args: &[&str]) -> String {
+    pub(crate) async fn ok(&mut self, user: &str, args: &[&str]) -> String {
         let seen = self.same(user, args, None).await;
         assert!(
             seen.succeeded(),
@@ -179,7 +195,7 @@ impl Parity {
     }
 
     /// Both fail the same way; returns the final `Error: ...` line.
-    async fn fails(&mut self, user: &str, args: &[&str]) -> String {
+    pub(crate) async fn fails(&mut self, user: &str, args: &[&str]) -> String {
         let seen = self.same(user, args, None).await;
         assert!(
             !seen.succeeded() && !seen.error().is_empty(),
@@ -192,7 +208,7 @@ impl Parity {
 
     /// `etcdctl txn` reading compares, success ops and failure ops from stdin; both succeed
     /// and print the same. Returns the stdout.
-    async fn txn(&mut self, user: &str, extra: &[&str], script: &str) -> String {
+    pub(crate) async fn txn(&mut self, user: &str, extra: &[&str], script: &str) -> String {
         let args: Vec<&str> = ["txn"].iter().chain(extra).copied().collect();
         let seen = self.same(user, &args, Some(script)).await;
         assert!(seen.succeeded(), "step {}: txn as {user:?} failed on both: {seen:#?}\nstdin:\n{script}", self.step);
@@ -200,7 +216,7 @@ impl Parity {
     }
 
     /// Like [`Parity::txn`], for a transaction both servers refuse; returns the error line.
-    async fn txn_fails(&mut self, user: &str, script: &str) -> String {
+    pub(crate) async fn txn_fails(&mut self, user: &str, script: &str) -> String {
         let seen = self.same(user, &["txn"], Some(script)).await;
         assert!(
             !seen.succeeded() && !seen.error().is_empty(),

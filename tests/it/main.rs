@@ -23,6 +23,7 @@ mod mesh_commands;
 mod metrics;
 mod mirror;
 mod process;
+mod quota;
 mod soak;
 mod support;
 mod troubleshoot;

@@ -60,8 +60,11 @@ const REBUILD_FROM: usize = 4096;
 pub struct Keyspace {
     keys: BTreeMap<Blob, Versions>,
     live_keys: usize,
-    /// Bytes of live keys and values: what `db size` and the size metrics report.
+    /// Bytes of live keys and values.
     live_bytes: usize,
+    /// Bytes of every key held and of the value of every version held, live or kept for the
+    /// history until a compaction drops it: what the space quota counts (see `quota.rs`).
+    retained_bytes: usize,
     /// The size of `keys` at which it is next rebuilt dense.
     rebuild_at: usize,
 }
@@ -73,6 +76,10 @@ impl Keyspace {
 
     pub fn live_bytes(&self) -> usize {
         self.live_bytes
+    }
+
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes
     }
 
     /// Visits the live key-values of `range` as of `revision`, in key order, until `visit`
@@ -110,6 +117,8 @@ impl Keyspace {
     /// here for a key it never held) and the version it replaced, if that was live.
     pub fn put(&mut self, key: &[u8], value: Blob, lease: i64, revision: i64) -> (Blob, Option<Version>) {
         let added = key.len() + value.len();
+        // Every version keeps its value until a compaction drops it; the key is held once.
+        self.retained_bytes += value.len();
         let new = |create_revision, version| Version { mod_revision: revision, create_revision, version, lease, value };
         let (handle, previous) = match self.keys.get_key_value(key) {
             Some((handle, versions)) => {
@@ -124,6 +133,7 @@ impl Keyspace {
             }
             None => {
                 let handle = Blob::copy_from(key);
+                self.retained_bytes += key.len();
                 self.keys.insert(handle.clone(), Versions::One(new(revision, 1)));
                 self.grew();
                 (handle, None)
@@ -175,7 +185,14 @@ impl Keyspace {
     /// Forgets every version that no read at `revision` or later can see: per key, all but
     /// the newest version at or below `revision`, and that one too when it is a tombstone.
     pub fn compact(&mut self, revision: i64) {
-        self.keys.retain(|_, versions| versions.compact(revision));
+        let mut freed = 0;
+        self.keys.retain(|key, versions| {
+            let before = versions.value_bytes();
+            let kept = versions.compact(revision);
+            freed += if kept { before - versions.value_bytes() } else { before + key.len() };
+            kept
+        });
+        self.retained_bytes -= freed;
         self.rebuild_at = next_rebuild(self.keys.len());
     }
 

@@ -4,11 +4,13 @@
 //! Requests and responses are etcd's own protobuf types: the store is etcd's semantics, the
 //! services only add transport concerns (authorisation, size limits, streaming).
 
+mod alarm;
 mod blob;
 mod count;
 mod history;
 mod keyspace;
 mod lease;
+mod quota;
 mod txn;
 mod versions;
 
@@ -21,19 +23,23 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use alarm::describe as describe_alarm;
 pub use history::MAX_EVENTS_PER_READ;
 pub use keyspace::KeyRange;
 pub use lease::{MAX_LEASE_TTL, MIN_LEASE_TTL};
+pub use quota::DEFAULT_QUOTA_BYTES;
 
 use super::auth::AuthStore;
 use super::error::{Error, Result};
+use super::pb::etcdserverpb::alarm_request::AlarmAction;
 use super::pb::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
-    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
-    LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest,
-    TxnResponse,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    ResponseHeader, TxnRequest, TxnResponse,
 };
 use super::pb::mvccpb::{Event, KeyValue, event::EventType};
+use alarm::Alarms;
 use blob::Blob;
 use count::CountCache;
 use history::{Change, History};
@@ -70,11 +76,21 @@ pub struct Limits {
     /// `--max-leases-per-user`: live leases one client identity may hold (ours; etcd has no
     /// cap). Cilium's writers hold one lease per 1,000 keys, agents none on a remote cluster.
     pub max_leases_per_user: usize,
+    /// `--quota-backend-bytes`, as etcd reads it: 0 for [`DEFAULT_QUOTA_BYTES`], negative for
+    /// no quota. See `quota.rs` for what is counted against it.
+    pub quota_backend_bytes: i64,
+}
+
+impl Limits {
+    /// The quota in effect, as etcd reports it (`etcd_server_quota_backend_bytes`, `Status`).
+    pub fn quota_bytes(&self) -> i64 {
+        quota::effective(self.quota_backend_bytes)
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_txn_ops: 128, max_request_bytes: 1536 * 1024, max_leases_per_user: 100_000 }
+        Self { max_txn_ops: 128, max_request_bytes: 1536 * 1024, max_leases_per_user: 100_000, quota_backend_bytes: 0 }
     }
 }
 
@@ -83,6 +99,9 @@ struct State {
     keyspace: Keyspace,
     history: History,
     leases: Leases,
+    alarms: Alarms,
+    /// Writes and lease grants refused for want of space, for the metrics.
+    quota_refusals: u64,
     /// The revision of the last write; a fresh store is at 1, as etcd is.
     revision: i64,
     compact_revision: i64,
@@ -103,13 +122,20 @@ pub struct Stats {
     pub revision: i64,
     pub compact_revision: i64,
     pub keys: usize,
+    /// Bytes of the live keys and values.
     pub key_value_bytes: usize,
+    /// Bytes of every key and value version held, history included: what the quota counts,
+    /// and what `Status` and the metrics report as the database size.
+    pub retained_bytes: usize,
     pub history_events: usize,
     pub leases: usize,
     /// Bytes held by the paged-count cache, and how often its bound dropped entries.
     pub count_cache_bytes: usize,
     pub count_cache_evictions: u64,
     pub leases_refused: u64,
+    pub quota_refusals: u64,
+    /// Whether the NOSPACE alarm is raised.
+    pub no_space: bool,
 }
 
 pub struct Store {
@@ -187,12 +213,80 @@ impl Store {
             compact_revision: state.compact_revision,
             keys: state.keyspace.live_keys(),
             key_value_bytes: state.keyspace.live_bytes(),
+            retained_bytes: state.keyspace.retained_bytes(),
             history_events: state.history.event_count(),
             leases: state.leases.len(),
             count_cache_bytes: counts.bytes,
             count_cache_evictions: counts.evictions,
             leases_refused: state.leases.refused(),
+            quota_refusals: state.quota_refusals,
+            no_space: state.alarms.no_space(),
         }
+    }
+
+    /// Refuses a request that could add `cost` bytes when the space quota cannot take them,
+    /// raising the NOSPACE alarm, or while that alarm is active (see `quota.rs`).
+    fn admit(&self, state: &mut State, cost: usize) -> Result<()> {
+        if cost == 0 {
+            return Ok(());
+        }
+        let used = state.keyspace.retained_bytes();
+        let over = quota::exceeds(used, cost, quota::limit(self.limits.quota_backend_bytes));
+        if !over && !state.alarms.no_space() {
+            return Ok(());
+        }
+        if over && state.alarms.activate(self.identity.member_id, AlarmType::Nospace).1 {
+            tracing::warn!(
+                used,
+                cost,
+                quota = self.limits.quota_bytes(),
+                "space quota exceeded: NOSPACE alarm raised; writes are refused until space is freed \
+                 (delete, compact) and the alarm disarmed (etcdctl alarm disarm)"
+            );
+        }
+        state.quota_refusals += 1;
+        Err(Error::NoSpace)
+    }
+
+    /// etcd's Maintenance `Alarm`: lists, raises or clears alarms. Only NOSPACE can be raised.
+    pub fn alarm(&self, request: &AlarmRequest) -> Result<AlarmResponse> {
+        let action = AlarmAction::try_from(request.action)
+            .map_err(|_| Error::InvalidArgument(format!("invalid alarm action {}", request.action)))?;
+        let alarm = AlarmType::try_from(request.alarm)
+            .map_err(|_| Error::InvalidArgument(format!("invalid alarm type {}", request.alarm)))?;
+        let mut state = self.state.write();
+        let alarms = match (action, alarm) {
+            (AlarmAction::Get, _) => state.alarms.get(alarm),
+            // etcd ignores a request to raise no alarm.
+            (AlarmAction::Activate, AlarmType::None) => Vec::new(),
+            (AlarmAction::Activate, AlarmType::Nospace) => {
+                let (raised, new) = state.alarms.activate(request.member_id, alarm);
+                if new {
+                    tracing::warn!(member = format_args!("{:x}", request.member_id), "NOSPACE alarm raised by request");
+                }
+                vec![raised]
+            }
+            (AlarmAction::Activate, AlarmType::Corrupt) => {
+                return Err(Error::Unsupported("alarm: this store has no corruption check to raise CORRUPT"));
+            }
+            (AlarmAction::Deactivate, _) => {
+                let cleared = state.alarms.deactivate(request.member_id, alarm);
+                if let Some(cleared) = &cleared {
+                    tracing::warn!(
+                        member = format_args!("{:x}", cleared.member_id),
+                        alarm = alarm.as_str_name(),
+                        "alarm disarmed"
+                    );
+                }
+                cleared.into_iter().collect()
+            }
+        };
+        Ok(AlarmResponse { header: Some(self.header_at(state.revision)), alarms })
+    }
+
+    /// Every alarm raised, for `Status`.
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.state.read().alarms.get(AlarmType::None)
     }
 
     pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse> {
@@ -206,6 +300,8 @@ impl Store {
     pub fn put(&self, request: PutRequest) -> Result<PutResponse> {
         txn::check_put(&request)?;
         let mut state = self.state.write();
+        let cost = quota::put_cost(&state.keyspace, &request);
+        self.admit(&mut state, cost)?;
         let mut write = Write::begin(&mut state);
         let mut response = write.put(request)?;
         let revision = write.commit(&self.revision_tx);
@@ -226,6 +322,9 @@ impl Store {
     pub fn txn(&self, request: TxnRequest) -> Result<TxnResponse> {
         txn::check_txn(&request, self.limits.max_txn_ops)?;
         let mut state = self.state.write();
+        // Before anything runs: a refused txn writes nothing.
+        let cost = quota::txn_cost(&state.keyspace, &request);
+        self.admit(&mut state, cost)?;
         let mut write = Write::begin(&mut state);
         let mut response = txn::execute(&mut write, request)?;
         let revision = write.commit(&self.revision_tx);
@@ -251,9 +350,15 @@ impl Store {
     }
 
     /// Grants a lease to `user` (the caller's Common Name; `None` for the process itself or a
-    /// client without one), within [`Limits::max_leases_per_user`].
+    /// client without one), within [`Limits::max_leases_per_user`]. Refused while the NOSPACE
+    /// alarm is active, as etcd's capped applier does: a lease holds no key or value bytes, so
+    /// a grant never raises the alarm itself.
     pub fn lease_grant(&self, request: &LeaseGrantRequest, user: Option<&str>) -> Result<LeaseGrantResponse> {
         let mut state = self.state.write();
+        if state.alarms.no_space() {
+            state.quota_refusals += 1;
+            return Err(Error::NoSpace);
+        }
         let max = self.limits.max_leases_per_user;
         let lease = state.leases.grant(request.id, request.ttl, Instant::now(), user.unwrap_or_default(), max)?;
         let (id, ttl) = (lease.id, lease.ttl);
@@ -776,5 +881,180 @@ mod tests {
         assert!(store.lease_keys(lease).is_err());
         shutdown.cancel();
         expiry.await.expect("expiry task ends");
+    }
+
+    mod quota {
+        use super::*;
+
+        fn store_with_quota(quota_backend_bytes: i64) -> Arc<Store> {
+            let limits = Limits { quota_backend_bytes, ..Limits::default() };
+            Store::new(Identity::random(), limits, AuthStore::default())
+        }
+
+        fn try_put(store: &Store, key: &str, value: usize) -> Result<PutResponse> {
+            store.put(PutRequest {
+                key: key.as_bytes().to_vec().into(),
+                value: vec![b'v'; value].into(),
+                ..Default::default()
+            })
+        }
+
+        fn put_op(key: &str, value: usize) -> RequestOp {
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: key.as_bytes().to_vec().into(),
+                    value: vec![b'v'; value].into(),
+                    ..Default::default()
+                })),
+            }
+        }
+
+        fn delete_op(key: &str) -> RequestOp {
+            RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                    key: key.as_bytes().to_vec().into(),
+                    ..Default::default()
+                })),
+            }
+        }
+
+        fn alarm(store: &Store, action: AlarmAction) -> Vec<AlarmMember> {
+            let member_id = if action == AlarmAction::Get { 0 } else { store.identity().member_id };
+            let request = AlarmRequest { action: action as i32, member_id, alarm: AlarmType::Nospace as i32 };
+            store.alarm(&request).expect("alarm request").alarms
+        }
+
+        fn no_space_raised(store: &Store) -> bool {
+            alarm(store, AlarmAction::Get)
+                == [AlarmMember { member_id: store.identity().member_id, alarm: AlarmType::Nospace as i32 }]
+        }
+
+        /// Fills a 1,000-byte quota with ten 90-byte keys (k0..k9, 92 bytes each), then is
+        /// refused the eleventh.
+        fn full_store() -> Arc<Store> {
+            let store = store_with_quota(1000);
+            for i in 0..10 {
+                try_put(&store, &format!("k{i}"), 90).expect("within the quota");
+            }
+            assert_eq!(try_put(&store, "k10", 90).unwrap_err(), Error::NoSpace);
+            store
+        }
+
+        #[test]
+        fn the_quota_counts_every_key_and_every_value_version_until_compaction_drops_it() {
+            let store = store_with_quota(-1);
+            put(&store, "key", "12345");
+            assert_eq!(store.stats().retained_bytes, 3 + 5);
+            put(&store, "key", "123");
+            assert_eq!(store.stats().retained_bytes, 3 + 5 + 3, "the old version is history");
+            assert_eq!(store.stats().key_value_bytes, 3 + 3, "live bytes are the newest version's");
+            let delete = DeleteRangeRequest { key: b"key".to_vec().into(), ..Default::default() };
+            store.delete_range(delete).expect("delete");
+            assert_eq!(store.stats().retained_bytes, 3 + 5 + 3, "a delete frees nothing before compaction");
+            store.compact(&CompactionRequest { revision: 3, physical: false }).expect("compact");
+            assert_eq!(store.stats().retained_bytes, 3 + 3, "the version read at 3 is kept");
+            store.compact(&CompactionRequest { revision: store.revision(), physical: false }).expect("compact");
+            assert_eq!(store.stats().retained_bytes, 0);
+        }
+
+        #[test]
+        fn a_write_that_would_reach_the_quota_is_refused_with_nospace_and_raises_the_alarm() {
+            let store = store_with_quota(100);
+            try_put(&store, "a", 49).expect("50 of 100 bytes");
+            assert!(alarm(&store, AlarmAction::Get).is_empty());
+            assert_eq!(try_put(&store, "b", 49).unwrap_err(), Error::NoSpace, "50 + 50 is not under 100");
+            assert!(no_space_raised(&store));
+            assert!(get(&store, "b").is_none());
+            let stats = store.stats();
+            assert_eq!((stats.retained_bytes, stats.revision, stats.quota_refusals, stats.no_space), (50, 2, 1, true));
+        }
+
+        #[test]
+        fn while_the_alarm_is_raised_only_what_cannot_grow_the_store_passes() {
+            let store = store_with_quota(1000);
+            let lease = store.lease_grant(&LeaseGrantRequest { ttl: 60, id: 0 }, None).expect("grant").id;
+            for i in 0..10 {
+                try_put(&store, &format!("k{i}"), 90).expect("within the quota");
+            }
+            assert_eq!(try_put(&store, "k10", 90).unwrap_err(), Error::NoSpace);
+
+            assert_eq!(try_put(&store, "tiny", 0).unwrap_err(), Error::NoSpace, "even a put that would fit");
+            let with_put =
+                TxnRequest { compare: vec![], success: vec![delete_op("k0")], failure: vec![put_op("x", 1)] };
+            assert_eq!(store.txn(with_put).unwrap_err(), Error::NoSpace, "a put in either branch counts");
+            let grant = LeaseGrantRequest { ttl: 60, id: 0 };
+            assert_eq!(store.lease_grant(&grant, None).unwrap_err(), Error::NoSpace);
+
+            let deletes_only = TxnRequest { compare: vec![], success: vec![delete_op("k0")], failure: vec![] };
+            assert!(store.txn(deletes_only).expect("a txn without puts").succeeded);
+            assert!(get(&store, "k1").is_some(), "reads answer");
+            let delete = DeleteRangeRequest { key: b"k1".to_vec().into(), ..Default::default() };
+            assert_eq!(store.delete_range(delete).expect("deletes pass").deleted, 1);
+            assert_eq!(store.lease_keep_alive(lease), Some(60), "keep-alives pass");
+            store.lease_revoke(&LeaseRevokeRequest { id: lease }).expect("revokes pass");
+            store
+                .compact(&CompactionRequest { revision: store.revision(), physical: false })
+                .expect("compaction passes");
+            assert_eq!(store.stats().retained_bytes, 8 * 92, "the deleted keys are gone after compaction");
+            assert_eq!(try_put(&store, "tiny", 0).unwrap_err(), Error::NoSpace, "space is free, the alarm stays");
+            assert_eq!(store.stats().quota_refusals, 5);
+        }
+
+        #[test]
+        fn a_refused_txn_writes_nothing_of_its_branch() {
+            let store = full_store();
+            alarm(&store, AlarmAction::Deactivate);
+            let (revision, history) = (store.revision(), store.stats().history_events);
+            let txn = TxnRequest {
+                compare: vec![],
+                success: vec![delete_op("k0"), put_op("small", 1), put_op("big", 100)],
+                failure: vec![],
+            };
+            assert_eq!(store.txn(txn).unwrap_err(), Error::NoSpace);
+            assert!(get(&store, "k0").is_some(), "the delete before the puts did not happen");
+            assert!(get(&store, "small").is_none());
+            assert_eq!((store.revision(), store.stats().history_events), (revision, history));
+            assert!(no_space_raised(&store));
+        }
+
+        #[test]
+        fn a_disarmed_store_takes_writes_that_fit_and_raises_the_alarm_again_for_one_that_does_not() {
+            let store = full_store();
+            assert_eq!(alarm(&store, AlarmAction::Deactivate).len(), 1, "disarm answers the cleared alarm");
+            assert!(alarm(&store, AlarmAction::Get).is_empty());
+            assert!(alarm(&store, AlarmAction::Deactivate).is_empty(), "nothing left to clear");
+            try_put(&store, "fits", 50).expect("920 + 54 < 1000");
+            assert_eq!(try_put(&store, "over", 50).unwrap_err(), Error::NoSpace);
+            assert!(no_space_raised(&store), "raised again by the next write over the quota");
+        }
+
+        #[test]
+        fn an_administrator_can_raise_nospace_by_hand_and_no_other_alarm() {
+            let store = store_with_quota(0);
+            let raise = |alarm: AlarmType| AlarmRequest {
+                action: AlarmAction::Activate as i32,
+                member_id: 42,
+                alarm: alarm as i32,
+            };
+            assert_eq!(store.alarm(&raise(AlarmType::Nospace)).expect("raised").alarms.len(), 1);
+            assert_eq!(try_put(&store, "k", 1).unwrap_err(), Error::NoSpace);
+            assert!(matches!(store.alarm(&raise(AlarmType::Corrupt)), Err(Error::Unsupported(_))));
+            assert!(store.alarm(&raise(AlarmType::None)).expect("ignored").alarms.is_empty());
+            let clear = AlarmRequest {
+                action: AlarmAction::Deactivate as i32,
+                member_id: 42,
+                alarm: AlarmType::Nospace as i32,
+            };
+            store.alarm(&clear).expect("cleared");
+            try_put(&store, "k", 1).expect("writable again");
+        }
+
+        #[test]
+        fn a_negative_quota_turns_it_off() {
+            let store = store_with_quota(-1);
+            try_put(&store, "big", 1 << 20).expect("no quota");
+            assert_eq!(store.limits().quota_bytes(), -1);
+            assert_eq!(store_with_quota(0).limits().quota_bytes(), DEFAULT_QUOTA_BYTES);
+        }
     }
 }

@@ -118,6 +118,14 @@ impl Versions {
         }
     }
 
+    /// Bytes of the values of every version held (a tombstone holds none).
+    pub fn value_bytes(&self) -> usize {
+        match self {
+            Versions::One(v) => v.value.len(),
+            Versions::Many(vs) => vs.iter().map(|v| v.value.len()).sum(),
+        }
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         match self {

@@ -58,20 +58,29 @@ impl EtcdProcess {
     /// If the `etcd` binary is missing (a failure, not a skip), or etcd dies or is not healthy
     /// within 15 s; the message includes the tail of etcd's log.
     pub async fn start(pki: &Pki) -> EtcdProcess {
+        Self::start_with_args(pki, &[]).await
+    }
+
+    /// Like [`EtcdProcess::start`], with more flags (e.g. `--quota-backend-bytes=...`).
+    pub async fn start_with_args(pki: &Pki, extra: &[&str]) -> EtcdProcess {
         let files = ServerFiles {
             cert: pki.server_cert_path().to_owned(),
             key: pki.server_key_path().to_owned(),
             ca: pki.ca_path().to_owned(),
         };
-        Self::start_with_files(&files).await
+        Self::start_with_files_and_args(&files, extra).await
     }
 
     /// Starts etcd with certificate files made elsewhere (e.g. by `certs generate`).
     pub async fn start_with_files(files: &ServerFiles) -> EtcdProcess {
+        Self::start_with_files_and_args(files, &[]).await
+    }
+
+    async fn start_with_files_and_args(files: &ServerFiles, extra: &[&str]) -> EtcdProcess {
         let bin = find_binary("etcd", "ETCD_BIN");
         let mut lost_races = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
-            match Self::try_start(&bin, files).await {
+            match Self::try_start(&bin, files, extra).await {
                 Ok(etcd) => return etcd,
                 Err(StartError::PortTaken(log)) => {
                     lost_races.push(format!("attempt {attempt}: port taken:\n{log}"));
@@ -82,7 +91,7 @@ impl EtcdProcess {
         panic!("etcd did not start: a port was taken in each of {START_ATTEMPTS} attempts\n{}", lost_races.join("\n"));
     }
 
-    async fn try_start(bin: &Path, files: &ServerFiles) -> Result<EtcdProcess, StartError> {
+    async fn try_start(bin: &Path, files: &ServerFiles, extra: &[&str]) -> Result<EtcdProcess, StartError> {
         let fatal = |what: &str, e: &dyn std::fmt::Display| StartError::Fatal(format!("{what}: {e}"));
         let dir =
             tempfile::Builder::new().prefix("it-etcd-").tempdir().map_err(|e| fatal("create etcd temp dir", &e))?;
@@ -111,6 +120,7 @@ impl EtcdProcess {
             .arg(format!("--trusted-ca-file={}", files.ca.display()))
             .arg("--client-cert-auth")
             .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
