@@ -347,15 +347,26 @@ pub(crate) async fn list_and_watch(
     token: &CancellationToken,
     sink: &mut impl Sink,
 ) -> connect::Result<()> {
+    list_and_watch_range(connection, prefix, &prefix_range_end(prefix.as_bytes()), token, sink).await
+}
+
+/// [`list_and_watch`] of `[start, end)`; an empty `end` is the one key `start`, which is all
+/// a role granted a single key (Cilium's `remote` and its cluster config) may read.
+pub(crate) async fn list_and_watch_range(
+    connection: &Connection,
+    prefix: &str,
+    end: &[u8],
+    token: &CancellationToken,
+    sink: &mut impl Sink,
+) -> connect::Result<()> {
     let start = prefix.as_bytes();
-    let end = prefix_range_end(start);
     let base = connection.options.rewatch_delay;
     let mut failures = 0u32;
     loop {
         sink.list_started();
         let listed = tokio::select! {
             () = token.cancelled() => return Ok(()),
-            listed = list(connection, start, &end, sink) => listed,
+            listed = list(connection, start, end, sink) => listed,
         };
         let revision = match listed {
             Ok(revision) => revision,
@@ -376,7 +387,7 @@ pub(crate) async fn list_and_watch(
         };
         sink.list_done();
         failures = 0;
-        match watch(connection, start, &end, revision + 1, token, sink).await? {
+        match watch(connection, start, end, revision + 1, token, sink).await? {
             WatchEnd::Cancelled => return Ok(()),
             WatchEnd::Relist => {}
         }

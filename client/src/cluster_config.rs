@@ -86,7 +86,7 @@ pub(crate) async fn follow(
     let key = cluster_config_key(cluster);
     let changed = token.child_token();
     let mut sink = Follower { key: &key, current, changed: &changed, new: None };
-    crate::cache::list_and_watch(connection, &key, &changed, &mut sink).await?;
+    crate::cache::list_and_watch_range(connection, &key, &[], &changed, &mut sink).await?;
     Ok(sink.new)
 }
 
@@ -100,7 +100,6 @@ struct Follower<'a> {
 
 impl crate::cache::Sink for Follower<'_> {
     fn upsert(&mut self, key: &str, value: &[u8]) {
-        // The watch is on a prefix: `cilium/cluster-config/c2` also matches `.../c20`.
         if key != self.key || self.new.is_some() {
             return;
         }

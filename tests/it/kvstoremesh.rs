@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use clustermesh_apiserver::translate::Settings;
 use clustermesh_client::{ClusterMesh, RemoteCluster};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -135,6 +136,34 @@ async fn each_cache_holds_exactly_the_other_two_clusters_byte_for_byte_and_follo
         assert_eq!(target.get("cilium/cache/ip/v1/cluster1/10.1.1.5").await, None);
     }
     stop_all(clusters).await;
+}
+
+/// Cilium's KVStoreMesh reads a remote's cluster config once per connection (cilium/cilium#37701):
+/// a remote upgraded to export MCS-API services stays cached as not exporting until something
+/// breaks the connection. Ours follows the config, so agents reading the cache see the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_cluster_config_changed_mid_session_reaches_the_cache_at_once() {
+    init_tracing();
+    let pki = Pki::new();
+    let mut c1 = MeshCluster::start(&pki, "cluster1", 1).await;
+    let mut c2 = MeshCluster::start(&pki, "cluster2", 2).await;
+    c1.add_peer(&pki, &c2);
+    c1.start_kvstoremesh(Tuning::default()).await;
+    c1.wait_kvstoremesh_ready().await;
+    let target = c1.target();
+    assert_eq!(target.get("cilium/cluster-config/cluster2").await, Some(cached_config(2)));
+
+    let mut exporting = Settings::new("cluster2", 2);
+    exporting.mcs_api_enabled = true;
+    c2.remirror(exporting).await;
+    let expected = cached_config(2).replace(r#""serviceExportsEnabled":false"#, r#""serviceExportsEnabled":true"#);
+    eventually("cluster2's new config in cluster1's cache", CATCH_UP, || async {
+        let cached = target.get("cilium/cluster-config/cluster2").await;
+        (cached.as_deref() == Some(expected.as_str())).then_some(()).ok_or(format!("cached: {cached:?}"))
+    })
+    .await;
+    c1.stop().await;
+    c2.stop().await;
 }
 
 /// The entries of every typed cache of `remote`, as comparable JSON.

@@ -166,6 +166,17 @@ impl MeshCluster {
         Target::embedded(&self.store)
     }
 
+    /// Replaces the mirror with one run with `settings` (a Helm upgrade of this cluster's
+    /// apiserver); returns once it is ready.
+    pub async fn remirror(&mut self, settings: Settings) {
+        if let Some(mirror) = self.mirror.take() {
+            mirror.stop().await;
+        }
+        let mut mirror = Mirror::start_with_heartbeat(&self.target(), settings, self.fake.client(), HEARTBEAT);
+        mirror.wait_ready().await;
+        self.mirror = Some(mirror);
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.store.addr
     }
