@@ -16,8 +16,9 @@ use tracing::Instrument;
 
 use crate::clustermesh::{self, ClustermeshConfig, Source};
 use crate::config::{
-    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, ClustermeshDbgCommand, Command, KvstoreArgs, KvstoreKind,
-    KvstoremeshArgs, KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat, StoreArgs,
+    CertsCommand, CertsGenerateArgs, Cli, ClustermeshArgs, ClustermeshDbgCommand, Command, KubeRate, KvstoreArgs,
+    KvstoreKind, KvstoremeshArgs, KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat,
+    StoreArgs,
 };
 use crate::etcd::auth::{AuthStore, PermType, Permission};
 use crate::etcd::datadir::{DataDir, Origin};
@@ -67,7 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Etcdinit(args) => Ok(crate::persona::etcdinit::run(args).await?),
         Command::McsapiCorednsCfg(args) => {
-            let client = kube_client(args.k8s_kubeconfig_path.as_deref(), args.k8s_api_server.as_deref()).await?;
+            let client = kube_client(args.k8s_kubeconfig_path.as_deref(), args.k8s_api_server.as_deref(), None).await?;
             crate::mcsapi_coredns::run(client, &args).await?;
             Ok(())
         }
@@ -103,7 +104,9 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     };
     let source = match (&args.k8s_objects_dir, &args.k8s_kubeconfig_path) {
         (Some(dir), _) => Source::Directory(dir.clone(), Duration::from_secs(1)),
-        (None, path) => Source::Kubernetes(kube_client(path.as_deref(), args.k8s_api_server()).await?),
+        (None, path) => {
+            Source::Kubernetes(kube_client(path.as_deref(), args.k8s_api_server(), args.k8s_client_rate()).await?)
+        }
     };
     let liveness = match &source {
         Source::Kubernetes(client) => Some(kubernetes_answers(client.clone())),
@@ -436,7 +439,11 @@ fn generate_certs(args: CertsGenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>, api_server: Option<&str>) -> anyhow::Result<kube::Client> {
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    api_server: Option<&str>,
+    rate: Option<KubeRate>,
+) -> anyhow::Result<kube::Client> {
     let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -454,7 +461,16 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>, api_server: Option<&s
     if let Some(url) = api_server {
         config.cluster_url = url.parse().with_context(|| format!("--k8s-api-server {url:?}"))?;
     }
-    Ok(kube::Client::try_from(config)?)
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(match rate {
+        // tower's window limiter as client-go's token bucket: `burst` requests per window of
+        // `burst / qps` seconds allows the same bursts and the same average.
+        Some(KubeRate { qps, burst }) => {
+            let window = Duration::from_secs_f64(f64::from(burst) / qps);
+            builder.with_layer(&tower::limit::RateLimitLayer::new(u64::from(burst), window)).build()
+        }
+        None => builder.build(),
+    })
 }
 
 /// How long `/healthz` waits for the Kubernetes API server.

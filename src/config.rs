@@ -259,6 +259,16 @@ pub enum KvstoreKind {
     Etcd,
 }
 
+/// Cilium's `--k8s-client-qps` default, used when only the burst is given.
+const CILIUM_K8S_CLIENT_QPS: f64 = 10.0;
+
+/// client-go's token bucket: `burst` requests at once, `qps` per second on average.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KubeRate {
+    pub qps: f64,
+    pub burst: u32,
+}
+
 /// `clustermesh-apiserver clustermesh`, with Cilium's flag names.
 #[derive(Debug, Args)]
 pub struct ClustermeshArgs {
@@ -314,6 +324,14 @@ pub struct ClustermeshArgs {
     /// Cilium's list form of --k8s-api-server; the first URL is used.
     #[arg(long, value_delimiter = ',')]
     pub k8s_api_server_urls: Vec<String>,
+    /// Requests per second to the Kubernetes API server, on average (client-go's rate limit,
+    /// with --k8s-client-burst). Neither set: no limit (Cilium: 10 and 20); the watchers list
+    /// with `resourceVersion=0`, which the API server answers from its cache, then watch.
+    #[arg(long)]
+    pub k8s_client_qps: Option<f64>,
+    /// Requests the Kubernetes client may send at once (default: twice --k8s-client-qps).
+    #[arg(long)]
+    pub k8s_client_burst: Option<u32>,
     /// Read only the Services labelled `service.kubernetes.io/service-proxy-name` with this
     /// value; empty: the Services without that label (Cilium's flag and default).
     #[arg(long, default_value = "")]
@@ -385,10 +403,6 @@ pub struct CiliumCompatArgs {
     #[arg(long, hide = true)]
     pub crd_wait_timeout: Option<String>,
     #[arg(long, hide = true)]
-    pub k8s_client_qps: Option<f32>,
-    #[arg(long, hide = true)]
-    pub k8s_client_burst: Option<i64>,
-    #[arg(long, hide = true)]
     pub k8s_client_connection_keep_alive: Option<String>,
     #[arg(long, hide = true)]
     pub k8s_client_connection_timeout: Option<String>,
@@ -430,8 +444,6 @@ impl CiliumCompatArgs {
             ("enable-k8s-api-discovery", self.enable_k8s_api_discovery.is_some()),
             ("enable-k8s-endpoint-slice", self.enable_k8s_endpoint_slice.is_some()),
             ("crd-wait-timeout", self.crd_wait_timeout.is_some()),
-            ("k8s-client-qps", self.k8s_client_qps.is_some()),
-            ("k8s-client-burst", self.k8s_client_burst.is_some()),
             ("k8s-client-connection-keep-alive", self.k8s_client_connection_keep_alive.is_some()),
             ("k8s-client-connection-timeout", self.k8s_client_connection_timeout.is_some()),
             ("k8s-heartbeat-timeout", self.k8s_heartbeat_timeout.is_some()),
@@ -444,6 +456,16 @@ impl CiliumCompatArgs {
 }
 
 impl ClustermeshArgs {
+    /// `--k8s-client-qps` and `--k8s-client-burst`, when either is given.
+    pub fn k8s_client_rate(&self) -> Option<KubeRate> {
+        if self.k8s_client_qps.is_none() && self.k8s_client_burst.is_none() {
+            return None;
+        }
+        let qps = self.k8s_client_qps.unwrap_or(CILIUM_K8S_CLIENT_QPS);
+        let burst = self.k8s_client_burst.unwrap_or((qps * 2.0).ceil() as u32);
+        Some(KubeRate { qps, burst })
+    }
+
     /// `--k8s-api-server`, else the first of `--k8s-api-server-urls`.
     pub fn k8s_api_server(&self) -> Option<&str> {
         self.k8s_api_server
@@ -455,6 +477,11 @@ impl ClustermeshArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_local_cluster(&self.cluster_name, self.cluster_id, self.max_connected_clusters)?;
         self.cilium.validate()?;
+        if let Some(KubeRate { qps, burst }) = self.k8s_client_rate()
+            && !(qps.is_finite() && qps > 0.0 && burst >= 1)
+        {
+            return Err(ConfigError::K8sClientRate { qps, burst });
+        }
         let options = KvstoreOptions::parse(&self.kvstore_opt)?;
         if self.kvstore_kind() == KvstoreKind::Etcd && options.etcd_config.is_none() {
             return Err(ConfigError::NoEtcdConfig);
@@ -768,6 +795,8 @@ pub enum ConfigError {
     },
     #[error("--max-request-bytes must be at least 1 KiB, got {0}")]
     TinyRequestLimit(usize),
+    #[error("--k8s-client-qps must be a positive number and --k8s-client-burst at least 1, got {qps} and {burst}")]
+    K8sClientRate { qps: f64, burst: u32 },
     #[error("--listen-client-urls names no URL")]
     NoListenUrl,
     #[error("--max-txn-ops must be at least 1")]

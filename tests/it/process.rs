@@ -168,3 +168,56 @@ async fn users_added_at_run_time_survive_a_restart_on_the_same_data_directory() 
     assert!(users.contains(&"remote-cluster2".to_owned()), "lost across the restart: {users:?}");
     interrupt_and_wait(&mut second, Duration::from_secs(15)).await;
 }
+
+/// Cilium's health answers, from the binary watching a Kubernetes API through a rate-limited
+/// client: `/readyz` 200 `Ready` after the initial sync; `/healthz` 200 `ok` while the API
+/// server answers and 500 with the error once it is gone; `/livez` 200 throughout, so that a
+/// liveness probe never restarts the pod for an API server outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_as_ciliums_and_healthz_follows_the_kubernetes_api_server() {
+    let fake = crate::support::FakeApiServer::start().await;
+    fake.apply(serde_json::json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNode", "metadata": {"name": "node-a"},
+        "spec": {"addresses": [{"type": "InternalIP", "ip": "10.0.0.1"}]}}));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    crate::support::server::write_kubeconfig(&kubeconfig, &fake.url());
+    let (client, health) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args(["clustermesh", "--cluster-name", "cluster1", "--cluster-id", "1", "--auto-tls"])
+        .args(["--k8s-client-qps=20", "--k8s-client-burst=5", "--prometheus-serve-addr="])
+        .arg(format!("--listen-client-urls=https://127.0.0.1:{client}"))
+        .arg(format!("--health-port={health}"))
+        .arg("--health-bind-address=127.0.0.1")
+        .arg(format!("--k8s-kubeconfig-path={}", kubeconfig.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let ready = eventually("/readyz to answer 200", Duration::from_secs(20), || async {
+        http_get("127.0.0.1", health, "/readyz").await.ok().filter(|(status, _)| *status == 200)
+    })
+    .await;
+    assert_eq!(ready, (200, "Ready".to_owned()));
+    assert_eq!(http_get("127.0.0.1", health, "/healthz").await.expect("healthz"), (200, "ok".to_owned()));
+
+    fake.stop().await;
+    let (_, error) = eventually("/healthz to answer 500", Duration::from_secs(20), || async {
+        http_get("127.0.0.1", health, "/healthz").await.ok().filter(|(status, _)| *status == 500)
+    })
+    .await;
+    assert!(!error.is_empty(), "the error is told");
+    assert_eq!(http_get("127.0.0.1", health, "/livez").await.expect("livez"), (200, "ok".to_owned()));
+
+    let status = interrupt_and_wait(&mut child, Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn a_kubernetes_client_rate_that_cannot_be_met_is_refused() {
+    let output = Command::new(BIN)
+        .args(["clustermesh", "--cluster-name", "c1", "--cluster-id", "1", "--auto-tls", "--k8s-client-qps=0"])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--k8s-client-qps must be a positive number"));
+}
