@@ -521,8 +521,8 @@ async fn wait_for_shutdown(token: &CancellationToken, tracker: &TaskTracker) -> 
 }
 
 async fn run_kvstore(args: KvstoreArgs) -> anyhow::Result<()> {
-    let KvstoreArgs { store, cluster_name, data_dir, remote_reads_agent_cache } = args;
-    let data_dir = data_dir.map(DataDir::new);
+    let KvstoreArgs { store, cluster_name, remote_reads_agent_cache } = args;
+    let data_dir = store.data_dir.clone().map(DataDir::new);
     let saved = match &data_dir {
         Some(dir) => dir.load_auth().context("loading users and roles from the data directory")?,
         None => None,
@@ -626,6 +626,10 @@ async fn start_store(
         quota_backend_bytes,
         max_concurrent_streams,
         watch_progress_notify_interval,
+        data_dir: _,
+        initial_cluster_token: _,
+        wal_fsync: _,
+        wal_snapshot_bytes: _,
     } = args;
     args.validate()?;
     let urls = args.listen_urls()?;
@@ -667,6 +671,7 @@ async fn start_store(
             max_concurrent_streams: *max_concurrent_streams,
         },
         auto_compaction_retention: *auto_compaction_retention,
+        persistence: args.wal_config(),
     };
     let store = embedded::spawn(listeners, config, auth, tracker, token).context("starting the embedded store")?;
     Ok(store)

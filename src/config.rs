@@ -225,6 +225,27 @@ pub struct StoreArgs {
     /// Interval of progress notifications to watchers that asked for them.
     #[arg(long = "experimental-watch-progress-notify-interval", value_parser = humantime_secs, default_value = "10m")]
     pub watch_progress_notify_interval: Duration,
+    /// etcd's `--data-dir`: the store keeps its cluster and member IDs, revision, keys with their
+    /// history, leases and compaction point there (a log of every committed write, bounded by
+    /// snapshots), and comes back with them after a crash or restart; `kvstore` and
+    /// `/usr/bin/etcd` also read users, roles and the auth switch from it (as `etcdinit` left
+    /// them) and save every change to them there. Unset: nothing survives a restart.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// etcd's `--initial-cluster-token`: recorded in a new data directory; a directory recorded
+    /// for another token is refused (Cilium's chart passes the pod's UID).
+    #[arg(long, default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// When the data directory's log is flushed to disk. Every write is in the log file
+    /// before it is acknowledged, so a crash of the process loses nothing acknowledged;
+    /// `batch` syncs once a second off the write path (a power loss takes at most about the
+    /// last second), `always` before each acknowledgement (etcd's guarantee, at the cost of a
+    /// disk flush per write), `never` leaves it to the kernel.
+    #[arg(long, value_enum, default_value = "batch")]
+    pub wal_fsync: crate::etcd::wal::FsyncPolicy,
+    /// The least log written since the last snapshot that triggers the next one (bytes).
+    #[arg(long, default_value_t = crate::etcd::wal::DEFAULT_SNAPSHOT_LOG_BYTES, hide = true)]
+    pub wal_snapshot_bytes: u64,
 }
 
 #[derive(Debug, Args)]
@@ -237,10 +258,6 @@ pub struct KvstoreArgs {
     /// directory that holds users and roles wins over this.
     #[arg(long)]
     pub cluster_name: Option<String>,
-    /// etcd's `--data-dir`: users, roles and the auth switch are read from it (as `etcdinit`
-    /// left them) and every change to them is saved there.
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
     /// Let the `remote` role also read the KVStoreMesh cache (`cilium/cache/`,
     /// `cilium/cluster-config/`, `cilium/synced/`), as Cilium 1.16 did: its agents read the
     /// local cache with the remote certificate. Set by `/usr/bin/etcd` when started by the
@@ -840,6 +857,15 @@ impl StoreArgs {
 
     pub fn metrics_urls(&self) -> Result<Vec<ListenUrl>, ConfigError> {
         self.listen_metrics_urls.iter().map(|url| parse_listen_url(url, "http://")).collect()
+    }
+
+    /// Where and how the store persists itself, with `--data-dir`.
+    pub fn wal_config(&self) -> Option<crate::etcd::wal::WalConfig> {
+        let dir = self.data_dir.as_ref()?;
+        let mut config = crate::etcd::wal::WalConfig::new(dir, &self.initial_cluster_token);
+        config.fsync = self.wal_fsync;
+        config.snapshot_log_bytes = self.wal_snapshot_bytes;
+        Some(config)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

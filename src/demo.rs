@@ -58,6 +58,7 @@ pub async fn run(examples: &Path, shutdown: CancellationToken) -> anyhow::Result
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
             auto_compaction_retention: Duration::from_secs(3600),
+            persistence: None,
         };
         let listeners = Listeners { client: vec![listener], metrics: Vec::new() };
         let store = embedded::spawn(listeners, config, AuthStore::cilium(name), &tracker, &shutdown)?;

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::{AuthState, AuthStore, InvalidAuthState, PermType, Permission};
 
 /// The subdirectory this project owns, beside whatever else an operator keeps there.
-const STATE_DIR: &str = "clustermesh-apiserver";
+pub(crate) const STATE_DIR: &str = "clustermesh-apiserver";
 const AUTH_FILE: &str = "auth.json";
 /// Bumped on any change a previous release could misread; readers refuse other versions.
 const AUTH_FORMAT: u32 = 1;

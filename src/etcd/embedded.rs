@@ -17,6 +17,7 @@ use super::pb::etcdserverpb::AlarmType;
 use super::server::{self, ServerOptions};
 use super::store::{Identity, Limits, Store};
 use super::tls::{self, ReloadingConfig, TlsFiles};
+use super::wal::{WalConfig, WalError};
 use crate::metrics::Routes;
 
 #[derive(Debug, Clone)]
@@ -27,6 +28,16 @@ pub struct EmbeddedConfig {
     pub server: ServerOptions,
     /// Zero disables automatic compaction.
     pub auto_compaction_retention: Duration,
+    /// `--data-dir`: the store is restored from it and logs every write there.
+    pub persistence: Option<WalConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    #[error("opening the store in the data directory")]
+    DataDir(#[from] WalError),
 }
 
 /// The sockets one embedded store serves on, bound by the caller.
@@ -46,9 +57,38 @@ pub fn spawn(
     auth: AuthStore,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<Arc<Store>, tls::Error> {
+) -> Result<Arc<Store>, StartError> {
     let tls = ReloadingConfig::load(config.tls.clone())?;
-    let store = Store::new(Identity::random(), config.limits, auth);
+    let store = match &config.persistence {
+        None => Store::new(Identity::random(), config.limits, auth),
+        Some(wal) => {
+            let (store, opened) = Store::open(config.limits, auth, wal)?;
+            if let Some(cut) = &opened.cut {
+                tracing::warn!("the log ended in a torn or corrupt record (a crash mid-write): {cut}");
+            }
+            let stats = store.stats();
+            tracing::info!(
+                dir = %wal.dir().display(),
+                warm = opened.warm,
+                revision = stats.revision,
+                compact_revision = stats.compact_revision,
+                keys = stats.keys,
+                leases = stats.leases,
+                log_entries = opened.entries,
+                log_bytes = opened.log_bytes,
+                snapshot_bytes = opened.snapshot_bytes,
+                fsync = ?wal.fsync,
+                "{}",
+                if opened.warm { "store restored from the data directory" } else { "new store in the data directory" }
+            );
+            tracker.spawn(
+                Arc::clone(&store)
+                    .run_persistence(shutdown.child_token())
+                    .instrument(tracing::info_span!("persistence")),
+            );
+            store
+        }
+    };
     tracing::info!(
         cluster_id = format_args!("{:x}", store.identity().cluster_id),
         member_id = format_args!("{:x}", store.identity().member_id),

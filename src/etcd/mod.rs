@@ -18,5 +18,6 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod wal;
 
 pub use error::{Error, Result};

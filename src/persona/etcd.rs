@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use super::etcd_flags::{Flags, go_duration};
 use crate::config::{KvstoreArgs, LogArgs, StoreArgs};
+use crate::etcd::wal::FsyncPolicy;
 
 /// The flags this store acts on; every other flag etcd accepts is logged as ignored.
 const HONOURED: &[&str] = &[
@@ -22,6 +23,7 @@ const HONOURED: &[&str] = &[
     "data-dir",
     "enable-grpc-gateway",
     "experimental-watch-progress-notify-interval",
+    "initial-cluster-token",
     "key-file",
     "listen-client-urls",
     "listen-metrics-urls",
@@ -35,6 +37,7 @@ const HONOURED: &[&str] = &[
     "name",
     "quota-backend-bytes",
     "trusted-ca-file",
+    "unsafe-no-fsync",
 ];
 
 /// Set by Cilium's chart on the etcd container up to 1.17 (the pod IP, for the listen URLs);
@@ -142,16 +145,19 @@ pub fn serve_args(flags: &Flags, env_has_legacy_chart: bool) -> Result<EtcdServe
             .get("experimental-watch-progress-notify-interval")
             .and_then(go_duration)
             .unwrap_or(defaults.watch_progress_notify_interval),
+        data_dir: Some(data_dir),
+        initial_cluster_token: flags
+            .get("initial-cluster-token")
+            .map_or(defaults.initial_cluster_token.clone(), str::to_owned),
+        wal_fsync: match flags.get("unsafe-no-fsync") {
+            Some(_) if flags.bool("unsafe-no-fsync", false) => FsyncPolicy::Never,
+            _ => defaults.wal_fsync,
+        },
         ..defaults
     };
     let ignored = flags.names().map(|(name, _)| name).filter(|name| !HONOURED.contains(name)).collect();
     Ok(EtcdServe {
-        kvstore: KvstoreArgs {
-            store,
-            cluster_name: None,
-            data_dir: Some(data_dir),
-            remote_reads_agent_cache: env_has_legacy_chart,
-        },
+        kvstore: KvstoreArgs { store, cluster_name: None, remote_reads_agent_cache: env_has_legacy_chart },
         log: LogArgs { log_level, ..LogArgs::default() },
         ignored,
         notes,
@@ -232,8 +238,9 @@ mod tests {
         assert!(store.client_cert_auth);
         assert_eq!(store.name, "clustermesh-apiserver");
         assert_eq!(store.auto_compaction_retention, std::time::Duration::from_secs(3600));
-        assert_eq!(serve.kvstore.data_dir.as_deref(), Some(std::path::Path::new("/var/run/etcd")));
-        assert_eq!(serve.ignored, ["initial-cluster-token"]);
+        assert_eq!(store.data_dir.as_deref(), Some(std::path::Path::new("/var/run/etcd")));
+        assert_eq!(store.initial_cluster_token, "0c4f6c58-9a55-4a43-8a4a-5b0d3bb0d9c1");
+        assert!(serve.ignored.is_empty(), "{:?}", serve.ignored);
         assert!(serve.notes.is_empty(), "{:?}", serve.notes);
     }
 

@@ -370,6 +370,7 @@ impl PinnedStore {
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
             auto_compaction_retention: Duration::ZERO,
+            persistence: None,
         };
         let (token, tracker) = (CancellationToken::new(), TaskTracker::new());
         let listeners = embedded::Listeners { client: vec![listener], metrics: Vec::new() };

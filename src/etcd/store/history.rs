@@ -53,6 +53,15 @@ impl Change {
     pub fn is_put(&self) -> bool {
         self.signed_revision > 0
     }
+
+    /// The revision, negated for a delete: the snapshot's encoding of a change.
+    pub fn signed_revision(&self) -> i64 {
+        self.signed_revision
+    }
+
+    pub fn from_signed(key: Blob, signed_revision: i64) -> Self {
+        Self { key, signed_revision }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +81,11 @@ impl History {
 
     pub fn event_count(&self) -> usize {
         self.changes.len()
+    }
+
+    /// Every change held, sharing the keys (for a snapshot).
+    pub fn changes(&self) -> Vec<Change> {
+        self.changes.iter().cloned().collect()
     }
 
     /// Visits the changes from revision `from` on, whole revisions at a time (a revision's

@@ -196,6 +196,35 @@ impl Keyspace {
         self.rebuild_at = next_rebuild(self.keys.len());
     }
 
+    /// Adds a key with the versions a snapshot holds (keys come in order, each once); returns
+    /// the keyspace's handle of it.
+    pub fn restore(&mut self, key: &[u8], versions: Versions) -> Result<Blob, &'static str> {
+        if self.keys.contains_key(key) {
+            return Err("restored twice");
+        }
+        let handle = Blob::copy_from(key);
+        let latest = versions.latest();
+        if latest.is_live() {
+            self.live_keys += 1;
+            self.live_bytes += key.len() + latest.value.len();
+        }
+        self.retained_bytes += key.len() + versions.value_bytes();
+        self.keys.insert(handle.clone(), versions);
+        self.grew();
+        Ok(handle)
+    }
+
+    /// The keyspace's own handle of `key` when it holds it, else a new one: history restored
+    /// from a snapshot shares the keyspace's keys.
+    pub fn handle(&self, key: &[u8]) -> Blob {
+        self.keys.get_key_value(key).map_or_else(|| Blob::copy_from(key), |(handle, _)| handle.clone())
+    }
+
+    /// Every key with its versions, sharing their bytes (for a snapshot).
+    pub fn entries(&self) -> Vec<(Blob, Versions)> {
+        self.keys.iter().map(|(key, versions)| (key.clone(), versions.clone())).collect()
+    }
+
     /// After a key was added: rebuilds the tree dense when it has grown enough (see
     /// [`REBUILD_FROM`]).
     fn grew(&mut self) {

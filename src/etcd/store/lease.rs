@@ -111,6 +111,11 @@ impl Leases {
         self.leases.len()
     }
 
+    /// Every lease as (ID, granted TTL, owner), for a snapshot.
+    pub fn export(&self) -> Vec<(i64, i64, Arc<str>)> {
+        self.leases.values().map(|l| (l.id, l.ttl, Arc::clone(&l.owner))).collect()
+    }
+
     /// Grants refused by the per-owner cap so far.
     pub fn refused(&self) -> u64 {
         self.refused

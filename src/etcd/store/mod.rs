@@ -10,6 +10,7 @@ mod count;
 mod history;
 mod keyspace;
 mod lease;
+mod persist;
 mod quota;
 mod txn;
 mod versions;
@@ -29,6 +30,9 @@ pub use keyspace::KeyRange;
 pub use lease::{MAX_LEASE_TTL, MIN_LEASE_TTL};
 pub use quota::DEFAULT_QUOTA_BYTES;
 
+pub use persist::Opened;
+use persist::Persistence;
+
 use super::auth::AuthStore;
 use super::error::{Error, Result};
 use super::pb::etcdserverpb::alarm_request::AlarmAction;
@@ -45,6 +49,7 @@ use count::CountCache;
 use history::{Change, History};
 use keyspace::{Keyspace, key_value};
 use lease::Leases;
+use versions::Version;
 
 /// Identity of this store as clients see it in every response header.
 ///
@@ -107,6 +112,14 @@ struct State {
     compact_revision: i64,
 }
 
+impl State {
+    fn compact(&mut self, revision: i64) {
+        self.keyspace.compact(revision);
+        self.history.compact(revision);
+        self.compact_revision = revision;
+    }
+}
+
 /// What one [`Store::history_from`] read found.
 #[derive(Debug, Default)]
 pub struct HistoryRead {
@@ -149,6 +162,8 @@ pub struct Store {
     revision_tx: watch::Sender<i64>,
     /// Wakes the expiry task when a lease may now expire earlier than it planned.
     lease_granted: Notify,
+    /// The log and snapshots in the data directory, when the store has one.
+    persistence: Option<Persistence>,
 }
 
 impl std::fmt::Debug for Store {
@@ -158,17 +173,35 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// A store that keeps nothing across restarts.
     pub fn new(identity: Identity, limits: Limits, auth: AuthStore) -> Arc<Self> {
         let state = State { revision: 1, ..State::default() };
+        Self::with_state(identity, limits, auth, state, None)
+    }
+
+    fn with_state(
+        identity: Identity,
+        limits: Limits,
+        auth: AuthStore,
+        state: State,
+        persistence: Option<Persistence>,
+    ) -> Arc<Self> {
+        let revision = state.revision;
         Arc::new(Self {
             identity,
             limits,
             state: RwLock::new(state),
             auth: RwLock::new(auth),
             counts: Mutex::new(CountCache::default()),
-            revision_tx: watch::Sender::new(1),
+            revision_tx: watch::Sender::new(revision),
             lease_granted: Notify::new(),
+            persistence,
         })
+    }
+
+    /// Whether writes are logged to a data directory.
+    fn logging(&self) -> bool {
+        self.persistence.is_some()
     }
 
     pub fn identity(&self) -> Identity {
@@ -302,20 +335,24 @@ impl Store {
         let mut state = self.state.write();
         let cost = quota::put_cost(&state.keyspace, &request);
         self.admit(&mut state, cost)?;
-        let mut write = Write::begin(&mut state);
+        let mut write = Write::begin(&mut state, self.logging());
         let mut response = write.put(request)?;
-        let revision = write.commit(&self.revision_tx);
-        response.header = Some(self.header_at(revision));
+        let committed = write.commit(self);
+        drop(state);
+        self.durable(committed.logged);
+        response.header = Some(self.header_at(committed.revision));
         Ok(response)
     }
 
     pub fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         txn::check_delete(&request)?;
         let mut state = self.state.write();
-        let mut write = Write::begin(&mut state);
+        let mut write = Write::begin(&mut state, self.logging());
         let mut response = write.delete_range(&request);
-        let revision = write.commit(&self.revision_tx);
-        response.header = Some(self.header_at(revision));
+        let committed = write.commit(self);
+        drop(state);
+        self.durable(committed.logged);
+        response.header = Some(self.header_at(committed.revision));
         Ok(response)
     }
 
@@ -325,10 +362,12 @@ impl Store {
         // Before anything runs: a refused txn writes nothing.
         let cost = quota::txn_cost(&state.keyspace, &request);
         self.admit(&mut state, cost)?;
-        let mut write = Write::begin(&mut state);
+        let mut write = Write::begin(&mut state, self.logging());
         let mut response = txn::execute(&mut write, request)?;
-        let revision = write.commit(&self.revision_tx);
-        response.header = Some(self.header_at(revision));
+        let committed = write.commit(self);
+        drop(state);
+        self.durable(committed.logged);
+        response.header = Some(self.header_at(committed.revision));
         Ok(response)
     }
 
@@ -342,11 +381,13 @@ impl Store {
         if request.revision > state.revision {
             return Err(Error::FutureRev);
         }
-        state.keyspace.compact(request.revision);
-        state.history.compact(request.revision);
-        state.compact_revision = request.revision;
+        state.compact(request.revision);
         self.counts.lock().compact(request.revision);
-        Ok(CompactionResponse { header: Some(self.header_at(state.revision)) })
+        let logged = self.log(|| persist::compaction(request.revision));
+        let header = Some(self.header_at(state.revision));
+        drop(state);
+        self.durable(logged);
+        Ok(CompactionResponse { header })
     }
 
     /// Grants a lease to `user` (the caller's Common Name; `None` for the process itself or a
@@ -360,11 +401,14 @@ impl Store {
             return Err(Error::NoSpace);
         }
         let max = self.limits.max_leases_per_user;
-        let lease = state.leases.grant(request.id, request.ttl, Instant::now(), user.unwrap_or_default(), max)?;
+        let owner = user.unwrap_or_default();
+        let lease = state.leases.grant(request.id, request.ttl, Instant::now(), owner, max)?;
         let (id, ttl) = (lease.id, lease.ttl);
+        let logged = self.log(|| persist::lease_grant(id, ttl, owner));
         let response =
             LeaseGrantResponse { header: Some(self.header_at(state.revision)), id, ttl, error: String::new() };
         drop(state);
+        self.durable(logged);
         self.lease_granted.notify_one();
         Ok(response)
     }
@@ -372,10 +416,12 @@ impl Store {
     /// Revokes the lease and deletes its keys in one revision.
     pub fn lease_revoke(&self, request: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
         let mut state = self.state.write();
-        let mut write = Write::begin(&mut state);
+        let mut write = Write::begin(&mut state, self.logging());
         write.revoke(request.id)?;
-        let revision = write.commit(&self.revision_tx);
-        Ok(LeaseRevokeResponse { header: Some(self.header_at(revision)) })
+        let committed = write.commit(self);
+        drop(state);
+        self.durable(committed.logged);
+        Ok(LeaseRevokeResponse { header: Some(self.header_at(committed.revision)) })
     }
 
     /// Renews the lease; `None` when it does not exist (etcd then answers TTL 0).
@@ -494,13 +540,15 @@ impl Store {
             if expired.is_empty() {
                 continue;
             }
-            let mut write = Write::begin(&mut state);
+            let mut write = Write::begin(&mut state, self.logging());
             for id in &expired {
                 // Only leases still in the table are returned, so revoke cannot fail here.
                 let _ = write.revoke(*id);
             }
-            let revision = write.commit(&self.revision_tx);
+            let committed = write.commit(&self);
             drop(state);
+            let revision = committed.revision;
+            self.durable(committed.logged);
             tracing::debug!(leases = expired.len(), revision, "leases expired");
         }
     }
@@ -545,12 +593,23 @@ pub(crate) struct Write<'a> {
     revision: i64,
     /// This write's changes, in order.
     changes: Vec<Change>,
+    /// What the log needs to replay this write, in order, when the store keeps a log.
+    ops: Option<Vec<persist::Op>>,
+}
+
+/// What [`Write::commit`] did.
+#[derive(Debug, Clone, Copy)]
+struct Committed {
+    /// The store's revision afterwards.
+    revision: i64,
+    /// The log position of the write's entry, when one was written.
+    logged: Option<u64>,
 }
 
 impl<'a> Write<'a> {
-    fn begin(state: &'a mut State) -> Self {
+    fn begin(state: &'a mut State, logging: bool) -> Self {
         let revision = state.revision + 1;
-        Self { state, revision, changes: Vec::new() }
+        Self { state, revision, changes: Vec::new(), ops: logging.then(Vec::new) }
     }
 
     /// The revision reads inside this write see: the pending one once anything changed.
@@ -586,7 +645,18 @@ impl<'a> Write<'a> {
         if lease != 0 && !self.state.leases.contains(lease) {
             return Err(Error::LeaseNotFound);
         }
-        let (key, previous) = self.state.keyspace.put(&request.key, value, lease, self.revision);
+        let (key, previous) = self.apply_put(&request.key, value, lease);
+        let prev_kv = previous.filter(|_| request.prev_kv).map(|prev| key_value(&key, &prev));
+        Ok(PutResponse { header: None, prev_kv })
+    }
+
+    /// Writes `key` with what a put resolved (its lease known to exist): the part of a put
+    /// that log replay repeats.
+    fn apply_put(&mut self, key: &[u8], value: Blob, lease: i64) -> (Blob, Option<Version>) {
+        if let Some(ops) = &mut self.ops {
+            ops.push(persist::Op::Put { key: Blob::copy_from(key), value: value.clone(), lease });
+        }
+        let (key, previous) = self.state.keyspace.put(key, value, lease, self.revision);
         if let Some(prev) = &previous
             && prev.lease != 0
             && prev.lease != lease
@@ -596,9 +666,8 @@ impl<'a> Write<'a> {
         if lease != 0 {
             self.state.leases.attach(lease, &key);
         }
-        let prev_kv = previous.filter(|_| request.prev_kv).map(|prev| key_value(&key, &prev));
-        self.changes.push(Change::put(key, self.revision));
-        Ok(PutResponse { header: None, prev_kv })
+        self.changes.push(Change::put(key.clone(), self.revision));
+        (key, previous)
     }
 
     fn delete_range(&mut self, request: &DeleteRangeRequest) -> DeleteRangeResponse {
@@ -613,17 +682,24 @@ impl<'a> Write<'a> {
         DeleteRangeResponse { header: None, deleted, prev_kvs }
     }
 
-    fn delete_key(&mut self, key: Blob) {
-        if let Some(previous) = self.state.keyspace.delete(&key, self.revision) {
-            if previous.lease != 0 {
-                self.state.leases.detach(previous.lease, &key);
-            }
-            self.changes.push(Change::delete(key, self.revision));
+    /// Deletes `key` if it is live; returns whether it was.
+    fn delete_key(&mut self, key: Blob) -> bool {
+        let Some(previous) = self.state.keyspace.delete(&key, self.revision) else { return false };
+        if previous.lease != 0 {
+            self.state.leases.detach(previous.lease, &key);
         }
+        if let Some(ops) = &mut self.ops {
+            ops.push(persist::Op::Delete(key.clone()));
+        }
+        self.changes.push(Change::delete(key, self.revision));
+        true
     }
 
     fn revoke(&mut self, id: i64) -> Result<()> {
         let lease = self.state.leases.remove(id)?;
+        if let Some(ops) = &mut self.ops {
+            ops.push(persist::Op::Revoke(id));
+        }
         let mut keys: Vec<Blob> = lease.keys.into_iter().collect();
         // Sorted, so that the delete events of one revoke come in key order, as etcd's do.
         keys.sort();
@@ -633,15 +709,26 @@ impl<'a> Write<'a> {
         Ok(())
     }
 
-    /// Publishes the write; returns the store's revision afterwards.
-    fn commit(self, revision_tx: &watch::Sender<i64>) -> i64 {
-        if self.changes.is_empty() {
-            return self.state.revision;
+    /// Applies the write to the state (revision, history) without publishing it; returns
+    /// the revision afterwards and the ops to log.
+    fn apply(self) -> (i64, Option<Vec<persist::Op>>) {
+        if !self.changes.is_empty() {
+            self.state.revision = self.revision;
+            self.state.history.append(self.changes);
         }
-        self.state.revision = self.revision;
-        self.state.history.append(self.changes);
-        revision_tx.send_replace(self.revision);
-        self.revision
+        (self.state.revision, self.ops.filter(|ops| !ops.is_empty()))
+    }
+
+    /// Logs the write, then publishes it: a revision is in the log before any reader or
+    /// watcher can see it (the caller still holds the store's write lock).
+    fn commit(self, store: &Store) -> Committed {
+        let before = self.state.revision;
+        let (revision, ops) = self.apply();
+        let logged = ops.and_then(|ops| store.log(|| persist::commit(revision, ops)));
+        if revision != before {
+            store.revision_tx.send_replace(revision);
+        }
+        Committed { revision, logged }
     }
 }
 

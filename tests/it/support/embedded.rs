@@ -76,6 +76,7 @@ impl EmbeddedStore {
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
             auto_compaction_retention: Duration::ZERO,
+            persistence: None,
         };
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -1,0 +1,403 @@
+//! The store's side of the data directory (`etcd/wal/`): the entries a write logs, replaying
+//! them and a snapshot into a fresh state at start-up, taking snapshots, and the fsync timer.
+//!
+//! Entries are built from the store's own handles (`Blob`s, lent to protobuf as `Bytes`
+//! without copying) while the write lock is held, and written before the lock is released.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::blob::Blob;
+use super::history::Change;
+use super::versions::{Version, Versions};
+use super::{Identity, Limits, State, Store, Write};
+use crate::etcd::auth::AuthStore;
+use crate::etcd::wal::record::{self, entry, op};
+use crate::etcd::wal::{self, FsyncPolicy, Log, Owner, Replay, SnapshotSink, WalConfig, WalError};
+
+/// One operation of a logged write, as the write applied it.
+#[derive(Debug)]
+pub(super) enum Op {
+    Put { key: Blob, value: Blob, lease: i64 },
+    Delete(Blob),
+    Revoke(i64),
+}
+
+pub(super) fn commit(revision: i64, ops: Vec<Op>) -> record::Entry {
+    let ops = ops
+        .into_iter()
+        .map(|op| record::Op {
+            kind: Some(match op {
+                Op::Put { key, value, lease } => {
+                    op::Kind::Put(record::Put { key: key.to_bytes(), value: value.to_bytes(), lease })
+                }
+                Op::Delete(key) => op::Kind::Delete(key.to_bytes()),
+                Op::Revoke(id) => op::Kind::Revoke(id),
+            }),
+        })
+        .collect();
+    record::Entry { kind: Some(entry::Kind::Commit(record::Commit { revision, ops })) }
+}
+
+pub(super) fn lease_grant(id: i64, ttl: i64, owner: &str) -> record::Entry {
+    let grant = record::LeaseGrant { id, ttl, owner: owner.to_owned() };
+    record::Entry { kind: Some(entry::Kind::LeaseGrant(grant)) }
+}
+
+pub(super) fn compaction(revision: i64) -> record::Entry {
+    record::Entry { kind: Some(entry::Kind::Compaction(record::Compaction { revision })) }
+}
+
+/// The open log of a store with a data directory.
+pub(super) struct Persistence {
+    log: Log,
+    dir: std::path::PathBuf,
+    owner: Owner,
+    /// Set by the write that finds the log has outgrown its snapshot.
+    snapshot_wanted: Notify,
+}
+
+/// What a store opened on a data directory found there.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// Whether the store was restored (false: a new store in an empty directory).
+    pub warm: bool,
+    pub entries: u64,
+    pub snapshot_bytes: u64,
+    pub log_bytes: u64,
+    /// Where a torn or corrupt log was cut, if it was.
+    pub cut: Option<String>,
+}
+
+/// How long a failed snapshot waits before the next attempt.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
+
+impl Store {
+    /// Opens the store kept in `config`'s data directory: the state, identity and leases it
+    /// holds (every lease with its full TTL from now, as etcd restores them), or a new store
+    /// with a fresh identity when it holds none.
+    pub fn open(limits: Limits, auth: AuthStore, config: &WalConfig) -> Result<(Arc<Self>, Opened), WalError> {
+        let dir = config.dir();
+        let mut restore = Restore { state: State { revision: 1, ..State::default() }, now: Instant::now() };
+        let recovered = wal::recover(&dir, &config.initial_cluster_token, &mut restore)?;
+        let warm = recovered.owner.is_some();
+        let owner = recovered.owner.clone().unwrap_or_else(|| {
+            let identity = Identity::random();
+            Owner {
+                cluster_id: identity.cluster_id,
+                member_id: identity.member_id,
+                token: config.initial_cluster_token.clone(),
+            }
+        });
+        let log = Log::create(
+            &dir,
+            owner.clone(),
+            recovered.next_sequence,
+            config.fsync,
+            config.snapshot_log_bytes,
+            recovered.log_bytes,
+            recovered.snapshot_bytes,
+        )?;
+        let snapshot_wanted = Notify::new();
+        if log.snapshot_due() {
+            snapshot_wanted.notify_one();
+        }
+        let identity = Identity { cluster_id: owner.cluster_id, member_id: owner.member_id };
+        let persistence = Persistence { log, dir, owner, snapshot_wanted };
+        let opened = Opened {
+            warm,
+            entries: recovered.entries,
+            snapshot_bytes: recovered.snapshot_bytes,
+            log_bytes: recovered.log_bytes,
+            cut: recovered.cut,
+        };
+        Ok((Self::with_state(identity, limits, auth, restore.state, Some(persistence)), opened))
+    }
+
+    /// Appends the entry `entry` builds, when the store keeps a log; returns its position.
+    /// The caller holds the write lock. A store that cannot log stops: it would otherwise
+    /// acknowledge writes that a restart loses (etcd stops too).
+    pub(super) fn log(&self, entry: impl FnOnce() -> record::Entry) -> Option<u64> {
+        let persistence = self.persistence.as_ref()?;
+        match persistence.log.append(&entry()) {
+            Ok(appended) => {
+                if appended.snapshot_due {
+                    persistence.snapshot_wanted.notify_one();
+                }
+                Some(appended.position)
+            }
+            Err(error) => fatal("writing the log", &error),
+        }
+    }
+
+    /// With `--wal-fsync=always`, waits until the entry at `position` is on stable storage.
+    /// Called after the write lock is released.
+    pub(super) fn durable(&self, position: Option<u64>) {
+        let (Some(persistence), Some(position)) = (&self.persistence, position) else { return };
+        if persistence.log.policy() != FsyncPolicy::Always {
+            return;
+        }
+        if let Err(error) = blocking(|| persistence.log.wait_durable(position)) {
+            fatal("syncing the log", &error);
+        }
+    }
+
+    /// Takes a snapshot now: the log moves to a new segment, and the state as of that moment
+    /// is written beside it. Blocks on file I/O; the write lock is held only while the state
+    /// is copied (handles, not bytes).
+    pub fn snapshot(&self) -> Result<(), WalError> {
+        let Some(persistence) = &self.persistence else { return Ok(()) };
+        let (sequence, image) = {
+            // The read lock keeps every writer out, so no entry lands between the rotation
+            // and the copy: the new segment holds exactly what the image does not.
+            let state = self.state.read();
+            let sequence = persistence.log.rotate()?;
+            (sequence, Image::of(&state))
+        };
+        let started = std::time::Instant::now();
+        let meta = record::Meta { revision: image.revision, compact_revision: image.compact_revision };
+        let mut sink = SnapshotSink::create(&persistence.dir, &persistence.owner, sequence, meta)?;
+        // Leases before keys, so that restoring a key can attach it to its lease.
+        for (id, ttl, owner) in image.leases {
+            sink.lease(record::LeaseGrant { id, ttl, owner: owner.to_string() })?;
+        }
+        for (key, versions) in image.keys {
+            let versions = match versions {
+                Versions::One(v) => vec![version_record(v)],
+                Versions::Many(vs) => vs.into_iter().map(version_record).collect(),
+            };
+            sink.key(record::KeyVersions { key: key.to_bytes(), versions })?;
+        }
+        for chunk in image.history.chunks(wal::CHANGES_PER_ITEM) {
+            sink.changes(record::Changes {
+                keys: chunk.iter().map(|c| c.key().to_bytes()).collect(),
+                signed_revisions: chunk.iter().map(Change::signed_revision).collect(),
+            })?;
+        }
+        let bytes = sink.finish()?;
+        persistence.log.snapshot_written(bytes);
+        tracing::info!(
+            sequence,
+            revision = image.revision,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot written; older log segments removed"
+        );
+        Ok(())
+    }
+
+    /// Takes snapshots when the log asks for them and, with `--wal-fsync=batch`, syncs the log
+    /// every [`wal::BATCH_INTERVAL`]; syncs once more on `shutdown`. Returns at once for a
+    /// store without a data directory.
+    pub async fn run_persistence(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(persistence) = &self.persistence else { return };
+        let mut batch = tokio::time::interval(wal::BATCH_INTERVAL);
+        batch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let batching = persistence.log.policy() == FsyncPolicy::Batch;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = persistence.snapshot_wanted.notified() => {
+                    let store = Arc::clone(&self);
+                    let result = tokio::task::spawn_blocking(move || store.snapshot())
+                        .instrument(tracing::info_span!("snapshot"))
+                        .await;
+                    if let Ok(Err(error)) = result {
+                        tracing::error!(error = %crate::error_chain(&error), "snapshot failed; the log keeps growing until one succeeds");
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(SNAPSHOT_RETRY) => {}
+                        }
+                        persistence.log.snapshot_failed();
+                    }
+                }
+                _ = batch.tick(), if batching => {
+                    let store = Arc::clone(&self);
+                    if let Ok(Err(error)) = tokio::task::spawn_blocking(move || store.sync_log()).await {
+                        fatal("syncing the log", &error);
+                    }
+                }
+            }
+        }
+        if let Err(error) = self.sync_log() {
+            tracing::error!(%error, "syncing the log at shutdown");
+        }
+    }
+
+    fn sync_log(&self) -> std::io::Result<()> {
+        match &self.persistence {
+            Some(persistence) if persistence.log.policy() != FsyncPolicy::Never => persistence.log.sync(),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn version_record(v: Version) -> record::Version {
+    record::Version {
+        mod_revision: v.mod_revision,
+        create_revision: v.create_revision,
+        version: v.version,
+        lease: v.lease,
+        value: v.value.to_bytes(),
+    }
+}
+
+/// The state as of one moment, sharing its keys and values with the store.
+struct Image {
+    revision: i64,
+    compact_revision: i64,
+    keys: Vec<(Blob, Versions)>,
+    history: Vec<Change>,
+    leases: Vec<(i64, i64, Arc<str>)>,
+}
+
+impl Image {
+    fn of(state: &State) -> Self {
+        Self {
+            revision: state.revision,
+            compact_revision: state.compact_revision,
+            keys: state.keyspace.entries(),
+            history: state.history.changes(),
+            leases: state.leases.export(),
+        }
+    }
+}
+
+/// A log that cannot be written or synced: the process stops before acknowledging anything
+/// a restart would not have.
+fn fatal(what: &str, error: &std::io::Error) -> ! {
+    tracing::error!(%error, "{what} failed: stopping, so that no write is acknowledged that a restart would lose");
+    eprintln!("fatal: {what}: {error}");
+    std::process::abort()
+}
+
+/// Runs `f`, which blocks on I/O, without stalling the other tasks of a multi-threaded
+/// runtime's worker.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Rebuilds a state from a snapshot and the log after it.
+struct Restore {
+    state: State,
+    /// Every lease restored expires a full TTL from here.
+    now: Instant,
+}
+
+impl Restore {
+    fn grant(&mut self, grant: record::LeaseGrant) -> Result<(), String> {
+        self.state
+            .leases
+            .grant(grant.id, grant.ttl, self.now, &grant.owner, usize::MAX)
+            .map(|_| ())
+            .map_err(|e| format!("lease {:x}: {e}", grant.id))
+    }
+
+    fn commit(&mut self, commit: record::Commit) -> Result<(), String> {
+        let before = self.state.revision;
+        let mut write = Write::begin(&mut self.state, false);
+        for op in commit.ops {
+            match op.kind {
+                Some(op::Kind::Put(put)) => {
+                    if put.lease != 0 && !write.state.leases.contains(put.lease) {
+                        return Err(format!("put of {:?} on lease {:x}, which does not exist", put.key, put.lease));
+                    }
+                    write.apply_put(&put.key, Blob::copy_from(&put.value), put.lease);
+                }
+                Some(op::Kind::Delete(key)) => {
+                    if !write.delete_key(Blob::copy_from(&key)) {
+                        return Err(format!("delete of {key:?}, which is not live"));
+                    }
+                }
+                Some(op::Kind::Revoke(id)) => {
+                    write.state.leases.remove(id).map_err(|e| format!("revoke of lease {id:x}: {e}"))?;
+                }
+                None => return Err("an operation of an unknown kind".to_owned()),
+            }
+        }
+        let (after, _) = write.apply();
+        if after != commit.revision {
+            return Err(format!("logged at revision {}, replayed at {after} (after {before})", commit.revision));
+        }
+        Ok(())
+    }
+}
+
+impl Replay for Restore {
+    fn meta(&mut self, meta: record::Meta) -> Result<(), String> {
+        self.state.revision = meta.revision;
+        self.state.compact_revision = meta.compact_revision;
+        Ok(())
+    }
+
+    fn key(&mut self, key: record::KeyVersions) -> Result<(), String> {
+        let mut versions = key.versions.into_iter().map(|v| Version {
+            mod_revision: v.mod_revision,
+            create_revision: v.create_revision,
+            version: v.version,
+            lease: v.lease,
+            value: Blob::copy_from(&v.value),
+        });
+        let first = versions.next().ok_or_else(|| format!("key {:?} without versions", key.key))?;
+        let mut all = Versions::One(first);
+        versions.for_each(|v| all.push(v));
+        let latest = all.latest();
+        let lease = if latest.is_live() { latest.lease } else { 0 };
+        let handle = self.state.keyspace.restore(&key.key, all).map_err(|e| format!("key {:?}: {e}", key.key))?;
+        if lease != 0 {
+            if !self.state.leases.contains(lease) {
+                return Err(format!("key {:?} on lease {lease:x}, which does not exist", key.key));
+            }
+            self.state.leases.attach(lease, &handle);
+        }
+        Ok(())
+    }
+
+    fn lease(&mut self, lease: record::LeaseGrant) -> Result<(), String> {
+        self.grant(lease)
+    }
+
+    fn changes(&mut self, changes: record::Changes) -> Result<(), String> {
+        if changes.keys.len() != changes.signed_revisions.len() {
+            return Err("a run of history with more keys than revisions".to_owned());
+        }
+        let run = changes
+            .keys
+            .iter()
+            .zip(changes.signed_revisions)
+            .map(|(key, signed): (&Bytes, i64)| Change::from_signed(self.state.keyspace.handle(key), signed))
+            .collect();
+        self.state.history.append(run);
+        Ok(())
+    }
+
+    fn entry(&mut self, entry: record::Entry) -> Result<(), String> {
+        match entry.kind {
+            Some(entry::Kind::Commit(commit)) => self.commit(commit),
+            Some(entry::Kind::LeaseGrant(grant)) => self.grant(grant),
+            Some(entry::Kind::Compaction(compaction)) => {
+                let revision = compaction.revision;
+                if revision <= self.state.compact_revision || revision > self.state.revision {
+                    return Err(format!(
+                        "compaction to {revision} at revision {} (compacted to {})",
+                        self.state.revision, self.state.compact_revision
+                    ));
+                }
+                self.state.compact(revision);
+                Ok(())
+            }
+            None => Err("an entry of an unknown kind".to_owned()),
+        }
+    }
+}
