@@ -401,3 +401,210 @@ impl Replay for Restore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::pb::etcdserverpb::{
+        CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
+        PutRequest, RangeRequest, RequestOp, TxnRequest, request_op,
+    };
+    use crate::etcd::pb::mvccpb::KeyValue;
+
+    const TOKEN: &str = "token-1";
+
+    fn config(dir: &std::path::Path) -> WalConfig {
+        WalConfig { fsync: FsyncPolicy::Never, ..WalConfig::new(dir, TOKEN) }
+    }
+
+    fn open(dir: &std::path::Path) -> Arc<Store> {
+        Store::open(Limits::default(), AuthStore::default(), &config(dir)).expect("opens").0
+    }
+
+    fn put(store: &Store, key: &str, value: &str, lease: i64) -> i64 {
+        let request = PutRequest {
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
+            lease,
+            ..Default::default()
+        };
+        store.put(request).expect("put").header.expect("header").revision
+    }
+
+    fn put_op(key: &str, value: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.as_bytes().to_vec().into(),
+                value: value.as_bytes().to_vec().into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn delete(store: &Store, key: &str) {
+        let request = DeleteRangeRequest { key: key.as_bytes().to_vec().into(), ..Default::default() };
+        store.delete_range(request).expect("delete");
+    }
+
+    fn grant(store: &Store, ttl: i64) -> i64 {
+        store.lease_grant(&LeaseGrantRequest { ttl, id: 0 }, Some("admin-cluster1")).expect("grant").id
+    }
+
+    /// Everything a client can observe of the data: identity, revisions, every key as of
+    /// every retained revision, the history from the compaction on, and the leases.
+    #[derive(Debug, PartialEq)]
+    struct Observed {
+        identity: Identity,
+        revision: i64,
+        compact_revision: i64,
+        reads: Vec<(i64, Vec<KeyValue>)>,
+        history: Vec<(i32, Option<KeyValue>, Option<KeyValue>)>,
+        leases: Vec<(i64, i64, Vec<Bytes>)>,
+    }
+
+    fn observe(store: &Store) -> Observed {
+        let stats = store.stats();
+        let reads = (stats.compact_revision.max(1)..=stats.revision)
+            .map(|revision| {
+                let all = RangeRequest { key: vec![0].into(), range_end: vec![0].into(), revision, ..Default::default() };
+                (revision, store.range(&all).expect("range").kvs)
+            })
+            .collect();
+        let from = stats.compact_revision.max(1);
+        let history = store
+            .history_from(from, true, |_, _, _| true)
+            .expect("retained")
+            .events
+            .into_iter()
+            .map(|e| (e.r#type, e.kv, e.prev_kv))
+            .collect();
+        let mut leases: Vec<_> = store
+            .lease_list()
+            .1
+            .into_iter()
+            .map(|l| {
+                let ttl = store.lease_time_to_live(&LeaseTimeToLiveRequest { id: l.id, keys: true });
+                (l.id, ttl.granted_ttl, ttl.keys)
+            })
+            .collect();
+        leases.sort();
+        Observed {
+            identity: store.identity(),
+            revision: stats.revision,
+            compact_revision: stats.compact_revision,
+            reads,
+            history,
+            leases,
+        }
+    }
+
+    /// Puts, an update, a delete, a txn, leases granted, used, revoked with their keys, and
+    /// a compaction.
+    fn workload(store: &Store) {
+        let lease = grant(store, 60);
+        let doomed = grant(store, 30);
+        put(store, "a", "1", 0);
+        put(store, "a", "2", lease);
+        put(store, "b", "1", doomed);
+        put(store, "c", "1", 0);
+        delete(store, "c");
+        let txn = TxnRequest { compare: vec![], success: vec![put_op("d", "1"), put_op("e", "1")], failure: vec![] };
+        store.txn(txn).expect("txn");
+        store.lease_revoke(&LeaseRevokeRequest { id: doomed }).expect("revoke");
+        let empty = grant(store, 10);
+        store.lease_revoke(&LeaseRevokeRequest { id: empty }).expect("revoke of a lease without keys");
+        store.compact(&CompactionRequest { revision: 4, physical: false }).expect("compact");
+        put(store, "c", "again", 0);
+    }
+
+    #[test]
+    fn a_reopened_store_holds_exactly_what_it_held_keys_revisions_history_leases_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        workload(&store);
+        let before = observe(&store);
+        drop(store);
+
+        let (reopened, opened) = Store::open(Limits::default(), AuthStore::default(), &config(dir.path())).unwrap();
+        assert!(opened.warm);
+        assert_eq!(observe(&reopened), before);
+        assert_eq!((before.revision, before.compact_revision), (9, 4));
+        assert_eq!(put(&reopened, "f", "1", 0), 10, "the revision continues");
+    }
+
+    #[test]
+    fn a_snapshot_and_the_log_after_it_restore_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        workload(&store);
+        store.snapshot().expect("snapshot");
+        let lease = grant(&store, 90);
+        put(&store, "g", "1", lease);
+        delete(&store, "a");
+        store.snapshot().expect("a second snapshot replaces the first");
+        put(&store, "h", "1", 0);
+        let before = observe(&store);
+        drop(store);
+
+        let files: Vec<_> = std::fs::read_dir(config(dir.path()).dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with("snapshot-") || name.starts_with("wal-"))
+            .collect();
+        assert_eq!(files.len(), 2, "one snapshot and the segment after it: {files:?}");
+        assert_eq!(observe(&open(dir.path())), before);
+    }
+
+    #[test]
+    fn every_restored_lease_gets_its_full_ttl_from_the_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let lease = grant(&store, 1000);
+        put(&store, "k", "v", lease);
+        drop(store);
+        let store = open(dir.path());
+        let ttl = store.lease_time_to_live(&LeaseTimeToLiveRequest { id: lease, keys: true });
+        assert_eq!((ttl.granted_ttl, ttl.keys), (1000, vec![Bytes::from_static(b"k")]));
+        assert!(ttl.ttl >= 999, "{}", ttl.ttl);
+        store.lease_revoke(&LeaseRevokeRequest { id: lease }).expect("the restored lease revokes its keys");
+        let k = RangeRequest { key: b"k".to_vec().into(), ..Default::default() };
+        assert!(store.range(&k).unwrap().kvs.is_empty());
+    }
+
+    #[test]
+    fn a_write_torn_by_a_crash_is_absent_and_everything_before_it_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        put(&store, "a", "1", 0);
+        let before = observe(&store);
+        put(&store, "b", "1", 0);
+        drop(store);
+        let segment = config(dir.path()).dir().join("wal-0000000000000001.log");
+        let len = std::fs::metadata(&segment).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&segment).unwrap().set_len(len - 1).unwrap();
+
+        let (store, opened) = Store::open(Limits::default(), AuthStore::default(), &config(dir.path())).unwrap();
+        assert!(opened.cut.is_some());
+        assert_eq!(observe(&store), before);
+        assert_eq!(put(&store, "b", "2", 0), 3, "the lost revision is taken again");
+    }
+
+    #[test]
+    fn a_data_directory_of_another_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        let other = WalConfig::new(dir.path(), "token-2");
+        let error = Store::open(Limits::default(), AuthStore::default(), &other).err().expect("refused");
+        assert!(matches!(error, WalError::TokenMismatch { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_new_directory_gets_a_fresh_identity_that_restarts_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, opened) = Store::open(Limits::default(), AuthStore::default(), &config(dir.path())).unwrap();
+        assert!(!opened.warm);
+        let identity = store.identity();
+        drop(store);
+        assert_eq!(open(dir.path()).identity(), identity);
+    }
+}
