@@ -28,4 +28,5 @@ mod soak;
 mod support;
 mod troubleshoot;
 mod users;
+mod warm_restart;
 mod watch_semantics;

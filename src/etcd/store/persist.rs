@@ -466,7 +466,8 @@ mod tests {
         let stats = store.stats();
         let reads = (stats.compact_revision.max(1)..=stats.revision)
             .map(|revision| {
-                let all = RangeRequest { key: vec![0].into(), range_end: vec![0].into(), revision, ..Default::default() };
+                let all =
+                    RangeRequest { key: vec![0].into(), range_end: vec![0].into(), revision, ..Default::default() };
                 (revision, store.range(&all).expect("range").kvs)
             })
             .collect();
@@ -594,7 +595,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(open(dir.path()));
         let other = WalConfig::new(dir.path(), "token-2");
-        let error = Store::open(Limits::default(), AuthStore::default(), &other).err().expect("refused");
+        let error = Store::open(Limits::default(), AuthStore::default(), &other).expect_err("refused");
         assert!(matches!(error, WalError::TokenMismatch { .. }), "{error}");
     }
 

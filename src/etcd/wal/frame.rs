@@ -85,7 +85,11 @@ impl<R: Read> FrameReader<R> {
         let mut payload = Vec::new();
         (&mut self.inner).take(u64::from(len)).read_to_end(&mut payload).map_err(io)?;
         if payload.len() < len as usize {
-            return Err(FrameError::Torn { offset, have: FRAME_HEADER + payload.len(), want: FRAME_HEADER + len as usize });
+            return Err(FrameError::Torn {
+                offset,
+                have: FRAME_HEADER + payload.len(),
+                want: FRAME_HEADER + len as usize,
+            });
         }
         if crc32c::crc32c_append(crc32c::crc32c(&header[..4]), &payload) != crc {
             return Err(FrameError::Corrupt { offset });

@@ -14,9 +14,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::log::Owner;
-use super::record::{
-    self, Changes, Entry, Header, KeyVersions, LeaseGrant, Meta, SnapshotItem, snapshot_item::Kind,
-};
+use super::record::{self, Changes, Entry, Header, KeyVersions, LeaseGrant, Meta, SnapshotItem, snapshot_item::Kind};
 use super::{
     FORMAT, FrameError, FrameReader, LOG_PREFIX, LOG_SUFFIX, SNAPSHOT_PREFIX, SNAPSHOT_SUFFIX, WalError, log_path,
     sequence_of, snapshot_path, sync_dir,
@@ -185,12 +183,7 @@ fn open(path: &Path) -> Result<FrameReader<BufReader<File>>, WalError> {
     Ok(FrameReader::new(BufReader::with_capacity(1 << 20, file)))
 }
 
-fn read_snapshot(
-    path: &Path,
-    sequence: u64,
-    token: &str,
-    replay: &mut impl Replay,
-) -> Result<(Owner, u64), WalError> {
+fn read_snapshot(path: &Path, sequence: u64, token: &str, replay: &mut impl Replay) -> Result<(Owner, u64), WalError> {
     let corrupt = |reason: String| WalError::CorruptSnapshot { path: path.to_owned(), reason };
     let mut frames = open(path)?;
     let mut next = || match frames.next_frame() {
@@ -227,7 +220,6 @@ fn read_snapshot(
         applied.map_err(corrupt)?;
         first = false;
     }
-    drop(next);
     Ok((owner, frames.offset()))
 }
 
