@@ -139,6 +139,15 @@ impl Server {
                     .arg("--auto-compaction-retention=1")
                     .arg("--log-level=warn")
                     .env_remove("RUST_LOG");
+                // The cost of the data directory's log: `BENCH_OURS_DATA_DIR=/some/dir` (a new
+                // data directory is made inside it per server) and `BENCH_OURS_WAL_FSYNC`.
+                if let Some(parent) = std::env::var_os("BENCH_OURS_DATA_DIR") {
+                    let data_dir = tempfile::Builder::new().prefix("bench-ours-").tempdir_in(parent)?.keep();
+                    cmd.arg(format!("--data-dir={}", data_dir.display()));
+                    if let Ok(policy) = std::env::var("BENCH_OURS_WAL_FSYNC") {
+                        cmd.arg(format!("--wal-fsync={policy}"));
+                    }
+                }
                 cmd
             }
         };

@@ -1,8 +1,9 @@
 //! `/usr/bin/etcd`: the store, started the way Cilium's chart starts its etcd container.
 //!
 //! The parsed etcd command line ([`super::etcd_flags`]) becomes the arguments of our own
-//! `kvstore` command. Flags with a meaning here are honoured; flags about things a single
-//! in-memory member does not have (peers, raft, WAL, snapshots, the v2 API, the gateway) are
+//! `kvstore` command. Flags with a meaning here are honoured (`--data-dir` keeps the store, see
+//! `etcd/wal/`); flags about things a single member does not have (peers, raft, etcd's own WAL
+//! and snapshot tuning, the v2 API, the gateway) are
 //! accepted and named once in the log; values we cannot honour (plain-HTTP client URLs,
 //! Unix sockets) fail start-up with the flag in the message.
 
@@ -267,6 +268,20 @@ mod tests {
         assert_eq!(quota(&[tls, "--quota-backend-bytes=-1"]), -1);
         assert_eq!(quota(&[tls]), 0, "unset: etcd's default quota");
         assert!(serve(&[tls, "--quota-backend-bytes=1048576"]).unwrap().ignored.is_empty());
+    }
+
+    #[test]
+    fn the_data_directory_keeps_the_store_and_unsafe_no_fsync_turns_fsync_off() {
+        let tls = "--listen-client-urls=https://127.0.0.1:2379";
+        let store = |args: &[&str]| serve(args).unwrap().kvstore.store;
+        let defaults = store(&[tls]);
+        assert_eq!(defaults.data_dir.as_deref(), Some(std::path::Path::new("default.etcd")), "etcd's default");
+        assert_eq!((defaults.initial_cluster_token.as_str(), defaults.wal_fsync), ("etcd-cluster", FsyncPolicy::Batch));
+        assert_eq!(store(&[tls, "--unsafe-no-fsync"]).wal_fsync, FsyncPolicy::Never);
+        assert_eq!(store(&[tls, "--unsafe-no-fsync=false"]).wal_fsync, FsyncPolicy::Batch);
+        let wal = store(&[tls, "--data-dir=/var/run/etcd", "--initial-cluster-token=uid"]).wal_config().unwrap();
+        assert_eq!(wal.dir(), std::path::Path::new("/var/run/etcd/clustermesh-apiserver"));
+        assert_eq!(wal.initial_cluster_token, "uid");
     }
 
     fn serve_args_of(args: &[&str]) -> KvstoreArgs {
