@@ -15,6 +15,7 @@ use clustermesh_apiserver::etcd::service::cluster::MemberInfo;
 use clustermesh_apiserver::etcd::service::watch::WatchConfig;
 use clustermesh_apiserver::etcd::store::{Limits, Store};
 use clustermesh_apiserver::etcd::tls::TlsFiles;
+use clustermesh_apiserver::etcd::wal::{FsyncPolicy, WalConfig};
 use clustermesh_apiserver::translate::Settings;
 use clustermesh_client::global_services::{Backend, GlobalServiceSettings, remote_backends, select_backends};
 use clustermesh_client::wire::L4Addr;
@@ -351,6 +352,11 @@ struct PinnedStore {
 
 impl PinnedStore {
     async fn start(pki: &Pki, addr: SocketAddr) -> Self {
+        Self::start_with(pki, addr, None).await
+    }
+
+    /// With `data_dir`, the store is kept there and restored from it.
+    async fn start_with(pki: &Pki, addr: SocketAddr, data_dir: Option<&Path>) -> Self {
         let listener = eventually(&format!("bind {addr}"), Duration::from_secs(10), || async {
             tokio::net::TcpListener::bind(addr).await
         })
@@ -370,7 +376,7 @@ impl PinnedStore {
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             },
             auto_compaction_retention: Duration::ZERO,
-            persistence: None,
+            persistence: data_dir.map(|dir| WalConfig { fsync: FsyncPolicy::Never, ..WalConfig::new(dir, "it") }),
         };
         let (token, tracker) = (CancellationToken::new(), TaskTracker::new());
         let listeners = embedded::Listeners { client: vec![listener], metrics: Vec::new() };
@@ -434,6 +440,53 @@ async fn a_server_restarted_with_a_new_cluster_id_is_resynced_in_full_without_st
     assert!(seen.contains(&("node-a".to_string(), Op::Delete)), "{seen:?}");
     remote.stop().await;
     mirror.stop().await;
+    second.stop().await;
+}
+
+/// A store restarted on its data directory keeps its etcd cluster ID and history (warm
+/// restart): the agent's broken watches re-open from their next revision on the same cluster,
+/// and nothing is listed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_on_its_data_directory_is_followed_without_a_relist() {
+    init_tracing();
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("data dir");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+    let first = PinnedStore::start_with(&pki, addr, Some(data.path())).await;
+    let target = Target::Embedded(Arc::clone(&first.store));
+    target.put("cilium/cluster-config/cluster2", &cluster_config(2, true)).await;
+    target.put("cilium/.heartbeat", "2026-05-04T09:22:00Z").await;
+    target.put("cilium/state/nodes/v1/cluster2/node-a", &node_value("cluster2", 2, "node-a", "10.2.0.1")).await;
+    for name in ["nodes", "services", "identities", "ip"] {
+        target.put(&format!("cilium/synced/cluster2/cilium/state/{name}/v1"), "2026-05-04T09:21:07Z").await;
+    }
+
+    let dir = tempfile::tempdir().expect("config dir");
+    let path = write_peer(dir.path(), "cluster2", &format!("https://{addr}"), &pki, "");
+    let shutdown = CancellationToken::new();
+    let remote = RemoteCluster::start(name("cluster2"), path, options(), &shutdown);
+    wait_ready(&remote).await;
+    let before = remote.status();
+    let mut changes = remote.nodes().subscribe();
+
+    drop(target);
+    first.stop().await;
+    let second = PinnedStore::start_with(&pki, addr, Some(data.path())).await;
+    let target = Target::Embedded(Arc::clone(&second.store));
+    target.put("cilium/state/nodes/v1/cluster2/node-b", &node_value("cluster2", 2, "node-b", "10.2.0.2")).await;
+    eventually("the agent to see the write made after the restart", Duration::from_secs(20), || async {
+        remote.nodes().snapshot().contains_key("node-b").then_some(())
+    })
+    .await;
+
+    let after = remote.status();
+    assert_eq!(after.etcd_cluster_id, before.etcd_cluster_id, "the same etcd cluster");
+    assert!(after.last_failure.is_none(), "the session went on: {after:#?}");
+    let lists = |s: &RemoteStatus| s.prefixes.iter().map(|(k, p)| (*k, p.lists)).collect::<Vec<_>>();
+    assert_eq!(lists(&after), lists(&before), "no prefix listed again");
+    let seen: Vec<(String, Op)> = std::iter::from_fn(|| changes.try_recv().ok()).map(|c| (c.key, c.op)).collect();
+    assert_eq!(seen, [("node-b".to_owned(), Op::Upsert)], "only the new write");
+    remote.stop().await;
     second.stop().await;
 }
 

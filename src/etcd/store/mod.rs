@@ -653,10 +653,12 @@ impl<'a> Write<'a> {
     /// Writes `key` with what a put resolved (its lease known to exist): the part of a put
     /// that log replay repeats.
     fn apply_put(&mut self, key: &[u8], value: Blob, lease: i64) -> (Blob, Option<Version>) {
-        if let Some(ops) = &mut self.ops {
-            ops.push(persist::Op::Put { key: Blob::copy_from(key), value: value.clone(), lease });
-        }
+        let logged = self.ops.is_some().then(|| value.clone());
         let (key, previous) = self.state.keyspace.put(key, value, lease, self.revision);
+        if let (Some(ops), Some(value)) = (&mut self.ops, logged) {
+            // The keyspace's own handle: the key is not copied for the log.
+            ops.push(persist::Op::Put { key: key.clone(), value, lease });
+        }
         if let Some(prev) = &previous
             && prev.lease != 0
             && prev.lease != lease
