@@ -115,6 +115,8 @@ pub fn spawn<B: Backend>(
     let mut waited_for = mirror.canary_keys();
     waited_for.push(cluster_config_key.clone());
     let prefixes = mirror.prefixes();
+    // After a restart on a store that kept its data, only what changed is written.
+    sync.adopt_on_start(prefixes.iter().map(|prefix| format!("{prefix}/")).collect());
 
     let (events_tx, events_rx) = mpsc::channel::<SourceEvent>(1024);
     tracker.spawn(mirror.run(events_rx, shutdown.child_token()).instrument(tracing::info_span!("mirror", %cluster)));

@@ -68,4 +68,19 @@ impl Backend for Embedded {
         let response = self.store.range(&request).map_err(embedded)?;
         Ok(response.kvs.into_iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect())
     }
+
+    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
+        let request = RangeRequest {
+            key: Bytes::copy_from_slice(prefix.as_bytes()),
+            range_end: prefix_end(prefix.as_bytes()).into(),
+            ..Default::default()
+        };
+        let response = self.store.range(&request).map_err(embedded)?;
+        let entries = response.kvs.into_iter().map(|kv| super::Entry {
+            key: String::from_utf8_lossy(&kv.key).into_owned(),
+            value: kv.value,
+            lease: kv.lease,
+        });
+        Ok(entries.collect())
+    }
 }

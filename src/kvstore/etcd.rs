@@ -108,6 +108,17 @@ impl Backend for Etcd {
         let mut response = self.client.clone().get(prefix, Some(options)).await.map_err(Error::Etcd)?;
         Ok(response.take_kvs().into_iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect())
     }
+
+    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
+        let options = GetOptions::new().with_prefix();
+        let mut response = self.client.clone().get(prefix, Some(options)).await.map_err(Error::Etcd)?;
+        let entries = response.take_kvs().into_iter().map(|kv| super::Entry {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: Bytes::copy_from_slice(kv.value()),
+            lease: kv.lease(),
+        });
+        Ok(entries.collect())
+    }
 }
 
 #[cfg(test)]

@@ -150,6 +150,10 @@ impl<B: Backend> Backend for Instrumented<B> {
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
         self.timed(prefix, "read", "ListPrefix", self.inner.keys_with_prefix(prefix)).await
     }
+
+    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
+        self.timed(prefix, "read", "ListPrefix", self.inner.entries_with_prefix(prefix)).await
+    }
 }
 
 #[cfg(test)]

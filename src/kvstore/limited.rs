@@ -108,6 +108,11 @@ impl<B: Backend> Backend for RateLimited<B> {
         self.limiter.acquire().await;
         self.inner.keys_with_prefix(prefix).await
     }
+
+    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
+        self.limiter.acquire().await;
+        self.inner.entries_with_prefix(prefix).await
+    }
 }
 
 #[cfg(test)]

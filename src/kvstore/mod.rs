@@ -40,4 +40,17 @@ pub trait Backend: Send + Sync + 'static {
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
     /// The keys under `prefix` now (for pruning what no object wants after a restart).
     fn keys_with_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// The keys under `prefix` now with their values and leases: what a restarted writer finds
+    /// in a store that kept its data (a warm store, an attached etcd), so that it writes only
+    /// what differs and keeps the leases it finds.
+    fn entries_with_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<Entry>>> + Send;
+}
+
+/// A key as found in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub value: Bytes,
+    /// 0 for none.
+    pub lease: i64,
 }

@@ -53,6 +53,14 @@ impl Leases {
         self.current = Some(lease);
     }
 
+    /// `key` was found in the store on `lease` (written by a previous run): it stays there,
+    /// and the lease is kept alive and takes new keys while it has room.
+    pub fn adopt(&mut self, key: &str, lease: i64) {
+        self.release(key);
+        *self.counts.entry(lease).or_default() += 1;
+        self.by_key.insert(key.to_owned(), lease);
+    }
+
     /// `key` was deleted: its place on its lease is free again.
     pub fn release(&mut self, key: &str) {
         if let Some(lease) = self.by_key.remove(key)

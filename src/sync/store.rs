@@ -140,6 +140,8 @@ pub struct SyncStore {
     options: SyncOptions,
     /// Writes sent and not yet answered; counted as queued, so a drain waits for them.
     in_flight: Mutex<usize>,
+    /// Prefixes whose keys the worker adopts when it starts ([`SyncStore::adopt_on_start`]).
+    adopt: Mutex<Vec<String>>,
 }
 
 /// How the worker uses the backend.
@@ -173,6 +175,7 @@ impl Default for SyncStore {
             canaries_tx: watch::Sender::new(HashSet::new()),
             options: SyncOptions::default(),
             in_flight: Mutex::new(0),
+            adopt: Mutex::default(),
         }
     }
 }
@@ -188,6 +191,16 @@ impl SyncStore {
             max_keys_per_lease: options.max_keys_per_lease.max(1),
         };
         Arc::new(Self { options, ..Self::default() })
+    }
+
+    /// Before its first write, the worker reads what the store holds under `prefixes` (each
+    /// ending in `/`): a key found on a lease counts as written with its value, on that lease,
+    /// which is kept alive from then on. On a store that kept its data across a restart of this
+    /// process (a warm embedded store, an attached etcd), the initial sync then writes only
+    /// what differs, and no key moves to a new lease; what nothing wants is pruned after the
+    /// initial sync ([`SyncStore::prune`]).
+    pub fn adopt_on_start(&self, prefixes: Vec<String>) {
+        *self.adopt.lock() = prefixes;
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
@@ -254,11 +267,13 @@ impl SyncStore {
         let mut state = self.state.lock();
         let mut pruned = 0;
         for key in present {
-            if !state.desired.contains_key(&key) && !state.written.contains_key(&key) {
-                state.written.insert(key.clone(), None);
-                state.enqueue(key);
-                pruned += 1;
+            if state.desired.contains_key(&key) || state.queued.contains(&key) {
+                continue;
             }
+            // Unknown here, or adopted at start and wanted by nothing since.
+            state.written.entry(key.clone()).or_insert(None);
+            state.enqueue(key);
+            pruned += 1;
         }
         drop(state);
         self.wake.notify_one();
@@ -308,6 +323,9 @@ impl SyncStore {
         // After a failed write nothing new is sent until this passes.
         let mut paused: Option<tokio::time::Instant> = None;
         let mut leases = Leases::new(self.options.max_keys_per_lease);
+        if !self.adopt_found(&*backend, &mut leases, &shutdown).await {
+            return;
+        }
         let mut in_flight = FuturesUnordered::new();
         let mut in_flight_keys: HashSet<String> = HashSet::new();
         let mut keep_alive = tokio::time::interval(lease_ttl / 3);
@@ -393,6 +411,45 @@ impl SyncStore {
                 },
             }
         }
+    }
+
+    /// Adopts what the store holds under the prefixes of [`SyncStore::adopt_on_start`];
+    /// false if shut down meanwhile.
+    async fn adopt_found<B: Backend>(&self, backend: &B, leases: &mut Leases, shutdown: &CancellationToken) -> bool {
+        let prefixes = std::mem::take(&mut *self.adopt.lock());
+        let mut found = Vec::new();
+        for prefix in &prefixes {
+            let list = || backend.entries_with_prefix(prefix);
+            let Some(entries) = retry_until_shutdown("listing keys to adopt", shutdown, list).await else {
+                return false;
+            };
+            found.extend(entries);
+        }
+        let mut adopted = std::collections::BTreeSet::new();
+        let mut keys = 0;
+        {
+            let mut state = self.state.lock();
+            // A key without a lease was not written by a writer like this one: it is written
+            // again (on a lease) if wanted, pruned if not.
+            for entry in found.into_iter().filter(|entry| entry.lease != 0) {
+                leases.adopt(&entry.key, entry.lease);
+                adopted.insert(entry.lease);
+                state.written.insert(entry.key, Some(entry.value));
+                keys += 1;
+            }
+        }
+        if keys > 0 {
+            tracing::info!(keys, leases = adopted.len(), "kept what the store holds from a previous run");
+        }
+        // A lease that is gone took its keys with it: they are written again.
+        for lease in adopted {
+            match backend.keep_alive(lease).await {
+                Ok(()) => {}
+                Err(Error::LeaseLost(_)) => self.lose(leases, lease),
+                Err(error) => tracing::warn!(error = %crate::error_chain(&error), "lease keep-alive failed"),
+            }
+        }
+        true
     }
 
     /// Records the answer to one write; returns whether it failed (and sending should pause).
@@ -711,6 +768,14 @@ mod tests {
             }
             Ok(self.keys.lock().keys().filter(|k| k.starts_with(prefix)).cloned().collect())
         }
+
+        async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<crate::kvstore::Entry>> {
+            let keys = self.keys.lock();
+            let found = keys.iter().filter(|(k, _)| k.starts_with(prefix));
+            Ok(found
+                .map(|(key, (value, lease))| crate::kvstore::Entry { key: key.clone(), value: value.clone(), lease: *lease })
+                .collect())
+        }
     }
 
     fn start(backend: &Arc<Memory>) -> (Arc<SyncStore>, CancellationToken, tokio::task::JoinHandle<()>) {
@@ -800,6 +865,57 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         settle().await;
         assert_eq!(backend.value("k"), None);
+        token.cancel();
+        worker.await.unwrap();
+    }
+
+    /// A previous run's keys on its lease, in a store that kept them.
+    fn previous_run(backend: &Memory, lease: i64, keys: &[(&str, &str)]) {
+        backend.leases.lock().insert(lease);
+        *backend.next_lease.lock() = lease;
+        for (key, value) in keys {
+            backend.keys.lock().insert((*key).to_owned(), (Bytes::copy_from_slice(value.as_bytes()), lease));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_a_store_that_kept_its_keys_only_the_differences_are_written_on_the_leases_found() {
+        let backend = Arc::new(Memory::default());
+        previous_run(&backend, 7, &[("p/same", "1"), ("p/changed", "old"), ("p/gone", "x")]);
+        let store = SyncStore::new();
+        store.adopt_on_start(vec!["p/".to_owned()]);
+        store.upsert("p/same".into(), Bytes::from_static(b"1"));
+        store.upsert("p/changed".into(), Bytes::from_static(b"new"));
+        store.upsert("p/added".into(), Bytes::from_static(b"1"));
+        let token = CancellationToken::new();
+        let worker = tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        settle().await;
+        assert_eq!(*backend.puts.lock(), ["p/changed", "p/added"], "p/same is not written again");
+        assert_eq!((backend.lease_of("p/changed"), backend.lease_of("p/added")), (Some(7), Some(7)), "no new lease");
+        assert_eq!(backend.value("p/gone").as_deref(), Some("x"), "kept until the initial sync is pruned");
+
+        let present = backend.keys_with_prefix("p/").await.unwrap();
+        assert_eq!(store.prune(present), 1);
+        settle().await;
+        assert_eq!(backend.value("p/gone"), None, "nothing wants it");
+        assert!(*backend.keep_alives.lock() >= 1, "the lease found is kept alive");
+        token.cancel();
+        worker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_found_on_a_lease_that_is_gone_are_written_again() {
+        let backend = Arc::new(Memory::default());
+        previous_run(&backend, 7, &[("p/a", "1")]);
+        backend.leases.lock().clear();
+        let store = SyncStore::new();
+        store.adopt_on_start(vec!["p/".to_owned()]);
+        store.upsert("p/a".into(), Bytes::from_static(b"1"));
+        let token = CancellationToken::new();
+        let worker = tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        settle().await;
+        assert_eq!(*backend.puts.lock(), ["p/a"]);
+        assert_eq!(backend.lease_of("p/a"), Some(8), "on a lease granted now");
         token.cancel();
         worker.await.unwrap();
     }
