@@ -773,7 +773,11 @@ mod tests {
             let keys = self.keys.lock();
             let found = keys.iter().filter(|(k, _)| k.starts_with(prefix));
             Ok(found
-                .map(|(key, (value, lease))| crate::kvstore::Entry { key: key.clone(), value: value.clone(), lease: *lease })
+                .map(|(key, (value, lease))| crate::kvstore::Entry {
+                    key: key.clone(),
+                    value: value.clone(),
+                    lease: *lease,
+                })
                 .collect())
         }
     }
@@ -888,7 +892,8 @@ mod tests {
         store.upsert("p/changed".into(), Bytes::from_static(b"new"));
         store.upsert("p/added".into(), Bytes::from_static(b"1"));
         let token = CancellationToken::new();
-        let worker = tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker =
+            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
         settle().await;
         assert_eq!(*backend.puts.lock(), ["p/changed", "p/added"], "p/same is not written again");
         assert_eq!((backend.lease_of("p/changed"), backend.lease_of("p/added")), (Some(7), Some(7)), "no new lease");
@@ -912,7 +917,8 @@ mod tests {
         store.adopt_on_start(vec!["p/".to_owned()]);
         store.upsert("p/a".into(), Bytes::from_static(b"1"));
         let token = CancellationToken::new();
-        let worker = tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker =
+            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
         settle().await;
         assert_eq!(*backend.puts.lock(), ["p/a"]);
         assert_eq!(backend.lease_of("p/a"), Some(8), "on a lease granted now");

@@ -45,6 +45,11 @@ impl ServerProcess {
     /// Starts `clustermesh --cluster-name cluster1 --cluster-id 1` against the API at
     /// `api_url`. Does not wait for readiness: see [`ServerProcess::wait_ready`].
     pub fn start(pki: &Pki, api_url: &str, mode: &StoreMode) -> ServerProcess {
+        Self::start_with(pki, api_url, mode, &[])
+    }
+
+    /// [`ServerProcess::start`] with more flags.
+    pub fn start_with(pki: &Pki, api_url: &str, mode: &StoreMode, extra: &[String]) -> ServerProcess {
         let dir = tempfile::Builder::new().prefix("it-server-").tempdir().expect("temp dir");
         let kubeconfig = dir.path().join("kubeconfig");
         write_kubeconfig(&kubeconfig, api_url);
@@ -81,6 +86,7 @@ impl ServerProcess {
                 args.push(format!("--kvstore-opt=etcd.config={}", config.display()));
             }
         }
+        args.extend_from_slice(extra);
         let mut server = ServerProcess { args, dir, child: None, health_port, starts: 0 };
         server.spawn();
         server
