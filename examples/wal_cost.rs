@@ -1,6 +1,7 @@
 //! What the data directory's log costs a put, without gRPC around it: the same Cilium-shaped
 //! puts (on leases of 1,000 keys) into a store without `--data-dir`, then with one under each
-//! fsync policy, timed in process CPU per put.
+//! fsync policy, timed in process CPU per put; and how long the store takes to open again
+//! from its log, then from a snapshot.
 //!
 //! `cargo run --release --example wal_cost -- [PUTS] [DIR]` (default 200000 puts, a temporary
 //! directory under /tmp; give a directory on the disk that matters).
@@ -37,6 +38,21 @@ fn run(store: &Store, puts: usize) -> (f64, f64) {
     (per_put(cpu_seconds() - cpu), per_put(wall.elapsed().as_secs_f64()))
 }
 
+/// Opens the store again and prints how long that took (a warm restart's start-up).
+fn restart(config: &WalConfig, what: &str) {
+    let started = Instant::now();
+    let (store, opened) = Store::open(Limits::default(), AuthStore::default(), config).expect("reopen");
+    let stats = store.stats();
+    println!(
+        "  restart {what}: {:.0} ms for {} keys at revision {} ({} log bytes, {} snapshot bytes)",
+        started.elapsed().as_secs_f64() * 1e3,
+        stats.keys,
+        stats.revision,
+        opened.log_bytes,
+        opened.snapshot_bytes
+    );
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let puts: usize = args.next().map_or(200_000, |n| n.parse().expect("a number of puts"));
@@ -52,5 +68,13 @@ fn main() {
         let n = if policy == FsyncPolicy::Always { puts / 20 } else { puts };
         let (cpu, wall) = run(&store, n);
         println!("data dir {policy:<7?} {cpu:7.0} ns CPU/put {wall:7.0} ns wall/put ({n} puts)");
+        if policy == FsyncPolicy::Batch {
+            drop(store);
+            restart(&config, "from the log");
+            let (store, _) = Store::open(Limits::default(), AuthStore::default(), &config).expect("open");
+            store.snapshot().expect("snapshot");
+            drop(store);
+            restart(&config, "from a snapshot");
+        }
     }
 }
