@@ -590,6 +590,53 @@ mod tests {
         assert_eq!(put(&store, "b", "2", 0), 3, "the lost revision is taken again");
     }
 
+    /// A crash can tear the last write anywhere: cut the log at every byte, and the store
+    /// opens as it was after some whole prefix of its writes, a longer one for a longer log.
+    #[test]
+    fn a_log_cut_at_any_byte_opens_as_the_store_was_after_its_last_whole_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut states = vec![observe(&store)];
+        let lease = grant(&store, 60);
+        states.push(observe(&store));
+        for (key, value) in [("a", "1"), ("b", "2"), ("a", "3")] {
+            put(&store, key, value, lease);
+            states.push(observe(&store));
+        }
+        let txn = TxnRequest { compare: vec![], success: vec![put_op("c", "1"), put_op("d", "1")], failure: vec![] };
+        store.txn(txn).expect("txn");
+        states.push(observe(&store));
+        delete(&store, "b");
+        states.push(observe(&store));
+        store.compact(&CompactionRequest { revision: 4, physical: false }).expect("compact");
+        states.push(observe(&store));
+        store.lease_revoke(&LeaseRevokeRequest { id: lease }).expect("revoke");
+        states.push(observe(&store));
+        drop(store);
+
+        let segment = config(dir.path()).dir().join("wal-0000000000000001.log");
+        let whole = std::fs::read(&segment).unwrap();
+        let mut last = 0;
+        for len in 0..=whole.len() {
+            let copy = tempfile::tempdir().unwrap();
+            let copy_dir = config(copy.path()).dir();
+            std::fs::create_dir_all(&copy_dir).unwrap();
+            std::fs::write(copy_dir.join("wal-0000000000000001.log"), &whole[..len]).unwrap();
+            let (store, _) = Store::open(Limits::default(), AuthStore::default(), &config(copy.path())).unwrap();
+            let seen = observe(&store);
+            if len == 0 || seen.identity != states[0].identity {
+                // Cut inside the header: a directory with no store in it yet.
+                assert!(last == 0 && seen.revision == 1, "cut at {len}");
+                continue;
+            }
+            let at = states.iter().position(|s| *s == seen);
+            let at = at.unwrap_or_else(|| panic!("cut at {len}: a state the store never had: {seen:#?}"));
+            assert!(at >= last, "cut at {len}: went back from state {last} to {at}");
+            last = at;
+        }
+        assert_eq!(last, states.len() - 1, "the whole log restores the last state");
+    }
+
     #[test]
     fn a_data_directory_of_another_token_is_refused() {
         let dir = tempfile::tempdir().unwrap();
