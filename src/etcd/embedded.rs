@@ -63,6 +63,12 @@ pub fn spawn(
         None => Store::new(Identity::random(), config.limits, auth),
         Some(wal) => {
             let (store, opened) = Store::open(config.limits, auth, wal)?;
+            if opened.reidentified {
+                tracing::warn!(
+                    "the machine restarted since the store last wrote its log, and the store did not stop cleanly: \
+                     writes not yet on disk may be lost, so the data is kept under a new cluster ID and clients resync"
+                );
+            }
             if let Some(cut) = &opened.cut {
                 tracing::warn!("the log ended in a torn or corrupt record (a crash mid-write): {cut}");
             }

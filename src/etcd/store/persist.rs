@@ -68,6 +68,9 @@ pub(super) struct Persistence {
 pub struct Opened {
     /// Whether the store was restored (false: a new store in an empty directory).
     pub warm: bool,
+    /// Restored after a machine restart that followed an unclean stop: the data is kept
+    /// under a new cluster ID (see [`Store::open`]).
+    pub reidentified: bool,
     pub entries: u64,
     pub snapshot_bytes: u64,
     pub log_bytes: u64,
@@ -87,14 +90,28 @@ impl Store {
         let mut restore = Restore { state: State { revision: 1, ..State::default() }, now: Instant::now() };
         let recovered = wal::recover(&dir, &config.initial_cluster_token, &mut restore)?;
         let warm = recovered.owner.is_some();
-        let owner = recovered.owner.clone().unwrap_or_else(|| {
+        // Writes acknowledged before a machine restart may not have reached the disk (only
+        // `always` syncs before acknowledging, and even then readers may have seen a write
+        // before its sync): clients that saw them would resume past revisions that this store
+        // is about to reuse. So after a restart of the machine, unless the last run ended
+        // cleanly, the data stays but the store takes a new identity, and clients resync as
+        // after any new store. A process crash loses nothing the kernel had: the identity stays.
+        let rebooted = warm
+            && !recovered.clean_shutdown
+            && recovered.boot_id.as_deref().is_some_and(|boot| !boot.is_empty() && boot != config.boot_id);
+        let new_owner = || {
             let identity = Identity::random();
             Owner {
                 cluster_id: identity.cluster_id,
                 member_id: identity.member_id,
                 token: config.initial_cluster_token.clone(),
+                boot_id: config.boot_id.clone(),
             }
-        });
+        };
+        let owner = match recovered.owner.clone() {
+            Some(owner) if !rebooted => Owner { boot_id: config.boot_id.clone(), ..owner },
+            _ => new_owner(),
+        };
         let log = Log::create(
             &dir,
             owner.clone(),
@@ -112,12 +129,30 @@ impl Store {
         let persistence = Persistence { log, dir, owner, snapshot_wanted };
         let opened = Opened {
             warm,
+            reidentified: rebooted,
             entries: recovered.entries,
             snapshot_bytes: recovered.snapshot_bytes,
             log_bytes: recovered.log_bytes,
             cut: recovered.cut,
         };
-        Ok((Self::with_state(identity, limits, auth, restore.state, Some(persistence)), opened))
+        let store = Self::with_state(identity, limits, auth, restore.state, Some(persistence));
+        if rebooted {
+            // The files of the old identity go: a snapshot under the new one replaces them.
+            store.snapshot()?;
+        }
+        Ok((store, opened))
+    }
+
+    /// The last entry of a clean stop: everything logged is synced, then this entry, so that a
+    /// start after a machine restart knows nothing was lost and keeps the identity. Writes
+    /// that still come after it make the next start treat the stop as unclean.
+    fn log_clean_shutdown(&self) -> std::io::Result<()> {
+        let Some(persistence) = &self.persistence else { return Ok(()) };
+        let _no_writes = self.state.write();
+        persistence.log.sync()?;
+        let shutdown = record::Entry { kind: Some(entry::Kind::Shutdown(record::Shutdown {})) };
+        persistence.log.append(&shutdown)?;
+        persistence.log.sync()
     }
 
     /// Appends the entry `entry` builds, when the store keeps a log; returns its position.
@@ -225,7 +260,7 @@ impl Store {
                 }
             }
         }
-        if let Err(error) = self.sync_log() {
+        if let Err(error) = self.log_clean_shutdown() {
             tracing::error!(%error, "syncing the log at shutdown");
         }
     }
@@ -386,6 +421,7 @@ impl Replay for Restore {
         match entry.kind {
             Some(entry::Kind::Commit(commit)) => self.commit(commit),
             Some(entry::Kind::LeaseGrant(grant)) => self.grant(grant),
+            Some(entry::Kind::Shutdown(_)) => Ok(()),
             Some(entry::Kind::Compaction(compaction)) => {
                 let revision = compaction.revision;
                 if revision <= self.state.compact_revision || revision > self.state.revision {
@@ -635,6 +671,47 @@ mod tests {
             last = at;
         }
         assert_eq!(last, states.len() - 1, "the whole log restores the last state");
+    }
+
+    fn open_in_boot(dir: &std::path::Path, boot: &str) -> (Arc<Store>, Opened) {
+        let config = WalConfig { boot_id: boot.to_owned(), ..config(dir) };
+        Store::open(Limits::default(), AuthStore::default(), &config).expect("opens")
+    }
+
+    #[test]
+    fn after_a_machine_restart_that_followed_a_crash_the_data_stays_under_a_new_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open_in_boot(dir.path(), "boot-a");
+        workload(&store);
+        let before = observe(&store);
+        drop(store);
+
+        let (store, opened) = open_in_boot(dir.path(), "boot-b");
+        assert!(opened.warm && opened.reidentified);
+        let after = observe(&store);
+        assert_ne!(after.identity.cluster_id, before.identity.cluster_id, "clients must resync");
+        assert_eq!(Observed { identity: before.identity, ..observe(&store) }, before, "the data is kept");
+        drop(store);
+        let (store, opened) = open_in_boot(dir.path(), "boot-b");
+        assert!(!opened.reidentified, "a crash within the same boot keeps the new identity");
+        assert_eq!(observe(&store), after);
+    }
+
+    #[test]
+    fn after_a_clean_stop_a_machine_restart_keeps_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open_in_boot(dir.path(), "boot-a");
+        workload(&store);
+        store.log_clean_shutdown().expect("clean stop");
+        let before = observe(&store);
+        drop(store);
+        let (store, opened) = open_in_boot(dir.path(), "boot-b");
+        assert!(!opened.reidentified);
+        assert_eq!(observe(&store), before);
+        put(&store, "after", "1", 0);
+        drop(store);
+        let (_, opened) = open_in_boot(dir.path(), "boot-c");
+        assert!(opened.reidentified, "the clean stop was followed by writes and a crash");
     }
 
     #[test]

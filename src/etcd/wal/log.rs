@@ -22,6 +22,8 @@ pub struct Owner {
     pub cluster_id: u64,
     pub member_id: u64,
     pub token: String,
+    /// The machine's boot the files are written under (see [`super::record::boot_id`]).
+    pub boot_id: String,
 }
 
 struct Writer {
@@ -213,7 +215,7 @@ fn create_segment(dir: &Path, owner: &Owner, sequence: u64, policy: FsyncPolicy)
         .append(true)
         .open(&path)
         .map_err(WalError::io("creating", &path))?;
-    let header = Header::new(record::KIND_LOG, owner.cluster_id, owner.member_id, &owner.token, sequence);
+    let header = Header::new(record::KIND_LOG, owner, sequence);
     let mut buf = Vec::new();
     write_message_frame(&mut buf, &header);
     file.write_all(&buf).map_err(WalError::io("writing", &path))?;

@@ -24,7 +24,10 @@
 //! not logged: as etcd does after a restart, every lease gets its full TTL again from the
 //! restart. Users, roles and the auth switch stay in `auth.json`; alarms are not kept.
 //!
-//! **fsync** is a policy ([`FsyncPolicy`]); it never runs under the store's lock.
+//! **fsync** is a policy ([`FsyncPolicy`]); it never runs under the store's lock. Every header
+//! records the machine's boot ID: a start under another boot, after a stop that did not end
+//! the log with a clean-shutdown entry, may have lost writes clients saw, so the store keeps
+//! its data under a new identity (see `Store::open`).
 //!
 //! **Snapshots** bound the log: once the segments written since the last snapshot outgrow it
 //! (and at least [`DEFAULT_SNAPSHOT_LOG_BYTES`]), the log moves to a new segment and the state
@@ -89,6 +92,8 @@ pub struct WalConfig {
     pub fsync: FsyncPolicy,
     /// The least log written since the last snapshot that triggers the next one.
     pub snapshot_log_bytes: u64,
+    /// This boot of the machine ([`record::boot_id`]; set by tests).
+    pub boot_id: String,
 }
 
 impl WalConfig {
@@ -98,6 +103,7 @@ impl WalConfig {
             initial_cluster_token: initial_cluster_token.into(),
             fsync: FsyncPolicy::default(),
             snapshot_log_bytes: DEFAULT_SNAPSHOT_LOG_BYTES,
+            boot_id: record::boot_id(),
         }
     }
 

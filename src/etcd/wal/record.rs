@@ -38,26 +38,37 @@ pub struct Header {
     /// The release that wrote it, for an operator reading a hex dump.
     #[prost(string, tag = "7")]
     pub writer: String,
+    /// The kernel's boot ID when the file was started: a later start under another boot ID
+    /// follows a machine restart, which may have lost writes that were not on disk yet.
+    #[prost(string, tag = "8")]
+    pub boot_id: String,
 }
 
 impl Header {
-    pub fn new(kind: u32, cluster_id: u64, member_id: u64, token: &str, sequence: u64) -> Self {
+    pub fn new(kind: u32, owner: &super::Owner, sequence: u64) -> Self {
         Self {
             format: FORMAT,
             kind,
-            cluster_id,
-            member_id,
-            initial_cluster_token: token.to_owned(),
+            cluster_id: owner.cluster_id,
+            member_id: owner.member_id,
+            initial_cluster_token: owner.token.clone(),
             sequence,
             writer: concat!("clustermesh-apiserver ", env!("CARGO_PKG_VERSION")).to_owned(),
+            boot_id: owner.boot_id.clone(),
         }
     }
+}
+
+/// This boot of the machine (Linux's `/proc/sys/kernel/random/boot_id`, the host's in a
+/// container too); empty where there is none.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|id| id.trim().to_owned()).unwrap_or_default()
 }
 
 /// One log entry.
 #[derive(Clone, PartialEq, Message)]
 pub struct Entry {
-    #[prost(oneof = "entry::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "entry::Kind", tags = "1, 2, 3, 4")]
     pub kind: Option<entry::Kind>,
 }
 
@@ -70,8 +81,14 @@ pub mod entry {
         LeaseGrant(super::LeaseGrant),
         #[prost(message, tag = "3")]
         Compaction(super::Compaction),
+        /// The last entry of a clean shutdown, written once everything before it was synced.
+        #[prost(message, tag = "4")]
+        Shutdown(super::Shutdown),
     }
 }
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Shutdown {}
 
 /// One committed write: its operations, in the order they were applied, at `revision`.
 ///

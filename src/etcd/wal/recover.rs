@@ -43,6 +43,10 @@ pub struct Recovered {
     pub entries: u64,
     /// Where the log was cut, when it was (for the start-up log line).
     pub cut: Option<String>,
+    /// The boot ID under which the last segment read was written.
+    pub boot_id: Option<String>,
+    /// The log ends with a clean shutdown's entry: everything in it was on disk.
+    pub clean_shutdown: bool,
 }
 
 /// Reads `dir` (creating it when missing) into `replay`.
@@ -70,6 +74,12 @@ pub fn recover(dir: &Path, token: &str, replay: &mut impl Replay) -> Result<Reco
         let read = read_segment(&path, sequence, token, recovered.owner.as_ref(), replay)?;
         recovered.entries += read.entries;
         recovered.log_bytes += read.good_bytes;
+        if read.boot_id.is_some() {
+            recovered.boot_id = read.boot_id.clone();
+        }
+        if read.entries > 0 {
+            recovered.clean_shutdown = read.ends_clean;
+        }
         if recovered.owner.is_none() {
             recovered.owner = read.owner;
         }
@@ -175,7 +185,12 @@ fn check_header(
             expected: owner.cluster_id,
         });
     }
-    Ok(Owner { cluster_id: header.cluster_id, member_id: header.member_id, token: header.initial_cluster_token })
+    Ok(Owner {
+        cluster_id: header.cluster_id,
+        member_id: header.member_id,
+        token: header.initial_cluster_token,
+        boot_id: header.boot_id,
+    })
 }
 
 fn open(path: &Path) -> Result<FrameReader<BufReader<File>>, WalError> {
@@ -225,6 +240,9 @@ fn read_snapshot(path: &Path, sequence: u64, token: &str, replay: &mut impl Repl
 
 struct SegmentRead {
     owner: Option<Owner>,
+    boot_id: Option<String>,
+    /// The last entry read is a clean shutdown's.
+    ends_clean: bool,
     entries: u64,
     good_bytes: u64,
     /// Why reading stopped before the end of the file, if it did.
@@ -241,23 +259,49 @@ fn read_segment(
     let mut frames = open(path)?;
     let stopped = |error: FrameError, entries| match error {
         FrameError::Io { source, .. } => Err(WalError::Io { action: "reading", path: path.to_owned(), source }),
-        error => Ok(SegmentRead { owner: None, entries, good_bytes: 0, stopped: Some(error) }),
+        error => Ok(SegmentRead {
+            owner: None,
+            boot_id: None,
+            ends_clean: false,
+            entries,
+            good_bytes: 0,
+            stopped: Some(error),
+        }),
     };
     let header = match frames.next_frame() {
         Ok(Some(header)) => header,
         // A segment whose header never made it to the file holds nothing yet.
-        Ok(None) => return Ok(SegmentRead { owner: None, entries: 0, good_bytes: 0, stopped: None }),
+        Ok(None) => {
+            return Ok(SegmentRead {
+                owner: None,
+                boot_id: None,
+                ends_clean: false,
+                entries: 0,
+                good_bytes: 0,
+                stopped: None,
+            });
+        }
         Err(error) => return stopped(error, 0),
     };
     let found = check_header(path, &header, record::KIND_LOG, sequence, token, owner)?;
-    let mut read = SegmentRead { owner: Some(found), entries: 0, good_bytes: frames.offset(), stopped: None };
+    let mut read = SegmentRead {
+        boot_id: Some(found.boot_id.clone()),
+        owner: Some(found),
+        ends_clean: false,
+        entries: 0,
+        good_bytes: frames.offset(),
+        stopped: None,
+    };
     loop {
         match frames.next_frame() {
             Ok(Some(payload)) => {
                 let index = read.entries;
                 let bad = |reason: String| WalError::BadEntry { path: PathBuf::from(path), index, reason };
                 let entry = Entry::decode(payload).map_err(|e| bad(format!("undecodable: {e}")))?;
-                replay.entry(entry).map_err(bad)?;
+                read.ends_clean = matches!(entry.kind, Some(record::entry::Kind::Shutdown(_)));
+                if !read.ends_clean {
+                    replay.entry(entry).map_err(bad)?;
+                }
                 read.entries += 1;
                 read.good_bytes = frames.offset();
             }
@@ -266,6 +310,7 @@ fn read_segment(
                 let entries = read.entries;
                 let mut cut = stopped(error, entries)?;
                 cut.owner = read.owner;
+                cut.boot_id = read.boot_id;
                 cut.good_bytes = read.good_bytes;
                 return Ok(cut);
             }
@@ -282,7 +327,7 @@ mod tests {
     const TOKEN: &str = "pod-uid-1";
 
     fn owner() -> Owner {
-        Owner { cluster_id: 0xc1, member_id: 0x31, token: TOKEN.to_owned() }
+        Owner { cluster_id: 0xc1, member_id: 0x31, token: TOKEN.to_owned(), boot_id: "boot-1".to_owned() }
     }
 
     /// What recovery handed over, in order.
@@ -423,7 +468,7 @@ mod tests {
     #[test]
     fn a_newer_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut header = Header::new(record::KIND_LOG, 1, 1, TOKEN, 1);
+        let mut header = Header::new(record::KIND_LOG, &owner(), 1);
         header.format = FORMAT + 1;
         let mut bytes = Vec::new();
         super::super::write_message_frame(&mut bytes, &header);

@@ -35,7 +35,7 @@ impl SnapshotSink {
             end: End::default(),
             bytes: 0,
         };
-        let header = Header::new(record::KIND_SNAPSHOT, owner.cluster_id, owner.member_id, &owner.token, sequence);
+        let header = Header::new(record::KIND_SNAPSHOT, owner, sequence);
         sink.write(&header)?;
         sink.item(Kind::Meta(meta))?;
         Ok(sink)
