@@ -6,6 +6,7 @@
 //! `cargo run --release --example wal_cost -- [PUTS] [DIR]` (default 200000 puts, a temporary
 //! directory under /tmp; give a directory on the disk that matters).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use clustermesh_apiserver::etcd::auth::AuthStore;
@@ -53,6 +54,26 @@ fn restart(config: &WalConfig, what: &str) {
     );
 }
 
+/// `threads` writers at once, for lock contention: CPU per put over all of them.
+fn run_concurrent(store: &Arc<Store>, puts: usize, threads: usize) -> f64 {
+    let cpu = cpu_seconds();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let store = Arc::clone(store);
+            scope.spawn(move || {
+                let value = vec![b'v'; 300];
+                for i in 0..puts / threads {
+                    let key = format!("cilium/state/ip/v1/t{t}/10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+                    let request =
+                        PutRequest { key: key.into_bytes().into(), value: value.clone().into(), ..Default::default() };
+                    store.put(request).expect("put");
+                }
+            });
+        }
+    });
+    (cpu_seconds() - cpu) * 1e9 / puts as f64
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let puts: usize = args.next().map_or(200_000, |n| n.parse().expect("a number of puts"));
@@ -60,6 +81,17 @@ fn main() {
     let memory = Store::new(Identity::random(), Limits::default(), AuthStore::default());
     let (cpu, wall) = run(&memory, puts);
     println!("no data dir:      {cpu:7.0} ns CPU/put {wall:7.0} ns wall/put");
+    for threads in [4, 16] {
+        let memory = Store::new(Identity::random(), Limits::default(), AuthStore::default());
+        let without = run_concurrent(&memory, puts, threads);
+        let dir = tempfile::Builder::new().prefix("wal-cost-").tempdir_in(&parent).expect("temp dir");
+        let config = WalConfig { fsync: FsyncPolicy::Never, ..WalConfig::new(dir.path(), "bench") };
+        let (store, _) = Store::open(Limits::default(), AuthStore::default(), &config).expect("open");
+        let with = run_concurrent(&store, puts, threads);
+        println!(
+            "{threads:2} writers at once: {without:7.0} ns CPU/put without, {with:7.0} ns with a data dir (never)"
+        );
+    }
     for policy in [FsyncPolicy::Never, FsyncPolicy::Batch, FsyncPolicy::Always] {
         let dir = tempfile::Builder::new().prefix("wal-cost-").tempdir_in(&parent).expect("temp dir");
         let config = WalConfig { fsync: policy, ..WalConfig::new(dir.path(), "bench") };

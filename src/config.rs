@@ -237,11 +237,13 @@ pub struct StoreArgs {
     #[arg(long, default_value = "etcd-cluster")]
     pub initial_cluster_token: String,
     /// When the data directory's log is flushed to disk. Every write is in the log file
-    /// before it is acknowledged, so a crash of the process loses nothing acknowledged;
-    /// `batch` syncs once a second off the write path (a power loss takes at most about the
-    /// last second), `always` before each acknowledgement (etcd's guarantee, at the cost of a
-    /// disk flush per write), `never` leaves it to the kernel.
-    #[arg(long, value_enum, default_value = "batch")]
+    /// before it is acknowledged, so a crash of the process loses nothing acknowledged, and a
+    /// clean stop syncs it. `never` leaves the rest to the kernel: after a machine restart
+    /// that followed an unclean stop the store keeps its data under a new cluster ID anyway
+    /// (clients resync). `batch` syncs once a second off the write path (a power loss takes at
+    /// most about the last second), `always` before each acknowledgement (etcd's guarantee, at
+    /// the cost of a disk flush per write).
+    #[arg(long, value_enum, default_value = "never")]
     pub wal_fsync: crate::etcd::wal::FsyncPolicy,
     /// The least log written since the last snapshot that triggers the next one (bytes).
     #[arg(long, default_value_t = crate::etcd::wal::DEFAULT_SNAPSHOT_LOG_BYTES, hide = true)]

