@@ -961,7 +961,12 @@ mod tests {
         assert_eq!((options.qps, options.bootstrap_qps, options.max_inflight), (Some(50.0), Some(10000.0), Some(10)));
         assert_eq!(chart.kvstore_kind(), KvstoreKind::Etcd, "an etcd client file means the etcd container");
         assert!(chart.validate().is_ok());
-        assert!(chart.cilium.ignored().unwrap().contains("k8s-client-qps"));
+        assert!(chart.cilium.ignored().unwrap().contains("controller-group-metrics"));
+        assert_eq!(
+            chart.k8s_client_rate(),
+            Some(KubeRate { qps: 30.0, burst: 60 }),
+            "client-go's burst: twice the QPS"
+        );
 
         assert_eq!(parse(&["--auto-tls"]).kvstore_kind(), KvstoreKind::Embedded);
         assert!(matches!(parse(&["--kvstore-opt=etcd.bogus=1"]).validate(), Err(ConfigError::KvstoreOpt(..))));

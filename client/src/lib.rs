@@ -84,6 +84,7 @@ mod canaries;
 pub mod cluster_config;
 pub mod config;
 pub mod connect;
+pub mod display;
 pub mod global_services;
 mod heartbeat;
 mod mesh;
