@@ -67,12 +67,7 @@ async fn drain_then_stop(sync: Arc<SyncStore>, shutdown: CancellationToken, writ
         () = shutdown.cancelled() => {}
         () = writer.cancelled() => return,
     }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while sync.stats().queued > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, sync.drained()).await;
     if drained.is_err() {
         tracing::warn!(queued = sync.stats().queued, "shutting down with writes still queued");
     }

@@ -136,8 +136,8 @@ impl<B: Backend> Remotes<B> {
     pub async fn drain_writers(&self, timeout: Duration) {
         let copies = self.all();
         let drained = tokio::time::timeout(timeout, async {
-            while copies.iter().any(|c| c.sync().stats().queued > 0) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            for copy in &copies {
+                copy.sync().drained().await;
             }
         })
         .await;

@@ -138,8 +138,11 @@ pub struct SyncStore {
     /// The canary keys written so far (readiness watches this).
     canaries_tx: watch::Sender<HashSet<String>>,
     options: SyncOptions,
-    /// Writes sent and not yet answered; counted as queued, so a drain waits for them.
+    /// Writes taken from the queue and not yet answered; counted as queued, so a drain waits
+    /// for them.
     in_flight: Mutex<usize>,
+    /// Woken whenever a write is answered or handed back to the queue, for [`Self::drained`].
+    settled: Notify,
 }
 
 /// How the worker uses the backend.
@@ -173,6 +176,7 @@ impl Default for SyncStore {
             canaries_tx: watch::Sender::new(HashSet::new()),
             options: SyncOptions::default(),
             in_flight: Mutex::new(0),
+            settled: Notify::new(),
         }
     }
 }
@@ -280,6 +284,21 @@ impl SyncStore {
         stats
     }
 
+    /// Returns once nothing is queued or in flight: everything wanted so far is written (or
+    /// given up on by a shutdown).
+    pub async fn drained(&self) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the check, so that a write answered in between still wakes us.
+            settled.as_mut().enable();
+            if self.stats().queued == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+
     /// Keys waiting to be written, by [`scope`].
     pub fn queued_by_scope(&self) -> HashMap<String, usize> {
         let mut out = HashMap::new();
@@ -316,6 +335,9 @@ impl SyncStore {
         loop {
             while paused.is_none() && in_flight.len() < self.options.max_in_flight && !shutdown.is_cancelled() {
                 let Some(item) = self.next_item(&in_flight_keys) else { break };
+                // In flight from the moment it leaves the queue: a drain must not find both
+                // empty while its lease is being granted.
+                *self.in_flight.lock() += 1;
                 // Only puts take a lease: a delete must not grant one when all are full.
                 let (key, puts) = match &item {
                     Item::Key(key) => (key.clone(), self.state.lock().desired.contains_key(key)),
@@ -335,12 +357,14 @@ impl SyncStore {
                         // one TTL of refusals every key written was gone.
                         Some(Err(error)) => {
                             self.failed(&item, &error, backoff);
+                            self.handed_back();
                             paused = Some(tokio::time::Instant::now() + backoff);
                             backoff = (backoff * 2).min(MAX_BACKOFF);
                             break;
                         }
                         None => {
                             self.requeue(item, false);
+                            self.handed_back();
                             break;
                         }
                     }
@@ -348,7 +372,6 @@ impl SyncStore {
                     0
                 };
                 in_flight_keys.insert(key);
-                *self.in_flight.lock() += 1;
                 let this = &self;
                 let backend = &*backend;
                 in_flight.push(async move {
@@ -409,8 +432,7 @@ impl SyncStore {
             Item::Key(key) | Item::Canary { key, .. } => key,
         };
         in_flight_keys.remove(key);
-        *self.in_flight.lock() -= 1;
-        match result {
+        let failed = match result {
             Ok(written) => {
                 if written == Written::Deleted {
                     leases.release(key);
@@ -431,7 +453,15 @@ impl SyncStore {
                 self.failed(item, &error, *backoff);
                 true
             }
-        }
+        };
+        self.handed_back();
+        failed
+    }
+
+    /// One write taken from the queue is over (answered, or queued again).
+    fn handed_back(&self) {
+        *self.in_flight.lock() -= 1;
+        self.settled.notify_waiters();
     }
 
     /// Counts and logs a failed write, and queues it again.
@@ -800,6 +830,27 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         settle().await;
         assert_eq!(backend.value("k"), None);
+        token.cancel();
+        worker.await.unwrap();
+    }
+
+    /// A shutdown waits on `drained()` before stopping the writer: it returns only once every
+    /// write wanted so far is answered, failed ones retried included.
+    #[tokio::test(start_paused = true)]
+    async fn drained_returns_once_every_wanted_write_is_answered() {
+        let backend = Arc::new(Memory::default());
+        *backend.latency.lock() = Some(Duration::from_millis(50));
+        *backend.fail_puts.lock() = 1;
+        let (store, token, worker) = start(&backend);
+        store.drained().await;
+        for key in ["a", "b", "c"] {
+            store.upsert(key.into(), Bytes::from_static(b"1"));
+        }
+        store.drained().await;
+        for key in ["a", "b", "c"] {
+            assert_eq!(backend.value(key).as_deref(), Some("1"), "{key} written before drained() returned");
+        }
+        assert_eq!(store.stats().errors, 1, "the failed put was retried before");
         token.cancel();
         worker.await.unwrap();
     }
