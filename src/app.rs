@@ -624,6 +624,7 @@ async fn start_store(
         max_txn_ops,
         max_leases_per_user,
         quota_backend_bytes,
+        max_connections_per_user,
         max_concurrent_streams,
         watch_progress_notify_interval,
     } = args;
@@ -665,6 +666,7 @@ async fn start_store(
             member: MemberInfo { name: name.clone(), client_urls },
             watch: WatchConfig { progress_notify_interval: *watch_progress_notify_interval },
             max_concurrent_streams: *max_concurrent_streams,
+            max_connections_per_user: *max_connections_per_user,
         },
         auto_compaction_retention: *auto_compaction_retention,
     };

@@ -218,6 +218,10 @@ pub struct StoreArgs {
     /// disarm`). 0 is etcd's default, 2 GiB; a negative value turns the quota off.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub quota_backend_bytes: i64,
+    /// Client connections one certificate user may hold at once; 0: no limit, as etcd (every
+    /// agent of a remote cluster connects as the same user, so only the operator knows a bound).
+    #[arg(long, default_value_t = 0)]
+    pub max_connections_per_user: usize,
     /// HTTP/2 streams (watches, keep-alives, requests in flight) one client connection may
     /// hold open at once (etcd: unbounded).
     #[arg(long, default_value_t = crate::etcd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]

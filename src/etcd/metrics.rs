@@ -37,6 +37,9 @@ pub struct ConnectionCounters {
     pub handshakes_refused: std::sync::atomic::AtomicU64,
     /// Connections that did not finish the handshake, or sent nothing after it, in time.
     pub silent_closed: std::sync::atomic::AtomicU64,
+    /// Connections closed after the handshake because their user held
+    /// `--max-connections-per-user`.
+    pub over_user_limit: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +167,11 @@ impl Collector for StoreCollector {
                 "clustermesh_store_silent_connections_closed",
                 "Client connections closed for finishing no handshake, or sending nothing, within 10 s",
                 self.connections.silent_closed.load(Ordering::Relaxed),
+            ),
+            (
+                "clustermesh_store_connections_over_user_limit",
+                "Client connections closed after the handshake because their user held --max-connections-per-user",
+                self.connections.over_user_limit.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {
