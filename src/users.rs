@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clustermesh_client::Backoff;
 use etcd_client::{Client, UserAddOptions};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -181,23 +182,23 @@ impl<A: UserAdmin> UsersManager<A> {
     pub async fn run(mut self, poll: Duration, shutdown: CancellationToken) {
         tracing::info!(path = %self.path.display(), "managing etcd users from the users file");
         let mut applied: Option<String> = None;
-        let mut retry = poll;
+        let mut retry = Backoff::new(poll, MAX_RETRY).start();
         loop {
             let current = tokio::fs::read_to_string(&self.path).await.ok();
             if current.is_none() || current != applied {
                 match self.sync().await {
                     Ok(()) => {
                         applied = current;
-                        retry = poll;
+                        retry.reset();
                     }
                     Err(error) => {
-                        tracing::warn!(error = %crate::error_chain(&error), retry_in = ?retry, "syncing etcd users failed");
+                        let delay = retry.next_delay();
+                        tracing::warn!(error = %crate::error_chain(&error), retry_in = ?delay, "syncing etcd users failed");
                         applied = None;
                         tokio::select! {
                             () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(retry) => {}
+                            () = tokio::time::sleep(delay) => {}
                         }
-                        retry = (retry * 2).min(MAX_RETRY);
                         continue;
                     }
                 }

@@ -91,13 +91,15 @@ mod mesh;
 mod options;
 pub mod raw;
 pub mod remote;
+mod retry;
 pub mod wire;
 
 pub use cache::{Cache, CacheStatus, Change, Event, Op};
 pub use cluster_config::ClusterIds;
 pub use heartbeat::HeartbeatTimeout;
 pub use mesh::{ClusterMesh, MeshStatus, RawSinks};
-pub use options::{Backoff, ClientOptions, LocalCluster};
+pub use options::{ClientOptions, LocalCluster};
 pub use raw::{RawCache, RawSink};
 pub use remote::{Caches, ConfigStatus, Failure, Phase, RemoteCluster, RemoteStatus, SessionError};
+pub use retry::{Backoff, Retry};
 pub use wire::{ClusterId, ClusterName, Kind, MaxConnectedClusters, NumericIdentity};

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clustermesh_client::{ClusterName, RawSink, RawSinks};
+use clustermesh_client::{Backoff, ClusterName, RawSink, RawSinks};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,10 @@ impl Default for RemovalPolicy {
         }
     }
 }
+
+/// The longest wait between two attempts to drain a removed cluster (5 attempts doubling from
+/// 2 s stay under it, as Cilium's).
+const MAX_REMOVAL_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// One remote cluster's copy and its writer.
 pub struct ClusterCopy<B> {
@@ -251,7 +255,7 @@ impl<B: Backend> Remotes<B> {
         if let Some(task) = task {
             let _ = task.await;
         }
-        let mut delay = self.inner.removal.retry_delay;
+        let mut retry = Backoff::new(self.inner.removal.retry_delay, MAX_REMOVAL_RETRY_DELAY).start();
         let mut attempt = 0;
         loop {
             match self.delete_data(&cluster).await {
@@ -267,13 +271,13 @@ impl<B: Backend> Remotes<B> {
                     break;
                 }
                 Err(error) => {
+                    let delay = retry.next_delay();
                     tracing::warn!(error = %crate::error_chain(&error), retry_in = ?delay, "failed to remove cached data, retrying");
                     tokio::select! {
                         () = self.inner.shutdown.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
                     }
                     attempt += 1;
-                    delay *= 2;
                 }
             }
         }

@@ -16,12 +16,14 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use clustermesh_client::{Backoff, Retry};
+
 use super::leases::{Leases, MAX_KEYS_PER_LEASE};
 use crate::kvstore::{Backend, Error};
 
-/// Failed writes are retried after this, doubling up to [`MAX_BACKOFF`] (the same shape as
-/// kube's watcher backoff), and back to the start after a success.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Failed writes are retried after 100 ms, doubling (with jitter) up to [`MAX_BACKOFF`], and
+/// back to the start after a success.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for the answers to writes already sent.
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
@@ -104,28 +106,29 @@ pub async fn list_for_prune<B: Backend>(
     retry_until_shutdown("listing keys to prune", shutdown, || backend.keys_with_prefix(prefix)).instrument(span).await
 }
 
-/// Runs `attempt` until it succeeds, waiting [`MIN_BACKOFF`] after a failure, doubling up to
-/// [`MAX_BACKOFF`]; `None` once `shutdown` is cancelled (also mid-attempt).
+/// Runs `attempt` until it succeeds, waiting as [`BACKOFF`] says after each failure; `None`
+/// once `shutdown` is cancelled (also mid-attempt).
 async fn retry_until_shutdown<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
 {
-    let mut backoff = MIN_BACKOFF;
+    let mut retry = BACKOFF.start();
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return None,
             result = attempt() => result,
         };
-        match result {
+        let error = match result {
             Ok(value) => return Some(value),
-            Err(error) => tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "{what} failed"),
-        }
+            Err(error) => error,
+        };
+        let delay = retry.next_delay();
+        tracing::warn!(error = %crate::error_chain(&error), retry_in = ?delay, "{what} failed");
         tokio::select! {
             () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -323,7 +326,7 @@ impl SyncStore {
     /// written again, on another lease. Up to [`SyncOptions::max_in_flight`] writes are sent
     /// at once; on shutdown those already sent are answered before this returns.
     pub async fn run<B: Backend>(self: Arc<Self>, backend: Arc<B>, lease_ttl: Duration, shutdown: CancellationToken) {
-        let mut backoff = MIN_BACKOFF;
+        let mut retry = BACKOFF.start();
         // After a failed write nothing new is sent until this passes.
         let mut paused: Option<tokio::time::Instant> = None;
         let mut leases = Leases::new(self.options.max_keys_per_lease);
@@ -356,10 +359,10 @@ impl SyncStore {
                         // written. Retrying the grant in place stopped those renewals: after
                         // one TTL of refusals every key written was gone.
                         Some(Err(error)) => {
-                            self.failed(&item, &error, backoff);
+                            let delay = retry.next_delay();
+                            self.failed(&item, &error, delay);
                             self.handed_back();
-                            paused = Some(tokio::time::Instant::now() + backoff);
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            paused = Some(tokio::time::Instant::now() + delay);
                             break;
                         }
                         None => {
@@ -391,7 +394,7 @@ impl SyncStore {
                     // queue empty has really written everything.
                     let answers = async {
                         while let Some((item, lease, result)) = in_flight.next().await {
-                            self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut backoff);
+                            self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut retry);
                         }
                     };
                     if tokio::time::timeout(IN_FLIGHT_GRACE, answers).await.is_err() {
@@ -402,9 +405,8 @@ impl SyncStore {
                 () = self.wake.notified(), if paused.is_none() => {}
                 () = pause => paused = None,
                 Some((item, lease, result)) = in_flight.next() => {
-                    if self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut backoff) {
-                        paused = Some(tokio::time::Instant::now() + backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    if let Some(delay) = self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut retry) {
+                        paused = Some(tokio::time::Instant::now() + delay);
                     }
                 }
                 _ = keep_alive.tick() => for lease in leases.ids() {
@@ -418,7 +420,7 @@ impl SyncStore {
         }
     }
 
-    /// Records the answer to one write; returns whether it failed (and sending should pause).
+    /// Records the answer to one write; when it failed, returns how long sending pauses.
     fn answered(
         &self,
         item: &Item,
@@ -426,8 +428,8 @@ impl SyncStore {
         result: Result<Written, Error>,
         leases: &mut Leases,
         in_flight_keys: &mut HashSet<String>,
-        backoff: &mut Duration,
-    ) -> bool {
+        retry: &mut Retry,
+    ) -> Option<Duration> {
         let key = match item {
             Item::Key(key) | Item::Canary { key, .. } => key,
         };
@@ -441,17 +443,18 @@ impl SyncStore {
                     // have gone with it, after the put landed.
                     self.rewrite(key, None);
                 }
-                *backoff = MIN_BACKOFF;
-                false
+                retry.reset();
+                None
             }
             Err(Error::LeaseLost(lost)) => {
                 self.requeue(item.clone(), false);
                 self.lose(leases, lost);
-                false
+                None
             }
             Err(error) => {
-                self.failed(item, &error, *backoff);
-                true
+                let delay = retry.next_delay();
+                self.failed(item, &error, delay);
+                Some(delay)
             }
         };
         self.handed_back();
