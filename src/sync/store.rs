@@ -60,6 +60,13 @@ struct State {
     /// Keys whose last write failed; a canary waits for them.
     failing: FastSet<String>,
     canary_keys: FastSet<String>,
+    /// Writes taken from the queue and not yet answered; counted as queued, so a drain waits
+    /// for them.
+    in_flight: usize,
+    writes: u64,
+    errors: u64,
+    /// Failed writes per [`scope`] of the key, for `kvstore_sync_errors_total{scope}`.
+    errors_by_scope: HashMap<String, u64>,
 }
 
 impl State {
@@ -133,17 +140,12 @@ where
 }
 
 pub struct SyncStore {
+    /// The one lock: what is wanted, written, queued and counted.
     state: Mutex<State>,
     wake: Notify,
-    stats: Mutex<SyncStats>,
-    /// Failed writes per [`scope`] of the key, for `kvstore_sync_errors_total{scope}`.
-    errors_by_scope: Mutex<HashMap<String, u64>>,
     /// The canary keys written so far (readiness watches this).
     canaries_tx: watch::Sender<HashSet<String>>,
     options: SyncOptions,
-    /// Writes taken from the queue and not yet answered; counted as queued, so a drain waits
-    /// for them.
-    in_flight: Mutex<usize>,
     /// Woken whenever a write is answered or handed back to the queue, for [`Self::drained`].
     settled: Notify,
 }
@@ -174,11 +176,8 @@ impl Default for SyncStore {
         Self {
             state: Mutex::default(),
             wake: Notify::new(),
-            stats: Mutex::default(),
-            errors_by_scope: Mutex::default(),
             canaries_tx: watch::Sender::new(HashSet::new()),
             options: SyncOptions::default(),
-            in_flight: Mutex::new(0),
             settled: Notify::new(),
         }
     }
@@ -282,9 +281,8 @@ impl SyncStore {
     }
 
     pub fn stats(&self) -> SyncStats {
-        let mut stats = *self.stats.lock();
-        stats.queued = self.state.lock().queued.len() + *self.in_flight.lock();
-        stats
+        let state = self.state.lock();
+        SyncStats { writes: state.writes, errors: state.errors, queued: state.queued.len() + state.in_flight }
     }
 
     /// Returns once nothing is queued or in flight: everything wanted so far is written (or
@@ -313,7 +311,7 @@ impl SyncStore {
 
     /// Failed writes since start, by [`scope`].
     pub fn errors_by_scope(&self) -> HashMap<String, u64> {
-        self.errors_by_scope.lock().clone()
+        self.state.lock().errors_by_scope.clone()
     }
 
     /// Watches the set of canary keys written so far.
@@ -340,7 +338,7 @@ impl SyncStore {
                 let Some(item) = self.next_item(&in_flight_keys) else { break };
                 // In flight from the moment it leaves the queue: a drain must not find both
                 // empty while its lease is being granted.
-                *self.in_flight.lock() += 1;
+                self.state.lock().in_flight += 1;
                 // Only puts take a lease: a delete must not grant one when all are full.
                 let (key, puts) = match &item {
                     Item::Key(key) => (key.clone(), self.state.lock().desired.contains_key(key)),
@@ -463,7 +461,7 @@ impl SyncStore {
 
     /// One write taken from the queue is over (answered, or queued again).
     fn handed_back(&self) {
-        *self.in_flight.lock() -= 1;
+        self.state.lock().in_flight -= 1;
         self.settled.notify_waiters();
     }
 
@@ -472,8 +470,10 @@ impl SyncStore {
         let key = match item {
             Item::Key(key) | Item::Canary { key, .. } => key,
         };
-        self.stats.lock().errors += 1;
-        *self.errors_by_scope.lock().entry(scope(key).to_owned()).or_default() += 1;
+        let mut state = self.state.lock();
+        state.errors += 1;
+        *state.errors_by_scope.entry(scope(key).to_owned()).or_default() += 1;
+        drop(state);
         tracing::warn!(error = %crate::error_chain(error), item = ?item, ?retry_in, "kvstore write failed");
         self.requeue(item.clone(), true);
     }
@@ -587,9 +587,10 @@ impl SyncStore {
                 if state.needs_write(key) {
                     state.enqueue(key.clone());
                 }
+                state.writes += 1;
+                let canary = state.canary_keys.contains(key);
                 drop(state);
-                self.stats.lock().writes += 1;
-                if self.state.lock().canary_keys.contains(key) {
+                if canary {
                     self.canaries_tx.send_modify(|written| {
                         written.insert(key.clone());
                     });
@@ -604,8 +605,10 @@ impl SyncStore {
                 let value = Bytes::from(super::rfc3339_now());
                 self.state.lock().desired.insert(key.clone(), value.clone());
                 backend.put(key, value.clone(), lease).await?;
-                self.state.lock().written.insert(key.clone(), Some(value));
-                self.stats.lock().writes += 1;
+                let mut state = self.state.lock();
+                state.written.insert(key.clone(), Some(value));
+                state.writes += 1;
+                drop(state);
                 tracing::info!(canary = %key, "initial sync written");
                 self.canaries_tx.send_modify(|written| {
                     written.insert(key.clone());
