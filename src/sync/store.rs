@@ -92,6 +92,25 @@ enum Written {
     Deleted,
 }
 
+/// What the writing loop of [`SyncStore::run`] keeps between iterations.
+struct Worker {
+    retry: Retry,
+    /// After a failed write nothing new is sent until this passes.
+    paused: Option<tokio::time::Instant>,
+    leases: Leases,
+    /// Keys with a write sent and unanswered: a key has one write in flight at a time.
+    in_flight_keys: HashSet<String>,
+}
+
+impl Worker {
+    /// Pauses sending for the next retry delay, and returns it.
+    fn pause(&mut self) -> Duration {
+        let delay = self.retry.next_delay();
+        self.paused = Some(tokio::time::Instant::now() + delay);
+        delay
+    }
+}
+
 /// Counters the metrics layer reads.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
@@ -324,18 +343,19 @@ impl SyncStore {
     /// written again, on another lease. Up to [`SyncOptions::max_in_flight`] writes are sent
     /// at once; on shutdown those already sent are answered before this returns.
     pub async fn run<B: Backend>(self: Arc<Self>, backend: Arc<B>, lease_ttl: Duration, shutdown: CancellationToken) {
-        let mut retry = BACKOFF.start();
-        // After a failed write nothing new is sent until this passes.
-        let mut paused: Option<tokio::time::Instant> = None;
-        let mut leases = Leases::new(self.options.max_keys_per_lease);
+        let mut worker = Worker {
+            retry: BACKOFF.start(),
+            paused: None,
+            leases: Leases::new(self.options.max_keys_per_lease),
+            in_flight_keys: HashSet::new(),
+        };
         let mut in_flight = FuturesUnordered::new();
-        let mut in_flight_keys: HashSet<String> = HashSet::new();
         let mut keep_alive = tokio::time::interval(lease_ttl / 3);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keep_alive.reset();
         loop {
-            while paused.is_none() && in_flight.len() < self.options.max_in_flight && !shutdown.is_cancelled() {
-                let Some(item) = self.next_item(&in_flight_keys) else { break };
+            while worker.paused.is_none() && in_flight.len() < self.options.max_in_flight && !shutdown.is_cancelled() {
+                let Some(item) = self.next_item(&worker.in_flight_keys) else { break };
                 // In flight from the moment it leaves the queue: a drain must not find both
                 // empty while its lease is being granted.
                 self.state.lock().in_flight += 1;
@@ -347,7 +367,7 @@ impl SyncStore {
                 let lease = if puts {
                     let lease = tokio::select! {
                         () = shutdown.cancelled() => None,
-                        lease = self.lease_for(&*backend, &mut leases, &key, lease_ttl) => Some(lease),
+                        lease = self.lease_for(&*backend, &mut worker.leases, &key, lease_ttl) => Some(lease),
                     };
                     match lease {
                         Some(Ok(lease)) => lease,
@@ -357,10 +377,9 @@ impl SyncStore {
                         // written. Retrying the grant in place stopped those renewals: after
                         // one TTL of refusals every key written was gone.
                         Some(Err(error)) => {
-                            let delay = retry.next_delay();
+                            let delay = worker.pause();
                             self.failed(&item, &error, delay);
                             self.handed_back();
-                            paused = Some(tokio::time::Instant::now() + delay);
                             break;
                         }
                         None => {
@@ -372,7 +391,7 @@ impl SyncStore {
                 } else {
                     0
                 };
-                in_flight_keys.insert(key);
+                worker.in_flight_keys.insert(key);
                 let this = &self;
                 let backend = &*backend;
                 in_flight.push(async move {
@@ -381,7 +400,7 @@ impl SyncStore {
                 });
             }
             let pause = async {
-                match paused {
+                match worker.paused {
                     Some(until) => tokio::time::sleep_until(until).await,
                     None => std::future::pending().await,
                 }
@@ -392,7 +411,7 @@ impl SyncStore {
                     // queue empty has really written everything.
                     let answers = async {
                         while let Some((item, lease, result)) = in_flight.next().await {
-                            self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut retry);
+                            self.answered(&mut worker, &item, lease, result);
                         }
                     };
                     if tokio::time::timeout(IN_FLIGHT_GRACE, answers).await.is_err() {
@@ -400,17 +419,13 @@ impl SyncStore {
                     }
                     return;
                 }
-                () = self.wake.notified(), if paused.is_none() => {}
-                () = pause => paused = None,
-                Some((item, lease, result)) = in_flight.next() => {
-                    if let Some(delay) = self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut retry) {
-                        paused = Some(tokio::time::Instant::now() + delay);
-                    }
-                }
-                _ = keep_alive.tick() => for lease in leases.ids() {
+                () = self.wake.notified(), if worker.paused.is_none() => {}
+                () = pause => worker.paused = None,
+                Some((item, lease, result)) = in_flight.next() => self.answered(&mut worker, &item, lease, result),
+                _ = keep_alive.tick() => for lease in worker.leases.ids() {
                     match backend.keep_alive(lease).await {
                         Ok(()) => {}
-                        Err(Error::LeaseLost(_)) => self.lose(&mut leases, lease),
+                        Err(Error::LeaseLost(_)) => self.lose(&mut worker.leases, lease),
                         Err(error) => tracing::warn!(error = %crate::error_chain(&error), "lease keep-alive failed"),
                     }
                 },
@@ -418,45 +433,33 @@ impl SyncStore {
         }
     }
 
-    /// Records the answer to one write; when it failed, returns how long sending pauses.
-    fn answered(
-        &self,
-        item: &Item,
-        lease: i64,
-        result: Result<Written, Error>,
-        leases: &mut Leases,
-        in_flight_keys: &mut HashSet<String>,
-        retry: &mut Retry,
-    ) -> Option<Duration> {
+    /// Records the answer to one write; a failure pauses sending.
+    fn answered(&self, worker: &mut Worker, item: &Item, lease: i64, result: Result<Written, Error>) {
         let key = match item {
             Item::Key(key) | Item::Canary { key, .. } => key,
         };
-        in_flight_keys.remove(key);
-        let failed = match result {
+        worker.in_flight_keys.remove(key);
+        match result {
             Ok(written) => {
                 if written == Written::Deleted {
-                    leases.release(key);
-                } else if !leases.holds(key, lease) {
+                    worker.leases.release(key);
+                } else if !worker.leases.holds(key, lease) {
                     // The lease was found lost while this put was unanswered: the key may
                     // have gone with it, after the put landed.
                     self.rewrite(key, None);
                 }
-                retry.reset();
-                None
+                worker.retry.reset();
             }
             Err(Error::LeaseLost(lost)) => {
                 self.requeue(item.clone(), false);
-                self.lose(leases, lost);
-                None
+                self.lose(&mut worker.leases, lost);
             }
             Err(error) => {
-                let delay = retry.next_delay();
+                let delay = worker.pause();
                 self.failed(item, &error, delay);
-                Some(delay)
             }
-        };
+        }
         self.handed_back();
-        failed
     }
 
     /// One write taken from the queue is over (answered, or queued again).
