@@ -11,6 +11,7 @@ pub mod app;
 pub mod certs;
 pub mod clustermesh;
 pub mod config;
+pub mod controllers;
 pub mod demo;
 pub mod etcd;
 pub mod k8s;

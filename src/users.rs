@@ -21,6 +21,7 @@ use etcd_client::{Client, UserAddOptions};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::controllers::{ControllerRuns, USERS_MANAGEMENT};
 use crate::etcd::store::Store;
 
 /// Cilium's default `--cluster-users-config-path` (where the chart mounts the ConfigMap).
@@ -137,11 +138,19 @@ pub struct UsersManager<A> {
     path: PathBuf,
     cluster_name: String,
     managed: HashMap<String, String>,
+    runs: ControllerRuns,
 }
 
 impl<A: UserAdmin> UsersManager<A> {
     pub fn new(admin: A, path: PathBuf, cluster_name: String) -> Self {
-        Self { admin, path, cluster_name, managed: HashMap::new() }
+        Self { admin, path, cluster_name, managed: HashMap::new(), runs: ControllerRuns::default() }
+    }
+
+    /// Counts each sync as a run of Cilium's `clustermesh-users-management` controller group.
+    pub fn counting_runs_in(mut self, runs: ControllerRuns) -> Self {
+        runs.declare(USERS_MANAGEMENT);
+        self.runs = runs;
+        self
     }
 
     /// Brings the store in line with `file`. On failure the users done so far stay
@@ -186,7 +195,9 @@ impl<A: UserAdmin> UsersManager<A> {
         loop {
             let current = tokio::fs::read_to_string(&self.path).await.ok();
             if current.is_none() || current != applied {
-                match self.sync().await {
+                let synced = self.sync().await;
+                self.runs.record(USERS_MANAGEMENT, synced.is_ok());
+                match synced {
                     Ok(()) => {
                         applied = current;
                         retry.reset();

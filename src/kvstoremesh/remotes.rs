@@ -15,7 +15,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::reflector::{Reflector, drain_prefixes};
+use crate::controllers::ControllerRuns;
 use crate::kvstore::Backend;
+use crate::kvstore::instrumented::EventsQueue;
 use crate::sync::state;
 use crate::sync::store::{SyncOptions, SyncStore};
 
@@ -78,10 +80,19 @@ enum Entry<B> {
     },
 }
 
+/// Where the cache writers report: Cilium's `kvstore_events_queue_seconds` and controller
+/// groups.
+#[derive(Debug, Clone, Default)]
+pub struct WriterMetrics {
+    pub events_queue: Option<EventsQueue>,
+    pub controllers: ControllerRuns,
+}
+
 struct Inner<B> {
     backend: Arc<B>,
     lease_ttl: Duration,
     writer: SyncOptions,
+    metrics: WriterMetrics,
     removal: RemovalPolicy,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -104,12 +115,13 @@ impl<B: Backend> Remotes<B> {
         backend: Arc<B>,
         lease_ttl: Duration,
         writer: SyncOptions,
+        metrics: WriterMetrics,
         removal: RemovalPolicy,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         let entries = Mutex::new(BTreeMap::new());
-        Self { inner: Arc::new(Inner { backend, lease_ttl, writer, removal, tracker, shutdown, entries }) }
+        Self { inner: Arc::new(Inner { backend, lease_ttl, writer, metrics, removal, tracker, shutdown, entries }) }
     }
 
     /// The copies of the clusters currently configured (not those being removed).
@@ -155,7 +167,10 @@ impl<B: Backend> Remotes<B> {
 
     fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<ClusterCopy<B>> {
         let inner = &self.inner;
-        let sync = SyncStore::with_options(inner.writer);
+        let sync = match &inner.metrics.events_queue {
+            Some(queue) => SyncStore::timed(inner.writer, queue.clone()),
+            None => SyncStore::with_options(inner.writer),
+        };
         let reflector = Arc::new(Reflector::new(
             cluster.clone(),
             Arc::clone(&sync),
@@ -190,6 +205,7 @@ impl<B: Backend> Remotes<B> {
                 Arc::clone(&inner.backend),
                 reflector.cluster_config_key(),
                 CLUSTER_CONFIG_CHECK,
+                inner.metrics.controllers.clone(),
                 writer.clone(),
             )
             .instrument(tracing::info_span!("cluster_config", cluster = %cluster)),
@@ -350,6 +366,7 @@ mod tests {
             Arc::clone(&backend),
             Duration::from_secs(900),
             SyncOptions::default(),
+            WriterMetrics::default(),
             removal,
             TaskTracker::new(),
             token.clone(),

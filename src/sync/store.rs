@@ -13,12 +13,14 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use clustermesh_client::{Backoff, Retry};
 
 use super::leases::{Leases, MAX_KEYS_PER_LEASE};
+use crate::kvstore::instrumented::{EventsQueue, QueueLabels, operation_scope};
 use crate::kvstore::{Backend, Error};
 
 /// Failed writes are retried after 100 ms, doubling (with jitter) up to [`MAX_BACKOFF`], and
@@ -56,7 +58,8 @@ struct State {
     /// there but not ours to keep (found by pruning): the worker deletes it.
     written: FastMap<String, Option<Bytes>>,
     queue: VecDeque<Item>,
-    queued: FastSet<String>,
+    /// The keys in `queue`, and since when.
+    queued: FastMap<String, Instant>,
     /// Keys whose last write failed; a canary waits for them.
     failing: FastSet<String>,
     canary_keys: FastSet<String>,
@@ -71,8 +74,9 @@ struct State {
 
 impl State {
     fn enqueue(&mut self, key: String) {
-        if self.queued.insert(key.clone()) {
-            self.queue.push_back(Item::Key(key));
+        if let std::collections::hash_map::Entry::Vacant(entry) = self.queued.entry(key) {
+            self.queue.push_back(Item::Key(entry.key().clone()));
+            entry.insert(Instant::now());
         }
     }
 
@@ -167,6 +171,9 @@ pub struct SyncStore {
     options: SyncOptions,
     /// Woken whenever a write is answered or handed back to the queue, for [`Self::drained`].
     settled: Notify,
+    /// Where the time from a key being queued to its write being answered goes: Cilium's
+    /// `kvstore_events_queue_seconds`, which times events waiting in its client's queue.
+    queue_seconds: Option<EventsQueue>,
 }
 
 /// How the worker uses the backend.
@@ -198,6 +205,7 @@ impl Default for SyncStore {
             canaries_tx: watch::Sender::new(HashSet::new()),
             options: SyncOptions::default(),
             settled: Notify::new(),
+            queue_seconds: None,
         }
     }
 }
@@ -213,6 +221,16 @@ impl SyncStore {
             max_keys_per_lease: options.max_keys_per_lease.max(1),
         };
         Arc::new(Self { options, ..Self::default() })
+    }
+
+    /// Like [`SyncStore::with_options`], timing each key's wait into `queue_seconds`
+    /// (labelled with Cilium's scope of the key and `create`, `modify` or `delete`).
+    pub fn timed(options: SyncOptions, queue_seconds: EventsQueue) -> Arc<Self> {
+        let options = SyncOptions {
+            max_in_flight: options.max_in_flight.max(1),
+            max_keys_per_lease: options.max_keys_per_lease.max(1),
+        };
+        Arc::new(Self { options, queue_seconds: Some(queue_seconds), ..Self::default() })
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
@@ -322,7 +340,7 @@ impl SyncStore {
     /// Keys waiting to be written, by [`scope`].
     pub fn queued_by_scope(&self) -> HashMap<String, usize> {
         let mut out = HashMap::new();
-        for key in &self.state.lock().queued {
+        for key in self.state.lock().queued.keys() {
             *out.entry(scope(key).to_owned()).or_default() += 1;
         }
         out
@@ -355,7 +373,7 @@ impl SyncStore {
         keep_alive.reset();
         loop {
             while worker.paused.is_none() && in_flight.len() < self.options.max_in_flight && !shutdown.is_cancelled() {
-                let Some(item) = self.next_item(&worker.in_flight_keys) else { break };
+                let Some((item, queued_at)) = self.next_item(&worker.in_flight_keys) else { break };
                 // In flight from the moment it leaves the queue: a drain must not find both
                 // empty while its lease is being granted.
                 self.state.lock().in_flight += 1;
@@ -395,7 +413,7 @@ impl SyncStore {
                 let this = &self;
                 let backend = &*backend;
                 in_flight.push(async move {
-                    let result = this.write(backend, &item, lease).await;
+                    let result = this.write(backend, &item, lease, queued_at).await;
                     (item, lease, result)
                 });
             }
@@ -515,19 +533,20 @@ impl SyncStore {
     /// The next write to send. A key already in flight is skipped: its answer queues it
     /// again if it still differs, which keeps one write per key in flight, in order. A
     /// canary waits until nothing is in flight.
-    fn next_item(&self, in_flight: &HashSet<String>) -> Option<Item> {
+    /// A key comes with the time it was queued.
+    fn next_item(&self, in_flight: &HashSet<String>) -> Option<(Item, Option<Instant>)> {
         let mut state = self.state.lock();
         let mut skipped = 0;
         loop {
             let item = state.queue.pop_front()?;
             match &item {
                 Item::Key(key) => {
-                    state.queued.remove(key);
+                    let queued_at = state.queued.remove(key);
                     if in_flight.contains(key) {
                         continue;
                     }
                     if state.needs_write(key) {
-                        return Some(item);
+                        return Some((item, queued_at));
                     }
                     state.failing.remove(key);
                 }
@@ -547,7 +566,7 @@ impl SyncStore {
                         }
                         continue;
                     }
-                    return Some(item);
+                    return Some((item, None));
                 }
             }
         }
@@ -570,10 +589,25 @@ impl SyncStore {
         }
     }
 
-    async fn write<B: Backend>(&self, backend: &B, item: &Item, lease: i64) -> Result<Written, Error> {
+    async fn write<B: Backend>(
+        &self,
+        backend: &B,
+        item: &Item,
+        lease: i64,
+        queued_at: Option<Instant>,
+    ) -> Result<Written, Error> {
         match item {
             Item::Key(key) => {
-                let want = self.state.lock().desired.get(key).cloned();
+                let (want, action) = {
+                    let state = self.state.lock();
+                    let want = state.desired.get(key).cloned();
+                    let action = match (&want, state.written.contains_key(key)) {
+                        (None, _) => "delete",
+                        (Some(_), false) => "create",
+                        (Some(_), true) => "modify",
+                    };
+                    (want, action)
+                };
                 match &want {
                     Some(value) => backend.put(key, value.clone(), lease).await?,
                     None => backend.delete(key).await?,
@@ -593,6 +627,10 @@ impl SyncStore {
                 state.writes += 1;
                 let canary = state.canary_keys.contains(key);
                 drop(state);
+                if let (Some(histograms), Some(queued_at)) = (&self.queue_seconds, queued_at) {
+                    let labels = QueueLabels { scope: operation_scope(key), action };
+                    histograms.get_or_create(&labels).observe(queued_at.elapsed().as_secs_f64());
+                }
                 if canary {
                     self.canaries_tx.send_modify(|written| {
                         written.insert(key.clone());
@@ -879,6 +917,42 @@ mod tests {
         assert!(backend.value("synced/a").is_some(), "the canary comes back too");
         token.cancel();
         worker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_key_write_is_timed_from_its_queueing_as_a_create_modify_or_delete() {
+        let backend = Arc::new(Memory::default());
+        *backend.latency.lock() = Some(Duration::from_millis(20));
+        let queue: EventsQueue = prometheus_client::metrics::family::Family::new_with_constructor(|| {
+            prometheus_client::metrics::histogram::Histogram::new([0.01, 0.03, 0.1])
+        });
+        let store = SyncStore::timed(SyncOptions::default(), queue.clone());
+        let token = CancellationToken::new();
+        let worker =
+            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let key = "cilium/state/nodes/v1/c/a";
+        store.upsert(key.into(), Bytes::from_static(b"1"));
+        // Queued behind the first write, which takes 20 ms.
+        store.upsert("cilium/state/nodes/v1/c/b".into(), Bytes::from_static(b"1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.upsert(key.into(), Bytes::from_static(b"2"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.delete(key);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        token.cancel();
+        worker.await.unwrap();
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("q", "", queue);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let count = |action: &str| format!("q_count{{scope=\"nodes/v1\",action=\"{action}\"}}");
+        assert!(text.contains(&format!("{} 2\n", count("create"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", count("modify"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", count("delete"))), "{text}");
+        // The second key waited for the first write and its own (40 ms): past the 30 ms bucket.
+        let within_30ms = "q_bucket{le=\"0.03\",scope=\"nodes/v1\",action=\"create\"} 1\n";
+        assert!(text.contains(within_30ms), "{text}");
     }
 
     /// A store over its space quota refuses lease grants until an administrator disarms its
