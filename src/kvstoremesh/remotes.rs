@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clustermesh_client::{Backoff, ClusterName, RawSink, RawSinks};
+use clustermesh_client::raw::{RawSink, RawSinks};
+use clustermesh_client::{Backoff, ClusterName};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
