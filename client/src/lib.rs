@@ -89,7 +89,6 @@ pub mod global_services;
 mod heartbeat;
 mod mesh;
 mod options;
-/// Byte-for-byte copies of remote clusters, for KVStoreMesh; agents use the typed caches.
 pub mod raw;
 pub mod remote;
 mod retry;
