@@ -58,7 +58,7 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Scenarios to run (1-7, comma-separated); default all.
+    /// Scenarios to run (1-8, comma-separated); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Cilium test vectors to take value shapes from.
@@ -136,6 +136,13 @@ struct Args {
     /// 7: how long a bootstrap may take before it counts as failed, in seconds.
     #[arg(long, default_value_t = 300)]
     bootstrap_timeout: u64,
+
+    /// 8: agents connecting at once, each on its own mTLS connection.
+    #[arg(long)]
+    agents: Option<usize>,
+    /// 8: how long the agents may take to be all listed and watching, in seconds.
+    #[arg(long, default_value_t = 900)]
+    agents_timeout: u64,
 }
 
 struct Config {
@@ -159,6 +166,11 @@ struct Config {
     e2e_rate: u64,
     e2e_secs: u64,
     bootstrap_timeout: std::time::Duration,
+    agents: usize,
+    /// 8: one cluster of a mesh as each agent sees it (a few hundred nodes), not scenario 3's
+    /// whole-mesh data set: the cost here is per agent.
+    agent_sizes: Sizes,
+    agents_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -191,6 +203,13 @@ impl Config {
             e2e_rate: args.e2e_rate.unwrap_or(1000),
             e2e_secs: args.e2e_secs.unwrap_or(if q { 2 } else { 20 }),
             bootstrap_timeout: std::time::Duration::from_secs(args.bootstrap_timeout),
+            agents: pick(args.agents, 2_000, 20),
+            agent_sizes: Sizes {
+                ipcache: pick(None, 5_000, 200),
+                nodes: pick(None, 500, 20),
+                identities: pick(None, 2_000, 50),
+            },
+            agents_timeout: std::time::Duration::from_secs(args.agents_timeout),
         }
     }
 
@@ -202,6 +221,7 @@ impl Config {
             "keys_per_lease": self.keys_per_lease, "storm_clients": self.storm_clients, "page": self.page,
             "lease_small": self.lease_small, "lease_big": self.lease_big, "lease_samples": self.lease_samples,
             "e2e_rate": self.e2e_rate, "e2e_secs": self.e2e_secs,
+            "agents": self.agents, "agent_data": self.agent_sizes,
         })
     }
 }
@@ -289,6 +309,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if wanted(7) {
         let result = e2e::scenario_bootstrap(&config, &pki, &tls, &mut report).await;
         finish(&mut report, "7", result, &mut shown);
+    }
+    if wanted(8) {
+        let result = scenario_agents(&config, &pki, &tls, &shapes, &mut report).await;
+        finish(&mut report, "8", result, &mut shown);
     }
     report.notes.push(format!("total bench time {:.1} s", started.elapsed().as_secs_f64()));
 
@@ -604,5 +628,86 @@ async fn scenario_leases(
         Some(attach(o_big)),
         None,
     );
+    Ok(())
+}
+
+async fn scenario_agents(
+    config: &Config,
+    pki: &certs::Pki,
+    tls: &ClientTls,
+    shapes: &Arc<Shapes>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    const S: &str = "8 agents at scale";
+    let sizes = config.agent_sizes;
+    let results = per_server(pki, |which, mut server| async move {
+        kv::load(&server, tls, shapes, sizes, config.load_clients, config.keys_per_lease).await?;
+        progress(format!("{S}: {} ({} agents, {} keys each)", which.name(), config.agents, sizes.total()));
+        let result = kv::agents(&server, tls, config.agents, config.page, config.agents_timeout).await?;
+        server.check_alive()?;
+        Ok::<_, anyhow::Error>(result)
+    })
+    .await?;
+    for (which, r) in Which::BOTH.iter().zip(&results) {
+        let complete = r.listed.iter().filter(|&&n| n == sizes.total()).count();
+        report.check(
+            S,
+            which.name(),
+            format!("{complete} of {} agents listed all {} keys", r.agents, sizes.total()),
+            complete == r.agents,
+        );
+        report.check(
+            S,
+            which.name(),
+            format!("{} of {} agents saw the change", r.notified, r.agents),
+            r.notified == r.agents,
+        );
+    }
+    let [e, o] = &results;
+    let secs = |r: &kv::Agents| r.connected.as_secs_f64();
+    report.row(
+        S,
+        "connect storm: all listed and watching",
+        "s",
+        Better::Lower,
+        Some(secs(e)),
+        Some(secs(o)),
+        Some(Target::RatioAtMost { value: 1.0 / 5.0 }),
+    );
+    let per_agent =
+        |r: &kv::Agents| r.rss_connected.saturating_sub(r.rss_before) as f64 / 1024.0 / r.agents.max(1) as f64;
+    report.row(
+        S,
+        "RSS per connected agent",
+        "KiB",
+        Better::Lower,
+        Some(per_agent(e)),
+        Some(per_agent(o)),
+        Some(Target::RatioAtMost { value: 1.0 / 5.0 }),
+    );
+    report.row(
+        S,
+        "one change -> every agent p50",
+        "ms",
+        Better::Lower,
+        Some(ms(e.fanout.p50)),
+        Some(ms(o.fanout.p50)),
+        None,
+    );
+    report.row(
+        S,
+        "one change -> every agent p99",
+        "ms",
+        Better::Lower,
+        Some(ms(e.fanout.p99)),
+        Some(ms(o.fanout.p99)),
+        Some(Target::OursAtMost { value: 100.0 }),
+    );
+    let cpu = |r: &kv::Agents| r.server_cpu.as_secs_f64() * 1e3 / r.agents.max(1) as f64;
+    report.row(S, "server CPU per agent", "ms", Better::Lower, Some(cpu(e)), Some(cpu(o)), None);
+    report.notes.push(format!(
+        "8: {} agents, each listing {} keys ({} nodes, {} identities, {} IPs) in pages of {} over 5 prefixes and watching them",
+        config.agents, sizes.total(), sizes.nodes, sizes.identities, sizes.ipcache, config.page
+    ));
     Ok(())
 }

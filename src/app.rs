@@ -20,6 +20,7 @@ use crate::config::{
     KvstoreKind, KvstoremeshArgs, KvstoremeshDbgArgs, KvstoremeshDbgCommand, KvstoremeshRoleArgs, OutputFormat,
     StoreArgs,
 };
+use crate::controllers::ControllerRuns;
 use crate::etcd::auth::{AuthStore, PermType, Permission};
 use crate::etcd::datadir::{DataDir, Origin};
 use crate::etcd::embedded::{self, EmbeddedConfig};
@@ -32,7 +33,7 @@ use crate::kvstore::Backend;
 use crate::kvstore::embedded::Embedded;
 use crate::kvstore::etcd::{Etcd, EtcdConfig};
 use crate::kvstore::instrumented::{Instrumented, KvstoreMetrics};
-use crate::kvstore::limited::{Limiter, RateLimited, Rates};
+use crate::kvstore::limited::{Limiter, LimiterCollector, RateLimited, Rates};
 use crate::kvstore::quorum::{self, QuorumCheck};
 use crate::kvstoremesh::{self, KvstoremeshConfig, ReadyTimeouts, RemovalPolicy};
 use crate::metrics::{self, Routes};
@@ -142,11 +143,11 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
             let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
-            if args.cluster_users_enabled {
-                spawn_users(EmbeddedUsers(Arc::clone(&store)), &args, &tracker, &token);
-            }
-            let backend = Arc::new(Embedded::new(store));
+            let backend = Arc::new(Embedded::new(Arc::clone(&store)));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
+            if args.cluster_users_enabled {
+                spawn_users(EmbeddedUsers(store), &args, running.controllers.clone(), &tracker, &token);
+            }
             if let Some((config, listeners)) = kvstoremesh {
                 start_kvstoremesh(backend, config, listeners, &tracker, &token, None, None).await?;
             }
@@ -155,14 +156,16 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         KvstoreKind::Etcd => {
             let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
             let etcd = EtcdConfig::load(&path)?.connect().await?;
-            if args.cluster_users_enabled {
-                spawn_users(EtcdUsers(etcd.clone()), &args, &tracker, &token);
-            }
             // Each write to etcd is a round trip (and a disk sync): overlap them as Cilium does.
             config.max_writes_in_flight = options.max_inflight.unwrap_or(ETCD_MAX_IN_FLIGHT);
             let limiter = Limiter::new(Rates { bootstrap: options.bootstrap_qps, steady: options.qps });
+            let collector = LimiterCollector::new(Arc::clone(&limiter), ETCD_API_CALL, config.max_writes_in_flight);
             let backend = Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
+            registry.register_collector(Box::new(collector));
+            if args.cluster_users_enabled {
+                spawn_users(EtcdUsers(etcd.clone()), &args, running.controllers.clone(), &tracker, &token);
+            }
             tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
             let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
             let check = QuorumCheck::from_env(args.cilium.kvstore_max_consecutive_quorum_errors)
@@ -232,6 +235,10 @@ fn ready_while_reachable(
     ready_rx
 }
 
+/// The `api_call` label of the limiter of the connection to the local store: Cilium's
+/// `makeSessionName("etcd", ...)` without a cluster name.
+const ETCD_API_CALL: &str = "etcd";
+
 /// Cilium's etcd client leaves its bootstrap rate once the first synchronisation is done.
 async fn end_bootstrap_when_ready(
     mut ready: tokio::sync::watch::Receiver<bool>,
@@ -245,9 +252,15 @@ async fn end_bootstrap_when_ready(
 }
 
 /// Cilium's users manager, on whichever store the mirror writes to.
-fn spawn_users<A: UserAdmin>(admin: A, args: &ClustermeshArgs, tracker: &TaskTracker, token: &CancellationToken) {
+fn spawn_users<A: UserAdmin>(
+    admin: A,
+    args: &ClustermeshArgs,
+    runs: ControllerRuns,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) {
     let path = args.cluster_users_config_path.clone();
-    let manager = UsersManager::new(admin, path, args.cluster_name.clone());
+    let manager = UsersManager::new(admin, path, args.cluster_name.clone()).counting_runs_in(runs);
     tracker.spawn(manager.run(users::POLL_INTERVAL, token.child_token()).instrument(tracing::info_span!("users")));
 }
 
@@ -362,7 +375,12 @@ async fn start_kvstoremesh<B: Backend>(
     let registry = root.sub_registry_with_prefix("cilium_kvstoremesh");
     // The cache writes are timed under Cilium's kvstore families, as the clustermesh role's.
     let kvstore_metrics = KvstoreMetrics::register(registry);
+    if let Some(limiter) = &limiter {
+        let collector = LimiterCollector::new(Arc::clone(limiter), ETCD_API_CALL, config.writer.max_in_flight);
+        registry.register_collector(Box::new(collector));
+    }
     let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
+    let config = KvstoremeshConfig { events_queue: Some(kvstore_metrics.events_queue.clone()), ..config };
     let running = kvstoremesh::spawn(backend, config, registry, tracker, token).await?;
     if let Some(limiter) = limiter {
         tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
@@ -624,6 +642,7 @@ async fn start_store(
         max_txn_ops,
         max_leases_per_user,
         quota_backend_bytes,
+        max_connections_per_user,
         max_concurrent_streams,
         watch_progress_notify_interval,
         data_dir: _,
@@ -669,6 +688,7 @@ async fn start_store(
             member: MemberInfo { name: name.clone(), client_urls },
             watch: WatchConfig { progress_notify_interval: *watch_progress_notify_interval },
             max_concurrent_streams: *max_concurrent_streams,
+            max_connections_per_user: *max_connections_per_user,
         },
         auto_compaction_retention: *auto_compaction_retention,
         persistence: args.wal_config(),

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::controllers::{CLUSTER_CONFIG_ENFORCER, ControllerRuns};
 use crate::kvstore::Backend;
 use crate::kvstore::instrumented::{Instrumented, KvstoreMetrics};
 use crate::source::filter::ListFilter;
@@ -67,12 +68,7 @@ async fn drain_then_stop(sync: Arc<SyncStore>, shutdown: CancellationToken, writ
         () = shutdown.cancelled() => {}
         () = writer.cancelled() => return,
     }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while sync.stats().queued > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, sync.drained()).await;
     if drained.is_err() {
         tracing::warn!(queued = sync.stats().queued, "shutting down with writes still queued");
     }
@@ -86,6 +82,8 @@ pub struct Running {
     /// The kvstore families registered for this mirror (the attached-etcd quorum check
     /// feeds `quorum_errors`).
     pub kvstore_metrics: KvstoreMetrics,
+    /// Cilium's controller groups of this process (the users manager counts into it too).
+    pub controllers: ControllerRuns,
 }
 
 /// Starts the mirror and everything beside it on `backend`; all of it stops on `shutdown`.
@@ -103,8 +101,10 @@ pub fn spawn<B: Backend>(
     // Every operation below, of either backend, is timed under Cilium's kvstore metrics.
     let kvstore_metrics = KvstoreMetrics::register(registry);
     let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
-    let sync =
-        SyncStore::with_options(SyncOptions { max_in_flight: config.max_writes_in_flight, ..SyncOptions::default() });
+    let options = SyncOptions { max_in_flight: config.max_writes_in_flight, ..SyncOptions::default() };
+    let sync = SyncStore::timed(options, kvstore_metrics.events_queue.clone());
+    let controllers = ControllerRuns::register(registry);
+    controllers.declare(CLUSTER_CONFIG_ENFORCER);
     let cluster_config_key = crate::translate::cluster_config_key(&config.settings);
     sync.track_written(&cluster_config_key);
     sync.upsert(cluster_config_key.clone(), crate::translate::cluster_config(&config.settings));
@@ -150,6 +150,7 @@ pub fn spawn<B: Backend>(
             Arc::clone(&backend),
             cluster_config_key.clone(),
             config.cluster_config_check,
+            controllers.clone(),
             shutdown.child_token(),
         )
         .instrument(tracing::info_span!("cluster_config")),
@@ -175,5 +176,5 @@ pub fn spawn<B: Backend>(
         )
         .instrument(tracing::info_span!("readiness")),
     );
-    Running { ready, sync, kvstore_metrics }
+    Running { ready, sync, kvstore_metrics, controllers }
 }

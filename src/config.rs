@@ -218,6 +218,10 @@ pub struct StoreArgs {
     /// disarm`). 0 is etcd's default, 2 GiB; a negative value turns the quota off.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub quota_backend_bytes: i64,
+    /// Client connections one certificate user may hold at once; 0: no limit, as etcd (every
+    /// agent of a remote cluster connects as the same user, so only the operator knows a bound).
+    #[arg(long, default_value_t = 0)]
+    pub max_connections_per_user: usize,
     /// HTTP/2 streams (watches, keep-alives, requests in flight) one client connection may
     /// hold open at once (etcd: unbounded).
     #[arg(long, default_value_t = crate::etcd::server::DEFAULT_MAX_CONCURRENT_STREAMS)]
@@ -989,7 +993,12 @@ mod tests {
         assert_eq!((options.qps, options.bootstrap_qps, options.max_inflight), (Some(50.0), Some(10000.0), Some(10)));
         assert_eq!(chart.kvstore_kind(), KvstoreKind::Etcd, "an etcd client file means the etcd container");
         assert!(chart.validate().is_ok());
-        assert!(chart.cilium.ignored().unwrap().contains("k8s-client-qps"));
+        assert!(chart.cilium.ignored().unwrap().contains("controller-group-metrics"));
+        assert_eq!(
+            chart.k8s_client_rate(),
+            Some(KubeRate { qps: 30.0, burst: 60 }),
+            "client-go's burst: twice the QPS"
+        );
 
         assert_eq!(parse(&["--auto-tls"]).kvstore_kind(), KvstoreKind::Embedded);
         assert!(matches!(parse(&["--kvstore-opt=etcd.bogus=1"]).validate(), Err(ConfigError::KvstoreOpt(..))));

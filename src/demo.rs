@@ -56,6 +56,7 @@ pub async fn run(examples: &Path, shutdown: CancellationToken) -> anyhow::Result
                 member: MemberInfo { name: name.to_owned(), client_urls: vec![url.clone()] },
                 watch: WatchConfig::default(),
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+                max_connections_per_user: 0,
             },
             auto_compaction_retention: Duration::from_secs(3600),
             persistence: None,

@@ -11,6 +11,7 @@ pub mod app;
 pub mod certs;
 pub mod clustermesh;
 pub mod config;
+pub mod controllers;
 pub mod demo;
 pub mod etcd;
 pub mod k8s;
@@ -30,13 +31,4 @@ pub mod troubleshoot;
 pub mod users;
 
 /// An error and its sources on one line, for log fields.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use clustermesh_client::display::error_chain;

@@ -122,11 +122,7 @@ pub async fn run(client: kube::Client, args: &CorednsArgs) -> Result<Outcome, Co
     if deployment.spec.as_ref().and_then(|s| s.paused).unwrap_or(false) {
         return Err(CorednsError::Paused(deployment_name));
     }
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default();
+    let now = crate::sync::rfc3339_now();
     let stamp = serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",

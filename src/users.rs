@@ -16,10 +16,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clustermesh_client::Backoff;
 use etcd_client::{Client, UserAddOptions};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::controllers::{ControllerRuns, USERS_MANAGEMENT};
 use crate::etcd::store::Store;
 
 /// Cilium's default `--cluster-users-config-path` (where the chart mounts the ConfigMap).
@@ -136,11 +138,19 @@ pub struct UsersManager<A> {
     path: PathBuf,
     cluster_name: String,
     managed: HashMap<String, String>,
+    runs: ControllerRuns,
 }
 
 impl<A: UserAdmin> UsersManager<A> {
     pub fn new(admin: A, path: PathBuf, cluster_name: String) -> Self {
-        Self { admin, path, cluster_name, managed: HashMap::new() }
+        Self { admin, path, cluster_name, managed: HashMap::new(), runs: ControllerRuns::default() }
+    }
+
+    /// Counts each sync as a run of Cilium's `clustermesh-users-management` controller group.
+    pub fn counting_runs_in(mut self, runs: ControllerRuns) -> Self {
+        runs.declare(USERS_MANAGEMENT);
+        self.runs = runs;
+        self
     }
 
     /// Brings the store in line with `file`. On failure the users done so far stay
@@ -181,23 +191,25 @@ impl<A: UserAdmin> UsersManager<A> {
     pub async fn run(mut self, poll: Duration, shutdown: CancellationToken) {
         tracing::info!(path = %self.path.display(), "managing etcd users from the users file");
         let mut applied: Option<String> = None;
-        let mut retry = poll;
+        let mut retry = Backoff::new(poll, MAX_RETRY).start();
         loop {
             let current = tokio::fs::read_to_string(&self.path).await.ok();
             if current.is_none() || current != applied {
-                match self.sync().await {
+                let synced = self.sync().await;
+                self.runs.record(USERS_MANAGEMENT, synced.is_ok());
+                match synced {
                     Ok(()) => {
                         applied = current;
-                        retry = poll;
+                        retry.reset();
                     }
                     Err(error) => {
-                        tracing::warn!(error = %crate::error_chain(&error), retry_in = ?retry, "syncing etcd users failed");
+                        let delay = retry.next_delay();
+                        tracing::warn!(error = %crate::error_chain(&error), retry_in = ?delay, "syncing etcd users failed");
                         applied = None;
                         tokio::select! {
                             () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(retry) => {}
+                            () = tokio::time::sleep(delay) => {}
                         }
-                        retry = (retry * 2).min(MAX_RETRY);
                         continue;
                     }
                 }

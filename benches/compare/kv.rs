@@ -432,3 +432,138 @@ pub async fn lease_phase(
     }
     Ok(LeasePhase { keys_on_lease: keys, attach_elapsed, latency: Percentiles::of_micros(latencies) })
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. Agents at scale
+
+/// What one agent of a remote cluster lists and watches on connect (Cilium's remote cluster
+/// watch set; the two service prefixes hold nothing in this data set but are watched anyway).
+pub const AGENT_PREFIXES: [&str; 5] = [
+    data::NODES_PREFIX,
+    "cilium/state/services/v1/",
+    "cilium/state/serviceexports/v1/",
+    data::IDENTITIES_PREFIX,
+    data::IPCACHE_PREFIX,
+];
+
+pub struct Agents {
+    pub agents: usize,
+    /// From the start gate until every agent has listed its prefixes and has its watches.
+    pub connected: Duration,
+    /// Keys each agent listed, summed over its prefixes.
+    pub listed: Vec<usize>,
+    /// Server RSS before the agents connected and once all of them watch.
+    pub rss_before: u64,
+    pub rss_connected: u64,
+    /// One node changed, then seen by every agent: put → event, over all agents.
+    pub fanout: Percentiles,
+    /// Agents that saw the change.
+    pub notified: usize,
+    pub server_cpu: Duration,
+}
+
+/// `agents` new connections at once, each listing [`AGENT_PREFIXES`] in pages of `page` pinned
+/// to its first page's revision, then watching each prefix from the next revision, as a
+/// Cilium agent connecting to a remote cluster does; then one change that every agent must see.
+pub async fn agents(
+    server: &Server,
+    tls: &ClientTls,
+    agents: usize,
+    page: i64,
+    timeout: Duration,
+) -> anyhow::Result<Agents> {
+    const CHANGED: &str = "cilium/state/nodes/v1/bench-agents/changed";
+    let url = server.client_url();
+    let conns = tls.connect_many(&url, agents).await?;
+    let rss_before = server.memory()?.rss;
+    let gate = Arc::new(Barrier::new(agents + 1));
+    let watching = Arc::new(Barrier::new(agents + 1));
+    let base = Instant::now();
+    let mut handles = Vec::with_capacity(agents);
+    for mut client in conns {
+        let (gate, watching) = (Arc::clone(&gate), Arc::clone(&watching));
+        handles.push(tokio::spawn(async move {
+            gate.wait().await;
+            let mut listed = 0;
+            let mut streams = Vec::with_capacity(AGENT_PREFIXES.len());
+            for prefix in AGENT_PREFIXES {
+                let end = data::prefix_end(prefix);
+                let mut from = prefix.as_bytes().to_vec();
+                let mut pinned = 0;
+                loop {
+                    let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+                    if pinned > 0 {
+                        options = options.with_revision(pinned);
+                    }
+                    let response = client.get(from.clone(), Some(options)).await?;
+                    if pinned == 0 {
+                        pinned = response.header().context("no header")?.revision();
+                    }
+                    listed += response.kvs().len();
+                    match response.kvs().last() {
+                        Some(last) if response.more() => {
+                            from = last.key().to_vec();
+                            from.push(0);
+                        }
+                        _ => break,
+                    }
+                }
+                let options = WatchOptions::new().with_range(end).with_start_revision(pinned + 1);
+                let mut stream = client.watch(prefix, Some(options)).await?;
+                while !stream.message().await?.context("watch ended before created")?.created() {}
+                streams.push(stream);
+            }
+            watching.wait().await;
+            // The node prefix's watch sees the change (its value is the put's send time).
+            let nodes = &mut streams[0];
+            loop {
+                let response = nodes.message().await?.context("the node watch ended")?;
+                if let Some(kv) =
+                    response.events().iter().filter_map(|e| e.kv()).find(|kv| kv.key() == CHANGED.as_bytes())
+                {
+                    let sent = u64::from_le_bytes(kv.value()[..8].try_into().unwrap_or([0; 8]));
+                    return Ok::<_, anyhow::Error>((listed, base.elapsed().saturating_sub(Duration::from_nanos(sent))));
+                }
+            }
+        }));
+    }
+    let cpu_before = server.cpu_time();
+    let start = Instant::now();
+    gate.wait().await;
+    if tokio::time::timeout(timeout, watching.wait()).await.is_err() {
+        bail!(
+            "{agents} agents were not all listed and watching within {timeout:?} (raise --agents-timeout or lower --agents)"
+        );
+    }
+    let connected = start.elapsed();
+    let rss_connected = server.memory()?.rss;
+    let mut writer = tls.connect(&url).await?;
+    writer.put(CHANGED, (base.elapsed().as_nanos() as u64).to_le_bytes().to_vec(), None).await?;
+    let mut listed = Vec::with_capacity(agents);
+    let mut latencies = Vec::with_capacity(agents);
+    let joined = tokio::time::timeout(Duration::from_secs(60), async {
+        for handle in handles {
+            let (keys, latency) = handle.await.context("agent panicked")??;
+            listed.push(keys);
+            latencies.push(micros(latency));
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    match joined {
+        Ok(result) => result?,
+        Err(_) => bail!("the change did not reach every agent within 60 s ({} did)", latencies.len()),
+    }
+    let server_cpu = server.cpu_time().saturating_sub(cpu_before);
+    let notified = latencies.len();
+    Ok(Agents {
+        agents,
+        connected,
+        listed,
+        rss_before,
+        rss_connected,
+        fanout: Percentiles::of_micros(latencies),
+        notified,
+        server_cpu,
+    })
+}

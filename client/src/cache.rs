@@ -17,7 +17,8 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::{self, Connection, retry_delay};
+use crate::connect::{self, Connection};
+use crate::retry::{Backoff, Retry};
 use crate::wire::{AnyEntry, ClusterName, Entry, IntoAny, Kind, Validation, prefix_range_end};
 
 /// How many changes a slow subscriber may fall behind before it misses some (it is told with
@@ -360,8 +361,7 @@ pub(crate) async fn list_and_watch_range(
     sink: &mut impl Sink,
 ) -> connect::Result<()> {
     let start = prefix.as_bytes();
-    let base = connection.options.rewatch_delay;
-    let mut failures = 0u32;
+    let mut retry = rewatch_retry(connection);
     loop {
         sink.list_started();
         let listed = tokio::select! {
@@ -378,15 +378,14 @@ pub(crate) async fn list_and_watch_range(
             Err(error) => {
                 tracing::warn!(prefix, %error, "unable to list keys, retrying");
                 sink.error(&error);
-                if sleep_or_cancel(retry_delay(base, failures), token).await {
+                if sleep_or_cancel(retry.next_delay(), token).await {
                     return Ok(());
                 }
-                failures += 1;
                 continue;
             }
         };
         sink.list_done();
-        failures = 0;
+        retry.reset();
         match watch(connection, start, end, revision + 1, token, sink).await? {
             WatchEnd::Cancelled => return Ok(()),
             WatchEnd::Relist => {}
@@ -429,10 +428,11 @@ async fn watch(
     sink: &mut impl Sink,
 ) -> connect::Result<WatchEnd> {
     let prefix = String::from_utf8_lossy(start).into_owned();
-    let base = connection.options.rewatch_delay;
-    let mut failures = 0u32;
+    let mut retry = rewatch_retry(connection);
+    // Whether the last stream ended in a failure: the next is opened after a delay.
+    let mut failed = false;
     loop {
-        if failures > 0 && sleep_or_cancel(retry_delay(base, failures - 1), token).await {
+        if failed && sleep_or_cancel(retry.next_delay(), token).await {
             return Ok(WatchEnd::Cancelled);
         }
         let opened = tokio::select! {
@@ -445,7 +445,7 @@ async fn watch(
             Err(error) => {
                 tracing::debug!(%prefix, %error, "unable to open the watch, retrying");
                 sink.error(&error);
-                failures += 1;
+                failed = true;
                 continue;
             }
         };
@@ -458,14 +458,14 @@ async fn watch(
                 Ok(Some(response)) => response,
                 Ok(None) => {
                     tracing::debug!(%prefix, next, "watch stream closed, re-opening");
-                    failures += 1;
+                    failed = true;
                     break;
                 }
                 Err(source) => {
                     let error = connect::Error::Rpc { what: format!("watch {prefix}"), source };
                     tracing::debug!(%prefix, %error, next, "watch failed, re-opening");
                     sink.error(&error);
-                    failures += 1;
+                    failed = true;
                     break;
                 }
             };
@@ -480,13 +480,16 @@ async fn watch(
                     );
                 } else {
                     tracing::warn!(%prefix, reason = response.cancel_reason(), "watch cancelled, relisting");
-                    if sleep_or_cancel(retry_delay(base, 0), token).await {
+                    if sleep_or_cancel(connection.options.rewatch_delay, token).await {
                         return Ok(WatchEnd::Cancelled);
                     }
                 }
                 return Ok(WatchEnd::Relist);
             }
-            failures = 0;
+            if failed {
+                failed = false;
+                retry.reset();
+            }
             let events = response.events();
             for event in events {
                 let Some(kv) = event.kv() else { continue };
@@ -510,6 +513,15 @@ async fn watch(
         }
     }
 }
+
+/// Re-opening a watch or re-reading a prefix: from `rewatch_delay`, doubling up to 2 s.
+fn rewatch_retry(connection: &Connection) -> Retry {
+    let initial = connection.options.rewatch_delay;
+    Backoff::new(initial, REWATCH_MAX_DELAY.max(initial)).start()
+}
+
+/// The longest wait before re-opening a watch: a broken stream is usually a reconnect away.
+const REWATCH_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Sleeps; `true` if cancelled meanwhile.
 pub(crate) async fn sleep_or_cancel(duration: std::time::Duration, token: &CancellationToken) -> bool {

@@ -235,12 +235,6 @@ pub async fn dial_client(config: &EtcdConfig, dial: &Dial) -> Result<Client> {
     Client::connect(&config.endpoints, Some(connect)).await.map_err(Error::Client)
 }
 
-/// How long to wait before re-opening a watch or re-reading a prefix after `attempt` failures
-/// in a row: `base` doubling, capped at 2 s.
-pub(crate) fn retry_delay(base: Duration, attempt: u32) -> Duration {
-    base.saturating_mul(1 << attempt.min(16)).min(Duration::from_secs(2).max(base))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,13 +245,5 @@ mod tests {
         assert_eq!(lock.get(), None);
         assert!(matches!(lock.check(None), Err(Error::MissingHeader)));
         assert!(lock.get().is_none());
-    }
-
-    #[test]
-    fn retry_delays_double_up_to_two_seconds() {
-        let base = Duration::from_millis(50);
-        assert_eq!(retry_delay(base, 0), base);
-        assert_eq!(retry_delay(base, 2), Duration::from_millis(200));
-        assert_eq!(retry_delay(base, 30), Duration::from_secs(2));
     }
 }

@@ -31,7 +31,7 @@
 //! ```
 //!
 //! Raw mode ([`RemoteCluster::start_raw`], [`ClusterMesh::start_raw`]) runs the same sessions but
-//! hands every entry to a [`RawSink`] as the bytes the remote stores, undecoded: what KVStoreMesh
+//! hands every entry to a [`raw::RawSink`] as the bytes the remote stores, undecoded: what KVStoreMesh
 //! needs to copy a cluster byte for byte.
 //!
 //! The pure parts work without a connection: decoding and checking what a remote publishes,
@@ -84,19 +84,21 @@ mod canaries;
 pub mod cluster_config;
 pub mod config;
 pub mod connect;
+pub mod display;
 pub mod global_services;
 mod heartbeat;
 mod mesh;
 mod options;
 pub mod raw;
 pub mod remote;
+mod retry;
 pub mod wire;
 
 pub use cache::{Cache, CacheStatus, Change, Event, Op};
 pub use cluster_config::ClusterIds;
 pub use heartbeat::HeartbeatTimeout;
-pub use mesh::{ClusterMesh, MeshStatus, RawSinks};
-pub use options::{Backoff, ClientOptions, LocalCluster};
-pub use raw::{RawCache, RawSink};
+pub use mesh::{ClusterMesh, MeshStatus};
+pub use options::{ClientOptions, LocalCluster};
 pub use remote::{Caches, ConfigStatus, Failure, Phase, RemoteCluster, RemoteStatus, SessionError};
+pub use retry::{Backoff, Retry};
 pub use wire::{ClusterId, ClusterName, Kind, MaxConnectedClusters, NumericIdentity};

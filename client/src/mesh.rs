@@ -16,7 +16,7 @@ use crate::cache::Event;
 use crate::cluster_config::ClusterIds;
 use crate::config::{self, ConfigDir, PeerFile};
 use crate::options::ClientOptions;
-use crate::raw::RawSink;
+use crate::raw::RawSinks;
 use crate::remote::{RemoteCluster, RemoteStatus};
 use crate::wire::{ClusterName, ClusterService};
 
@@ -36,16 +36,6 @@ impl MeshStatus {
     pub fn all_ready(&self) -> bool {
         self.remotes.iter().all(|r| r.ready)
     }
-}
-
-/// Raw mode for a whole directory: where each remote cluster's entries go, and what happens
-/// when its file is removed.
-pub trait RawSinks: Send + Sync + 'static {
-    /// A cluster appeared in the directory: the sink of its new connection.
-    fn sink(&self, cluster: &ClusterName) -> Arc<dyn RawSink>;
-    /// Its file was removed: the connection is stopped and its ID released, but nothing was
-    /// drained; what was copied is the implementation's to drop.
-    fn removed(&self, cluster: &ClusterName);
 }
 
 struct Inner {

@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use rand::Rng as _;
-
+use crate::retry::Backoff;
 use crate::wire::{ClusterId, ClusterName, MaxConnectedClusters};
 
 /// The local cluster, as the agent knows it (`--cluster-name`, `--cluster-id`,
@@ -32,67 +31,6 @@ impl Default for LocalCluster {
     /// Cilium's defaults: cluster `default`, ID unset, 255 clusters.
     fn default() -> Self {
         Self::new(ClusterName::new("default").expect("valid name"), ClusterId::UNSET)
-    }
-}
-
-/// Exponential reconnect backoff with jitter, reset after a healthy period (the shape of
-/// kube-runtime's `default_backoff`; anchors §10 rule 7).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-    /// A connection that stayed up this long starts the next retry from `initial` again.
-    pub reset_after: Duration,
-}
-
-impl Default for Backoff {
-    /// 0.8 s doubling up to 30 s, reset after 120 s healthy.
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(800),
-            max: Duration::from_secs(30),
-            reset_after: Duration::from_secs(120),
-        }
-    }
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, ..Self::default() }
-    }
-
-    pub fn with_reset_after(mut self, reset_after: Duration) -> Self {
-        self.reset_after = reset_after;
-        self
-    }
-
-    pub(crate) fn start(self) -> BackoffState {
-        BackoffState { config: self, base: self.initial }
-    }
-}
-
-/// The running state of a [`Backoff`].
-#[derive(Debug, Clone)]
-pub(crate) struct BackoffState {
-    config: Backoff,
-    base: Duration,
-}
-
-impl BackoffState {
-    /// The next delay: the current base plus up to the same again at random, capped.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let jitter = self.base.mul_f64(rand::rng().random_range(0.0..1.0));
-        let delay = (self.base + jitter).min(self.config.max);
-        self.base = (self.base * 2).min(self.config.max);
-        delay
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.base = self.config.initial;
-    }
-
-    pub(crate) fn reset_after(&self) -> Duration {
-        self.config.reset_after
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{CacheStatus, Sink, list_and_watch};
 use crate::connect::{self, Connection};
-use crate::wire::{ClusterConfig, Kind};
+use crate::wire::{ClusterConfig, ClusterName, Kind};
 
 /// Where a raw-mode remote cluster delivers what it reads.
 ///
@@ -36,6 +36,16 @@ pub trait RawSink: Send + Sync + 'static {
     /// The remote does not publish `kind` in this session (e.g. no service exports before
     /// Cilium 1.17); whatever was held for it was deleted just before.
     fn not_offered(&self, kind: Kind);
+}
+
+/// Raw mode for a whole directory: where each remote cluster's entries go, and what happens
+/// when its file is removed.
+pub trait RawSinks: Send + Sync + 'static {
+    /// A cluster appeared in the directory: the sink of its new connection.
+    fn sink(&self, cluster: &ClusterName) -> Arc<dyn RawSink>;
+    /// Its file was removed: the connection is stopped and its ID released, but nothing was
+    /// drained; what was copied is the implementation's to drop.
+    fn removed(&self, cluster: &ClusterName);
 }
 
 struct Slot {

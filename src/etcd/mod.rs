@@ -9,6 +9,7 @@
 //! ```
 
 pub mod auth;
+pub mod connections;
 pub mod datadir;
 pub mod embedded;
 pub mod error;

@@ -31,6 +31,8 @@ pub struct ServerOptions {
     pub watch: WatchConfig,
     /// etcd's `--max-concurrent-streams`: HTTP/2 streams one connection may hold open.
     pub max_concurrent_streams: u32,
+    /// Client connections one certificate user may hold at once (0: no limit).
+    pub max_connections_per_user: usize,
 }
 
 /// Streams per connection unless configured: etcd leaves it unbounded, which lets one
@@ -107,7 +109,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let max_message = store.limits().max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let incoming = tls::incoming(listener, tls, http1_handler(shutdown.clone()), metrics.connections, shutdown.clone());
+    let limit = super::connections::ConnectionLimit::new(options.max_connections_per_user);
+    let http1 = http1_handler(shutdown.clone());
+    let incoming = tls::incoming(listener, tls, http1, limit, metrics.connections, shutdown.clone());
     tonic::transport::Server::builder()
         .layer(GrpcMetricsLayer(metrics.grpc))
         // etcd's server keepalive defaults: clients behind a LoadBalancer are told about a

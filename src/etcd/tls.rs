@@ -24,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::connections::{ConnectionLimit, OpenConnection};
 use super::metrics::ConnectionCounters;
 
 /// A handshake that has not finished by then is dropped, so that idle sockets cannot pile up
@@ -188,6 +189,8 @@ pub struct TlsConnection {
     /// Bytes read to tell HTTP/2 from HTTP/1.1 (a client that negotiated no protocol), handed
     /// back before the stream's own.
     sniffed: bytes::Bytes,
+    /// This connection's place under `--max-connections-per-user`, given back when it closes.
+    _slot: OpenConnection,
 }
 
 impl tonic::transport::server::Connected for TlsConnection {
@@ -282,6 +285,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingConfig>,
     http1: Http1Handler,
+    limit: Arc<ConnectionLimit>,
     counters: Arc<ConnectionCounters>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
@@ -305,6 +309,7 @@ pub fn incoming(
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(tls.current());
                 let (tx, http1, counters) = (tx.clone(), Arc::clone(&http1), Arc::clone(&counters));
+                let limit = Arc::clone(&limit);
                 tokio::spawn(async move {
                     let silent = || counters.silent_closed.fetch_add(1, Ordering::Relaxed);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -315,8 +320,14 @@ pub fn incoming(
                                 .peer_certificates()
                                 .and_then(|certs| certs.first())
                                 .and_then(|cert| common_name(cert));
+                            let Some(slot) = limit.open(common_name.as_deref()) else {
+                                counters.over_user_limit.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(%remote_addr, user = ?common_name, "connection refused: the user holds --max-connections-per-user");
+                                return;
+                            };
                             let peer = PeerIdentity { common_name, remote_addr: Some(remote_addr) };
-                            let mut connection = TlsConnection { stream, peer, sniffed: bytes::Bytes::new() };
+                            let mut connection =
+                                TlsConnection { stream, peer, sniffed: bytes::Bytes::new(), _slot: slot };
                             match tokio::time::timeout(HANDSHAKE_TIMEOUT, speaks_http1(&mut connection)).await {
                                 Ok(Ok(true)) => http1(connection),
                                 Ok(Ok(false)) => drop(tx.send(Ok(connection)).await),

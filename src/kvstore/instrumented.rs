@@ -6,6 +6,12 @@
 //! `action` the client call (`Get`, `Update`, `Delete`, `ListPrefix`), `outcome` `success`
 //! or `fail`, and Prometheus' default buckets, as Cilium declares none. Lease calls are not
 //! key operations and, as in Cilium, are not timed.
+//!
+//! `kvstore_events_queue_seconds{scope,action}` is Cilium's histogram of the time a watch event
+//! waited in its client's queue. A writer's events are its own changes: here it is the time a
+//! key waited in the sync store's queue, from queued (or queued again after a failed write) to
+//! its write answered, `action` `create`, `modify` or `delete` as Cilium's event types
+//! (see [`crate::sync::store::SyncStore::timed`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +28,8 @@ use super::{Backend, Result};
 
 /// Prometheus' `DefBuckets`, which Cilium's histogram inherits.
 const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Cilium's buckets for `kvstore_events_queue_seconds`.
+const EVENTS_QUEUE_BUCKETS: [f64; 11] = [0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
@@ -38,6 +46,15 @@ pub struct QuorumLabels {
 
 type Histograms = Family<OperationLabels, Histogram, fn() -> Histogram>;
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub scope: String,
+    pub action: &'static str,
+}
+
+/// `kvstore_events_queue_seconds`, fed by the sync stores.
+pub type EventsQueue = Family<QueueLabels, Histogram, fn() -> Histogram>;
+
 /// The kvstore families of one registry (under the caller's prefix).
 #[derive(Clone, Debug)]
 pub struct KvstoreMetrics {
@@ -46,22 +63,29 @@ pub struct KvstoreMetrics {
     /// embedded store is one member inside this process with no consensus to lose, so
     /// nothing feeds it there; it is still exported, at zero, so dashboards find the series.
     pub quorum_errors: Family<QuorumLabels, Counter>,
+    pub events_queue: EventsQueue,
 }
 
 impl KvstoreMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let operations: Histograms = Family::new_with_constructor(|| Histogram::new(DEFAULT_BUCKETS));
         let quorum_errors = Family::<QuorumLabels, Counter>::default();
+        let events_queue: EventsQueue = Family::new_with_constructor(|| Histogram::new(EVENTS_QUEUE_BUCKETS));
         registry.register(
             "kvstore_operations_duration_seconds",
             "Duration in seconds of kvstore operations",
             operations.clone(),
         );
+        registry.register(
+            "kvstore_events_queue_seconds",
+            "Seconds waited before a received event was queued",
+            events_queue.clone(),
+        );
         registry.register("kvstore_quorum_errors", "Number of quorum errors", quorum_errors.clone());
         // Families without a child are left out of a scrape; a zero under Cilium's usual
         // label keeps the series visible (and alertable) where nothing ever feeds it.
         drop(quorum_errors.get_or_create(&QuorumLabels { error: "timeout" }));
-        Self { operations, quorum_errors }
+        Self { operations, quorum_errors, events_queue }
     }
 
     fn observe(&self, key: &str, kind: &'static str, action: &'static str, ok: bool, took: Duration) {

@@ -5,7 +5,13 @@
 //! A token bucket holding one second of requests: a quiet client may send a burst that
 //! large, a busy one is held to the rate. Lease renewals pass unlimited, so that a slow rate
 //! can never let the lease of every written key expire.
+//!
+//! What it does is exported as Cilium's `api_limiter_*` families (see `metrics`).
 
+mod metrics;
+
+use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,6 +21,8 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{Backend, Result};
+
+pub use metrics::LimiterCollector;
 
 /// Requests per second before and after bootstrap; `None` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,11 +37,27 @@ pub struct Limiter {
     bootstrapped: AtomicBool,
     /// When the next request may go, if the bucket were empty.
     next: Mutex<Option<Instant>>,
+    record: Mutex<Record>,
 }
+
+/// How many requests the limiter let through, and how the last ones went: what Cilium's
+/// limiter reports after each request.
+#[derive(Debug, Default, Clone)]
+struct Record {
+    in_flight: u64,
+    succeeded: u64,
+    failed: u64,
+    /// Of the last [`MEAN_OVER`] successful requests, as Cilium's means.
+    waits: VecDeque<Duration>,
+    processing: VecDeque<Duration>,
+}
+
+/// Cilium's `defaultMeanOver`.
+const MEAN_OVER: usize = 10;
 
 impl Limiter {
     pub fn new(rates: Rates) -> Arc<Self> {
-        Arc::new(Self { rates, bootstrapped: AtomicBool::new(false), next: Mutex::new(None) })
+        Arc::new(Self { rates, bootstrapped: AtomicBool::new(false), next: Mutex::new(None), record: Mutex::default() })
     }
 
     /// From now on, the steady rate applies.
@@ -45,6 +69,17 @@ impl Limiter {
 
     fn rate(&self) -> Option<f64> {
         if self.bootstrapped.load(Ordering::Relaxed) { self.rates.steady } else { self.rates.bootstrap }
+    }
+
+    /// Waits for the request's turn, runs it and records how long each took.
+    async fn run<T>(&self, request: impl Future<Output = Result<T>>) -> Result<T> {
+        let asked = Instant::now();
+        self.acquire().await;
+        let started = Instant::now();
+        let in_flight = InFlight::new(self);
+        let result = request.await;
+        in_flight.finished(started - asked, started.elapsed(), result.is_ok());
+        result
     }
 
     /// Waits for this request's turn.
@@ -79,10 +114,45 @@ impl<B> RateLimited<B> {
     }
 }
 
+/// A request let through and not answered yet; one dropped unanswered (its caller gave up)
+/// leaves the count without being recorded.
+struct InFlight<'a> {
+    limiter: &'a Limiter,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(limiter: &'a Limiter) -> Self {
+        limiter.record.lock().in_flight += 1;
+        Self { limiter }
+    }
+
+    fn finished(self, waited: Duration, processing: Duration, succeeded: bool) {
+        let mut guard = self.limiter.record.lock();
+        let record = &mut *guard;
+        if succeeded {
+            record.succeeded += 1;
+            // Cilium's means are over successful requests only.
+            for (last, took) in [(&mut record.waits, waited), (&mut record.processing, processing)] {
+                if last.len() == MEAN_OVER {
+                    last.pop_front();
+                }
+                last.push_back(took);
+            }
+        } else {
+            record.failed += 1;
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.limiter.record.lock().in_flight -= 1;
+    }
+}
+
 impl<B: Backend> Backend for RateLimited<B> {
     async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
-        self.limiter.acquire().await;
-        self.inner.grant_lease(ttl).await
+        self.limiter.run(self.inner.grant_lease(ttl)).await
     }
 
     async fn keep_alive(&self, lease: i64) -> Result<()> {
@@ -90,23 +160,19 @@ impl<B: Backend> Backend for RateLimited<B> {
     }
 
     async fn put(&self, key: &str, value: Bytes, lease: i64) -> Result<()> {
-        self.limiter.acquire().await;
-        self.inner.put(key, value, lease).await
+        self.limiter.run(self.inner.put(key, value, lease)).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.limiter.acquire().await;
-        self.inner.get(key).await
+        self.limiter.run(self.inner.get(key)).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        self.limiter.acquire().await;
-        self.inner.delete(key).await
+        self.limiter.run(self.inner.delete(key)).await
     }
 
     async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        self.limiter.acquire().await;
-        self.inner.keys_with_prefix(prefix).await
+        self.limiter.run(self.inner.keys_with_prefix(prefix)).await
     }
 
     async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {

@@ -33,9 +33,11 @@ impl<B: Backend> Collector for MeshCollector<B> {
         let shared = &self.shared;
         let local = shared.local.as_str();
         if let Some(took) = *shared.bootstrap.lock() {
-            let help = "Seconds from start until every remote cluster was synchronized (or timed out)";
-            let metric = encoder.encode_descriptor("bootstrap_seconds", help, None, MetricType::Gauge)?;
-            ConstGauge::new(took.as_secs_f64()).encode(metric)?;
+            // Cilium's `syncstate`, labelled with the local cluster (up to 1.18); here the time
+            // until every remote cluster was synchronized (or timed out).
+            let help = "Duration in seconds to complete bootstrap";
+            let mut family = encoder.encode_descriptor("bootstrap_seconds", help, None, MetricType::Gauge)?;
+            ConstGauge::new(took.as_secs_f64()).encode(family.encode_family(&[("source_cluster", local)])?)?;
         }
 
         let statuses: Vec<_> = shared.clients().iter().map(|r| r.status()).collect();

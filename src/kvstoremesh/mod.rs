@@ -34,7 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::controllers::{CLUSTER_CONFIG_ENFORCER, ControllerRuns};
 use crate::kvstore::Backend;
+use crate::kvstore::instrumented::EventsQueue;
 use crate::sync::metrics::Bootstrap;
 use crate::sync::state;
 use crate::sync::store::{SyncOptions, SyncStore};
@@ -69,6 +71,8 @@ pub struct KvstoremeshConfig {
     /// `--enable-heartbeat`: also keep `cilium/.heartbeat` fresh in the local store, for a store
     /// no clustermesh role writes to (Cilium's external kvstore mode).
     pub heartbeat: Option<Duration>,
+    /// Where the cache writers time their queues (`kvstore_events_queue_seconds`).
+    pub events_queue: Option<EventsQueue>,
 }
 
 impl KvstoremeshConfig {
@@ -82,6 +86,7 @@ impl KvstoremeshConfig {
             removal: RemovalPolicy::default(),
             writer: SyncOptions::default(),
             heartbeat: None,
+            events_queue: None,
         }
     }
 }
@@ -134,11 +139,30 @@ pub async fn spawn<B: Backend>(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Running<B>, Error> {
-    let KvstoremeshConfig { client, config_dir, lease_ttl, ready: timeouts, cache_ttl, removal, writer, heartbeat } =
-        config;
+    let KvstoremeshConfig {
+        client,
+        config_dir,
+        lease_ttl,
+        ready: timeouts,
+        cache_ttl,
+        removal,
+        writer,
+        heartbeat,
+        events_queue,
+    } = config;
     let local = client.local().name.clone();
-    let remotes =
-        remotes::Remotes::new(Arc::clone(&backend), lease_ttl, writer, removal, tracker.clone(), shutdown.clone());
+    let controllers = ControllerRuns::register(registry);
+    controllers.declare(CLUSTER_CONFIG_ENFORCER);
+    let metrics = remotes::WriterMetrics { events_queue, controllers };
+    let remotes = remotes::Remotes::new(
+        Arc::clone(&backend),
+        lease_ttl,
+        writer,
+        metrics,
+        removal,
+        tracker.clone(),
+        shutdown.clone(),
+    );
     let mesh = ClusterMesh::start_raw(
         config_dir,
         client.with_service_exports(true),

@@ -72,8 +72,9 @@ async fn cluster_ready<B: Backend>(reflector: &Reflector<B>, per_cluster: Durati
 
 #[cfg(test)]
 mod tests {
+    use clustermesh_client::ClusterName;
+    use clustermesh_client::raw::RawSink;
     use clustermesh_client::wire::ClusterConfig;
-    use clustermesh_client::{ClusterName, RawSink};
     use tokio_util::task::TaskTracker;
 
     use super::*;

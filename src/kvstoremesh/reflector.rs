@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use clustermesh_client::raw::RawSink;
 use clustermesh_client::wire::{CACHE_PREFIX, Capabilities, ClusterConfig, canary_prefix, cluster_config_key};
-use clustermesh_client::{ClusterName, Kind, RawSink};
+use clustermesh_client::{ClusterName, Kind};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

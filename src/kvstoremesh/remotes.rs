@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clustermesh_client::{ClusterName, RawSink, RawSinks};
+use clustermesh_client::raw::{RawSink, RawSinks};
+use clustermesh_client::{Backoff, ClusterName};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +16,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::reflector::{Reflector, drain_prefixes};
+use crate::controllers::ControllerRuns;
 use crate::kvstore::Backend;
+use crate::kvstore::instrumented::EventsQueue;
 use crate::sync::state;
 use crate::sync::store::{SyncOptions, SyncStore};
 
@@ -47,6 +50,10 @@ impl Default for RemovalPolicy {
     }
 }
 
+/// The longest wait between two attempts to drain a removed cluster (5 attempts doubling from
+/// 2 s stay under it, as Cilium's).
+const MAX_REMOVAL_RETRY_DELAY: Duration = Duration::from_secs(60);
+
 /// One remote cluster's copy and its writer.
 pub struct ClusterCopy<B> {
     pub reflector: Arc<Reflector<B>>,
@@ -74,10 +81,19 @@ enum Entry<B> {
     },
 }
 
+/// Where the cache writers report: Cilium's `kvstore_events_queue_seconds` and controller
+/// groups.
+#[derive(Debug, Clone, Default)]
+pub struct WriterMetrics {
+    pub events_queue: Option<EventsQueue>,
+    pub controllers: ControllerRuns,
+}
+
 struct Inner<B> {
     backend: Arc<B>,
     lease_ttl: Duration,
     writer: SyncOptions,
+    metrics: WriterMetrics,
     removal: RemovalPolicy,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -100,12 +116,13 @@ impl<B: Backend> Remotes<B> {
         backend: Arc<B>,
         lease_ttl: Duration,
         writer: SyncOptions,
+        metrics: WriterMetrics,
         removal: RemovalPolicy,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         let entries = Mutex::new(BTreeMap::new());
-        Self { inner: Arc::new(Inner { backend, lease_ttl, writer, removal, tracker, shutdown, entries }) }
+        Self { inner: Arc::new(Inner { backend, lease_ttl, writer, metrics, removal, tracker, shutdown, entries }) }
     }
 
     /// The copies of the clusters currently configured (not those being removed).
@@ -136,8 +153,8 @@ impl<B: Backend> Remotes<B> {
     pub async fn drain_writers(&self, timeout: Duration) {
         let copies = self.all();
         let drained = tokio::time::timeout(timeout, async {
-            while copies.iter().any(|c| c.sync().stats().queued > 0) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            for copy in &copies {
+                copy.sync().drained().await;
             }
         })
         .await;
@@ -151,7 +168,10 @@ impl<B: Backend> Remotes<B> {
 
     fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<ClusterCopy<B>> {
         let inner = &self.inner;
-        let sync = SyncStore::with_options(inner.writer);
+        let sync = match &inner.metrics.events_queue {
+            Some(queue) => SyncStore::timed(inner.writer, queue.clone()),
+            None => SyncStore::with_options(inner.writer),
+        };
         let reflector = Arc::new(Reflector::new(
             cluster.clone(),
             Arc::clone(&sync),
@@ -186,6 +206,7 @@ impl<B: Backend> Remotes<B> {
                 Arc::clone(&inner.backend),
                 reflector.cluster_config_key(),
                 CLUSTER_CONFIG_CHECK,
+                inner.metrics.controllers.clone(),
                 writer.clone(),
             )
             .instrument(tracing::info_span!("cluster_config", cluster = %cluster)),
@@ -251,7 +272,7 @@ impl<B: Backend> Remotes<B> {
         if let Some(task) = task {
             let _ = task.await;
         }
-        let mut delay = self.inner.removal.retry_delay;
+        let mut retry = Backoff::new(self.inner.removal.retry_delay, MAX_REMOVAL_RETRY_DELAY).start();
         let mut attempt = 0;
         loop {
             match self.delete_data(&cluster).await {
@@ -267,13 +288,13 @@ impl<B: Backend> Remotes<B> {
                     break;
                 }
                 Err(error) => {
+                    let delay = retry.next_delay();
                     tracing::warn!(error = %crate::error_chain(&error), retry_in = ?delay, "failed to remove cached data, retrying");
                     tokio::select! {
                         () = self.inner.shutdown.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
                     }
                     attempt += 1;
-                    delay *= 2;
                 }
             }
         }
@@ -346,6 +367,7 @@ mod tests {
             Arc::clone(&backend),
             Duration::from_secs(900),
             SyncOptions::default(),
+            WriterMetrics::default(),
             removal,
             TaskTracker::new(),
             token.clone(),

@@ -48,9 +48,10 @@ impl Collector for SyncCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let cluster = self.cluster.as_str();
         if let Some(took) = *self.bootstrap.lock() {
-            let help = "Seconds from start until every resource was synced to the kvstore";
-            let metric = encoder.encode_descriptor("bootstrap_seconds", help, None, MetricType::Gauge)?;
-            ConstGauge::new(took.as_secs_f64()).encode(metric)?;
+            // Cilium's `syncstate` labels it with the local cluster (up to 1.18).
+            let help = "Duration in seconds to complete bootstrap";
+            let mut family = encoder.encode_descriptor("bootstrap_seconds", help, None, MetricType::Gauge)?;
+            ConstGauge::new(took.as_secs_f64()).encode(family.encode_family(&[("source_cluster", cluster)])?)?;
         }
 
         let queued = self.sync.queued_by_scope();

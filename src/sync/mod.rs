@@ -10,7 +10,5 @@ pub mod store;
 /// Now as Go's `time.RFC3339` prints it (UTC, whole seconds): the value Cilium writes into
 /// canaries and the heartbeat. Readers ignore it; operators read it.
 pub fn rfc3339_now() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    let now = now.replace_nanosecond(0).unwrap_or(now);
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    clustermesh_client::display::rfc3339(std::time::SystemTime::now())
 }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{SyncStore, list_for_prune};
+use crate::controllers::{CLUSTER_CONFIG_ENFORCER, ControllerRuns};
 use crate::kvstore::Backend;
 
 /// Cilium's heartbeat key, rewritten every [`HEARTBEAT_INTERVAL`]; clients reconnect after
@@ -30,12 +31,14 @@ pub async fn run_heartbeat(sync: Arc<SyncStore>, interval: Duration, shutdown: C
 }
 
 /// Restores the cluster config when someone else changed or deleted it: agents refuse to
-/// connect without it, and a wrong ID would make them drop this cluster.
+/// connect without it, and a wrong ID would make them drop this cluster. Each check is a run
+/// of Cilium's `clustermesh-cluster-config-enforcer` controller group.
 pub async fn run_cluster_config_enforcer<B: Backend>(
     sync: Arc<SyncStore>,
     backend: Arc<B>,
     key: String,
     interval: Duration,
+    runs: ControllerRuns,
     shutdown: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(interval);
@@ -46,7 +49,9 @@ pub async fn run_cluster_config_enforcer<B: Backend>(
             _ = ticks.tick() => {}
         }
         let Some(desired) = sync.desired_value(&key) else { continue };
-        match backend.get(&key).await {
+        let found = backend.get(&key).await;
+        runs.record(CLUSTER_CONFIG_ENFORCER, found.is_ok());
+        match found {
             Ok(found) if found.as_ref() != Some(&desired) && sync.stats().queued == 0 => {
                 tracing::warn!(key = %key, "cluster config changed outside this server; restoring it");
                 sync.rewrite(&key, found);

@@ -13,15 +13,19 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use clustermesh_client::{Backoff, Retry};
+
 use super::leases::{Leases, MAX_KEYS_PER_LEASE};
+use crate::kvstore::instrumented::{EventsQueue, QueueLabels, operation_scope};
 use crate::kvstore::{Backend, Error};
 
-/// Failed writes are retried after this, doubling up to [`MAX_BACKOFF`] (the same shape as
-/// kube's watcher backoff), and back to the start after a success.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Failed writes are retried after 100 ms, doubling (with jitter) up to [`MAX_BACKOFF`], and
+/// back to the start after a success.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for the answers to writes already sent.
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(5);
@@ -54,16 +58,25 @@ struct State {
     /// there but not ours to keep (found by pruning): the worker deletes it.
     written: FastMap<String, Option<Bytes>>,
     queue: VecDeque<Item>,
-    queued: FastSet<String>,
+    /// The keys in `queue`, and since when.
+    queued: FastMap<String, Instant>,
     /// Keys whose last write failed; a canary waits for them.
     failing: FastSet<String>,
     canary_keys: FastSet<String>,
+    /// Writes taken from the queue and not yet answered; counted as queued, so a drain waits
+    /// for them.
+    in_flight: usize,
+    writes: u64,
+    errors: u64,
+    /// Failed writes per [`scope`] of the key, for `kvstore_sync_errors_total{scope}`.
+    errors_by_scope: HashMap<String, u64>,
 }
 
 impl State {
     fn enqueue(&mut self, key: String) {
-        if self.queued.insert(key.clone()) {
-            self.queue.push_back(Item::Key(key));
+        if let std::collections::hash_map::Entry::Vacant(entry) = self.queued.entry(key) {
+            self.queue.push_back(Item::Key(entry.key().clone()));
+            entry.insert(Instant::now());
         }
     }
 
@@ -81,6 +94,25 @@ impl State {
 enum Written {
     Put,
     Deleted,
+}
+
+/// What the writing loop of [`SyncStore::run`] keeps between iterations.
+struct Worker {
+    retry: Retry,
+    /// After a failed write nothing new is sent until this passes.
+    paused: Option<tokio::time::Instant>,
+    leases: Leases,
+    /// Keys with a write sent and unanswered: a key has one write in flight at a time.
+    in_flight_keys: HashSet<String>,
+}
+
+impl Worker {
+    /// Pauses sending for the next retry delay, and returns it.
+    fn pause(&mut self) -> Duration {
+        let delay = self.retry.next_delay();
+        self.paused = Some(tokio::time::Instant::now() + delay);
+        delay
+    }
 }
 
 /// Counters the metrics layer reads.
@@ -104,42 +136,44 @@ pub async fn list_for_prune<B: Backend>(
     retry_until_shutdown("listing keys to prune", shutdown, || backend.keys_with_prefix(prefix)).instrument(span).await
 }
 
-/// Runs `attempt` until it succeeds, waiting [`MIN_BACKOFF`] after a failure, doubling up to
-/// [`MAX_BACKOFF`]; `None` once `shutdown` is cancelled (also mid-attempt).
+/// Runs `attempt` until it succeeds, waiting as [`BACKOFF`] says after each failure; `None`
+/// once `shutdown` is cancelled (also mid-attempt).
 async fn retry_until_shutdown<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,
 {
-    let mut backoff = MIN_BACKOFF;
+    let mut retry = BACKOFF.start();
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return None,
             result = attempt() => result,
         };
-        match result {
+        let error = match result {
             Ok(value) => return Some(value),
-            Err(error) => tracing::warn!(error = %crate::error_chain(&error), retry_in = ?backoff, "{what} failed"),
-        }
+            Err(error) => error,
+        };
+        let delay = retry.next_delay();
+        tracing::warn!(error = %crate::error_chain(&error), retry_in = ?delay, "{what} failed");
         tokio::select! {
             () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 pub struct SyncStore {
+    /// The one lock: what is wanted, written, queued and counted.
     state: Mutex<State>,
     wake: Notify,
-    stats: Mutex<SyncStats>,
-    /// Failed writes per [`scope`] of the key, for `kvstore_sync_errors_total{scope}`.
-    errors_by_scope: Mutex<HashMap<String, u64>>,
     /// The canary keys written so far (readiness watches this).
     canaries_tx: watch::Sender<HashSet<String>>,
     options: SyncOptions,
-    /// Writes sent and not yet answered; counted as queued, so a drain waits for them.
-    in_flight: Mutex<usize>,
+    /// Woken whenever a write is answered or handed back to the queue, for [`Self::drained`].
+    settled: Notify,
+    /// Where the time from a key being queued to its write being answered goes: Cilium's
+    /// `kvstore_events_queue_seconds`, which times events waiting in its client's queue.
+    queue_seconds: Option<EventsQueue>,
     /// Prefixes whose keys the worker adopts when it starts ([`SyncStore::adopt_on_start`]).
     adopt: Mutex<Vec<String>>,
 }
@@ -170,11 +204,10 @@ impl Default for SyncStore {
         Self {
             state: Mutex::default(),
             wake: Notify::new(),
-            stats: Mutex::default(),
-            errors_by_scope: Mutex::default(),
             canaries_tx: watch::Sender::new(HashSet::new()),
             options: SyncOptions::default(),
-            in_flight: Mutex::new(0),
+            settled: Notify::new(),
+            queue_seconds: None,
             adopt: Mutex::default(),
         }
     }
@@ -201,6 +234,16 @@ impl SyncStore {
     /// initial sync ([`SyncStore::prune`]).
     pub fn adopt_on_start(&self, prefixes: Vec<String>) {
         *self.adopt.lock() = prefixes;
+    }
+
+    /// Like [`SyncStore::with_options`], timing each key's wait into `queue_seconds`
+    /// (labelled with Cilium's scope of the key and `create`, `modify` or `delete`).
+    pub fn timed(options: SyncOptions, queue_seconds: EventsQueue) -> Arc<Self> {
+        let options = SyncOptions {
+            max_in_flight: options.max_in_flight.max(1),
+            max_keys_per_lease: options.max_keys_per_lease.max(1),
+        };
+        Arc::new(Self { options, queue_seconds: Some(queue_seconds), ..Self::default() })
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
@@ -267,7 +310,7 @@ impl SyncStore {
         let mut state = self.state.lock();
         let mut pruned = 0;
         for key in present {
-            if state.desired.contains_key(&key) || state.queued.contains(&key) {
+            if state.desired.contains_key(&key) || state.queued.contains_key(&key) {
                 continue;
             }
             // Unknown here, or adopted at start and wanted by nothing since.
@@ -290,15 +333,29 @@ impl SyncStore {
     }
 
     pub fn stats(&self) -> SyncStats {
-        let mut stats = *self.stats.lock();
-        stats.queued = self.state.lock().queued.len() + *self.in_flight.lock();
-        stats
+        let state = self.state.lock();
+        SyncStats { writes: state.writes, errors: state.errors, queued: state.queued.len() + state.in_flight }
+    }
+
+    /// Returns once nothing is queued or in flight: everything wanted so far is written (or
+    /// given up on by a shutdown).
+    pub async fn drained(&self) {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the check, so that a write answered in between still wakes us.
+            settled.as_mut().enable();
+            if self.stats().queued == 0 {
+                return;
+            }
+            settled.await;
+        }
     }
 
     /// Keys waiting to be written, by [`scope`].
     pub fn queued_by_scope(&self) -> HashMap<String, usize> {
         let mut out = HashMap::new();
-        for key in &self.state.lock().queued {
+        for key in self.state.lock().queued.keys() {
             *out.entry(scope(key).to_owned()).or_default() += 1;
         }
         out
@@ -306,7 +363,7 @@ impl SyncStore {
 
     /// Failed writes since start, by [`scope`].
     pub fn errors_by_scope(&self) -> HashMap<String, u64> {
-        self.errors_by_scope.lock().clone()
+        self.state.lock().errors_by_scope.clone()
     }
 
     /// Watches the set of canary keys written so far.
@@ -319,21 +376,25 @@ impl SyncStore {
     /// written again, on another lease. Up to [`SyncOptions::max_in_flight`] writes are sent
     /// at once; on shutdown those already sent are answered before this returns.
     pub async fn run<B: Backend>(self: Arc<Self>, backend: Arc<B>, lease_ttl: Duration, shutdown: CancellationToken) {
-        let mut backoff = MIN_BACKOFF;
-        // After a failed write nothing new is sent until this passes.
-        let mut paused: Option<tokio::time::Instant> = None;
-        let mut leases = Leases::new(self.options.max_keys_per_lease);
-        if !self.adopt_found(&*backend, &mut leases, &shutdown).await {
+        let mut worker = Worker {
+            retry: BACKOFF.start(),
+            paused: None,
+            leases: Leases::new(self.options.max_keys_per_lease),
+            in_flight_keys: HashSet::new(),
+        };
+        if !self.adopt_found(&*backend, &mut worker.leases, &shutdown).await {
             return;
         }
         let mut in_flight = FuturesUnordered::new();
-        let mut in_flight_keys: HashSet<String> = HashSet::new();
         let mut keep_alive = tokio::time::interval(lease_ttl / 3);
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keep_alive.reset();
         loop {
-            while paused.is_none() && in_flight.len() < self.options.max_in_flight && !shutdown.is_cancelled() {
-                let Some(item) = self.next_item(&in_flight_keys) else { break };
+            while worker.paused.is_none() && in_flight.len() < self.options.max_in_flight && !shutdown.is_cancelled() {
+                let Some((item, queued_at)) = self.next_item(&worker.in_flight_keys) else { break };
+                // In flight from the moment it leaves the queue: a drain must not find both
+                // empty while its lease is being granted.
+                self.state.lock().in_flight += 1;
                 // Only puts take a lease: a delete must not grant one when all are full.
                 let (key, puts) = match &item {
                     Item::Key(key) => (key.clone(), self.state.lock().desired.contains_key(key)),
@@ -342,7 +403,7 @@ impl SyncStore {
                 let lease = if puts {
                     let lease = tokio::select! {
                         () = shutdown.cancelled() => None,
-                        lease = self.lease_for(&*backend, &mut leases, &key, lease_ttl) => Some(lease),
+                        lease = self.lease_for(&*backend, &mut worker.leases, &key, lease_ttl) => Some(lease),
                     };
                     match lease {
                         Some(Ok(lease)) => lease,
@@ -352,30 +413,30 @@ impl SyncStore {
                         // written. Retrying the grant in place stopped those renewals: after
                         // one TTL of refusals every key written was gone.
                         Some(Err(error)) => {
-                            self.failed(&item, &error, backoff);
-                            paused = Some(tokio::time::Instant::now() + backoff);
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            let delay = worker.pause();
+                            self.failed(&item, &error, delay);
+                            self.handed_back();
                             break;
                         }
                         None => {
                             self.requeue(item, false);
+                            self.handed_back();
                             break;
                         }
                     }
                 } else {
                     0
                 };
-                in_flight_keys.insert(key);
-                *self.in_flight.lock() += 1;
+                worker.in_flight_keys.insert(key);
                 let this = &self;
                 let backend = &*backend;
                 in_flight.push(async move {
-                    let result = this.write(backend, &item, lease).await;
+                    let result = this.write(backend, &item, lease, queued_at).await;
                     (item, lease, result)
                 });
             }
             let pause = async {
-                match paused {
+                match worker.paused {
                     Some(until) => tokio::time::sleep_until(until).await,
                     None => std::future::pending().await,
                 }
@@ -386,7 +447,7 @@ impl SyncStore {
                     // queue empty has really written everything.
                     let answers = async {
                         while let Some((item, lease, result)) = in_flight.next().await {
-                            self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut backoff);
+                            self.answered(&mut worker, &item, lease, result);
                         }
                     };
                     if tokio::time::timeout(IN_FLIGHT_GRACE, answers).await.is_err() {
@@ -394,18 +455,13 @@ impl SyncStore {
                     }
                     return;
                 }
-                () = self.wake.notified(), if paused.is_none() => {}
-                () = pause => paused = None,
-                Some((item, lease, result)) = in_flight.next() => {
-                    if self.answered(&item, lease, result, &mut leases, &mut in_flight_keys, &mut backoff) {
-                        paused = Some(tokio::time::Instant::now() + backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-                _ = keep_alive.tick() => for lease in leases.ids() {
+                () = self.wake.notified(), if worker.paused.is_none() => {}
+                () = pause => worker.paused = None,
+                Some((item, lease, result)) = in_flight.next() => self.answered(&mut worker, &item, lease, result),
+                _ = keep_alive.tick() => for lease in worker.leases.ids() {
                     match backend.keep_alive(lease).await {
                         Ok(()) => {}
-                        Err(Error::LeaseLost(_)) => self.lose(&mut leases, lease),
+                        Err(Error::LeaseLost(_)) => self.lose(&mut worker.leases, lease),
                         Err(error) => tracing::warn!(error = %crate::error_chain(&error), "lease keep-alive failed"),
                     }
                 },
@@ -452,43 +508,39 @@ impl SyncStore {
         true
     }
 
-    /// Records the answer to one write; returns whether it failed (and sending should pause).
-    fn answered(
-        &self,
-        item: &Item,
-        lease: i64,
-        result: Result<Written, Error>,
-        leases: &mut Leases,
-        in_flight_keys: &mut HashSet<String>,
-        backoff: &mut Duration,
-    ) -> bool {
+    /// Records the answer to one write; a failure pauses sending.
+    fn answered(&self, worker: &mut Worker, item: &Item, lease: i64, result: Result<Written, Error>) {
         let key = match item {
             Item::Key(key) | Item::Canary { key, .. } => key,
         };
-        in_flight_keys.remove(key);
-        *self.in_flight.lock() -= 1;
+        worker.in_flight_keys.remove(key);
         match result {
             Ok(written) => {
                 if written == Written::Deleted {
-                    leases.release(key);
-                } else if !leases.holds(key, lease) {
+                    worker.leases.release(key);
+                } else if !worker.leases.holds(key, lease) {
                     // The lease was found lost while this put was unanswered: the key may
                     // have gone with it, after the put landed.
                     self.rewrite(key, None);
                 }
-                *backoff = MIN_BACKOFF;
-                false
+                worker.retry.reset();
             }
             Err(Error::LeaseLost(lost)) => {
                 self.requeue(item.clone(), false);
-                self.lose(leases, lost);
-                false
+                self.lose(&mut worker.leases, lost);
             }
             Err(error) => {
-                self.failed(item, &error, *backoff);
-                true
+                let delay = worker.pause();
+                self.failed(item, &error, delay);
             }
         }
+        self.handed_back();
+    }
+
+    /// One write taken from the queue is over (answered, or queued again).
+    fn handed_back(&self) {
+        self.state.lock().in_flight -= 1;
+        self.settled.notify_waiters();
     }
 
     /// Counts and logs a failed write, and queues it again.
@@ -496,8 +548,10 @@ impl SyncStore {
         let key = match item {
             Item::Key(key) | Item::Canary { key, .. } => key,
         };
-        self.stats.lock().errors += 1;
-        *self.errors_by_scope.lock().entry(scope(key).to_owned()).or_default() += 1;
+        let mut state = self.state.lock();
+        state.errors += 1;
+        *state.errors_by_scope.entry(scope(key).to_owned()).or_default() += 1;
+        drop(state);
         tracing::warn!(error = %crate::error_chain(error), item = ?item, ?retry_in, "kvstore write failed");
         self.requeue(item.clone(), true);
     }
@@ -536,19 +590,20 @@ impl SyncStore {
     /// The next write to send. A key already in flight is skipped: its answer queues it
     /// again if it still differs, which keeps one write per key in flight, in order. A
     /// canary waits until nothing is in flight.
-    fn next_item(&self, in_flight: &HashSet<String>) -> Option<Item> {
+    /// A key comes with the time it was queued.
+    fn next_item(&self, in_flight: &HashSet<String>) -> Option<(Item, Option<Instant>)> {
         let mut state = self.state.lock();
         let mut skipped = 0;
         loop {
             let item = state.queue.pop_front()?;
             match &item {
                 Item::Key(key) => {
-                    state.queued.remove(key);
+                    let queued_at = state.queued.remove(key);
                     if in_flight.contains(key) {
                         continue;
                     }
                     if state.needs_write(key) {
-                        return Some(item);
+                        return Some((item, queued_at));
                     }
                     state.failing.remove(key);
                 }
@@ -568,7 +623,7 @@ impl SyncStore {
                         }
                         continue;
                     }
-                    return Some(item);
+                    return Some((item, None));
                 }
             }
         }
@@ -591,10 +646,25 @@ impl SyncStore {
         }
     }
 
-    async fn write<B: Backend>(&self, backend: &B, item: &Item, lease: i64) -> Result<Written, Error> {
+    async fn write<B: Backend>(
+        &self,
+        backend: &B,
+        item: &Item,
+        lease: i64,
+        queued_at: Option<Instant>,
+    ) -> Result<Written, Error> {
         match item {
             Item::Key(key) => {
-                let want = self.state.lock().desired.get(key).cloned();
+                let (want, action) = {
+                    let state = self.state.lock();
+                    let want = state.desired.get(key).cloned();
+                    let action = match (&want, state.written.contains_key(key)) {
+                        (None, _) => "delete",
+                        (Some(_), false) => "create",
+                        (Some(_), true) => "modify",
+                    };
+                    (want, action)
+                };
                 match &want {
                     Some(value) => backend.put(key, value.clone(), lease).await?,
                     None => backend.delete(key).await?,
@@ -611,9 +681,14 @@ impl SyncStore {
                 if state.needs_write(key) {
                     state.enqueue(key.clone());
                 }
+                state.writes += 1;
+                let canary = state.canary_keys.contains(key);
                 drop(state);
-                self.stats.lock().writes += 1;
-                if self.state.lock().canary_keys.contains(key) {
+                if let (Some(histograms), Some(queued_at)) = (&self.queue_seconds, queued_at) {
+                    let labels = QueueLabels { scope: operation_scope(key), action };
+                    histograms.get_or_create(&labels).observe(queued_at.elapsed().as_secs_f64());
+                }
+                if canary {
                     self.canaries_tx.send_modify(|written| {
                         written.insert(key.clone());
                     });
@@ -628,8 +703,10 @@ impl SyncStore {
                 let value = Bytes::from(super::rfc3339_now());
                 self.state.lock().desired.insert(key.clone(), value.clone());
                 backend.put(key, value.clone(), lease).await?;
-                self.state.lock().written.insert(key.clone(), Some(value));
-                self.stats.lock().writes += 1;
+                let mut state = self.state.lock();
+                state.written.insert(key.clone(), Some(value));
+                state.writes += 1;
+                drop(state);
                 tracing::info!(canary = %key, "initial sync written");
                 self.canaries_tx.send_modify(|written| {
                     written.insert(key.clone());
@@ -926,6 +1003,27 @@ mod tests {
         worker.await.unwrap();
     }
 
+    /// A shutdown waits on `drained()` before stopping the writer: it returns only once every
+    /// write wanted so far is answered, failed ones retried included.
+    #[tokio::test(start_paused = true)]
+    async fn drained_returns_once_every_wanted_write_is_answered() {
+        let backend = Arc::new(Memory::default());
+        *backend.latency.lock() = Some(Duration::from_millis(50));
+        *backend.fail_puts.lock() = 1;
+        let (store, token, worker) = start(&backend);
+        store.drained().await;
+        for key in ["a", "b", "c"] {
+            store.upsert(key.into(), Bytes::from_static(b"1"));
+        }
+        store.drained().await;
+        for key in ["a", "b", "c"] {
+            assert_eq!(backend.value(key).as_deref(), Some("1"), "{key} written before drained() returned");
+        }
+        assert_eq!(store.stats().errors, 1, "the failed put was retried before");
+        token.cancel();
+        worker.await.unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lost_lease_gets_every_key_written_again() {
         let backend = Arc::new(Memory::default());
@@ -941,6 +1039,42 @@ mod tests {
         assert!(backend.value("synced/a").is_some(), "the canary comes back too");
         token.cancel();
         worker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_key_write_is_timed_from_its_queueing_as_a_create_modify_or_delete() {
+        let backend = Arc::new(Memory::default());
+        *backend.latency.lock() = Some(Duration::from_millis(20));
+        let queue: EventsQueue = prometheus_client::metrics::family::Family::new_with_constructor(|| {
+            prometheus_client::metrics::histogram::Histogram::new([0.01, 0.03, 0.1])
+        });
+        let store = SyncStore::timed(SyncOptions::default(), queue.clone());
+        let token = CancellationToken::new();
+        let worker =
+            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let key = "cilium/state/nodes/v1/c/a";
+        store.upsert(key.into(), Bytes::from_static(b"1"));
+        // Queued behind the first write, which takes 20 ms.
+        store.upsert("cilium/state/nodes/v1/c/b".into(), Bytes::from_static(b"1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.upsert(key.into(), Bytes::from_static(b"2"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.delete(key);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        token.cancel();
+        worker.await.unwrap();
+
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("q", "", queue);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let count = |action: &str| format!("q_count{{scope=\"nodes/v1\",action=\"{action}\"}}");
+        assert!(text.contains(&format!("{} 2\n", count("create"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", count("modify"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", count("delete"))), "{text}");
+        // The second key waited for the first write and its own (40 ms): past the 30 ms bucket.
+        let within_30ms = "q_bucket{le=\"0.03\",scope=\"nodes/v1\",action=\"create\"} 1\n";
+        assert!(text.contains(within_30ms), "{text}");
     }
 
     /// A store over its space quota refuses lease grants until an administrator disarms its

@@ -337,3 +337,32 @@ async fn handshakes_with_a_certificate_of_another_ca_are_refused_and_counted() {
     let refused = server.metric("clustermesh_store_tls_handshakes_refused_total").await;
     assert!(refused.is_some_and(|n| n >= 3), "each refusal is counted: {refused:?}");
 }
+
+/// With `--max-connections-per-user`, a certificate holder opening connections without end
+/// is stopped at the bound: its next connection is closed after the handshake and counted,
+/// other users keep connecting, and a closed connection gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_opening_connections_without_end_is_stopped_at_its_bound() {
+    let pki = Pki::new();
+    let server = Server::start_with(&pki, &["--max-connections-per-user=2"]).await;
+    let read = |mut client: etcd_client::Client| async move {
+        tokio::time::timeout(Duration::from_secs(5), client.get("cilium/state/nodes/v1/", None)).await
+    };
+    let first = connect(&server.url, &pki, "remote").await.expect("first connection");
+    let second = connect(&server.url, &pki, "remote").await.expect("second connection");
+    assert!(matches!(read(first.clone()).await, Ok(Ok(_))) && matches!(read(second.clone()).await, Ok(Ok(_))));
+    if let Ok(third) = connect(&server.url, &pki, "remote").await {
+        assert!(!matches!(read(third).await, Ok(Ok(_))), "a third connection of the same user is served");
+    }
+    let counted = server.metric("clustermesh_store_connections_over_user_limit_total").await;
+    assert!(counted.is_some_and(|n| n >= 1), "the refusal is counted: {counted:?}");
+    let admin = connect(&server.url, &pki, "admin-cluster1").await.expect("another user connects");
+    assert!(matches!(read(admin).await, Ok(Ok(_))), "another user is served");
+
+    drop((first, second));
+    crate::support::eventually("a closed connection's place to be given back", Duration::from_secs(10), || async {
+        let client = connect(&server.url, &pki, "remote").await.ok()?;
+        matches!(read(client).await, Ok(Ok(_))).then_some(())
+    })
+    .await;
+}

@@ -374,6 +374,7 @@ impl PinnedStore {
                 member: MemberInfo { name: "pinned".into(), client_urls: vec![format!("https://{addr}")] },
                 watch: WatchConfig::default(),
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+                max_connections_per_user: 0,
             },
             auto_compaction_retention: Duration::ZERO,
             persistence: data_dir.map(|dir| WalConfig { fsync: FsyncPolicy::Never, ..WalConfig::new(dir, "it") }),

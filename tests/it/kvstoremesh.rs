@@ -469,7 +469,7 @@ async fn the_kvstoremesh_command_fills_a_real_etcd_and_reports_through_its_statu
     ] {
         assert!(scraped.contains(line), "missing {line}\n{scraped}");
     }
-    assert!(scraped.contains("cilium_kvstoremesh_bootstrap_seconds "), "{scraped}");
+    assert!(scraped.contains(r#"cilium_kvstoremesh_bootstrap_seconds{source_cluster="cluster1"} "#), "{scraped}");
     // The cache writes are timed like the clustermesh role's writes, and the process is described.
     let cache_puts = scraped.lines().find(|line| {
         line.starts_with("cilium_kvstoremesh_kvstore_operations_duration_seconds_count{")

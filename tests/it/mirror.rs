@@ -141,7 +141,7 @@ async fn the_store_announces_readiness_only_with_cluster_config_and_every_canary
         r#"cilium_clustermesh_apiserver_kvstore_initial_sync_completed{scope="nodes/v1",source_cluster="cluster1",action="write"} 1"#,
         r#"cilium_clustermesh_apiserver_kvstore_initial_sync_completed{scope="ip/v1",source_cluster="cluster1",action="write"} 1"#,
         r#"cilium_clustermesh_apiserver_kvstore_sync_queue_size{scope="identities/v1",source_cluster="cluster1"} 0"#,
-        "cilium_clustermesh_apiserver_bootstrap_seconds ",
+        r#"cilium_clustermesh_apiserver_bootstrap_seconds{source_cluster="cluster1"} "#,
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }

@@ -56,24 +56,6 @@ pub struct ServiceExportPort {
     pub port: i32,
 }
 
-/// A light check that `text` is an RFC 3339 timestamp, as `metav1.Time` requires.
-fn is_rfc3339(text: &str) -> bool {
-    let b = text.as_bytes();
-    let digits = |range: std::ops::Range<usize>| b.get(range).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
-    b.len() >= 20
-        && digits(0..4)
-        && b[4] == b'-'
-        && digits(5..7)
-        && b[7] == b'-'
-        && digits(8..10)
-        && matches!(b[10], b'T' | b't')
-        && digits(11..13)
-        && b[13] == b':'
-        && digits(14..16)
-        && b[16] == b':'
-        && digits(17..19)
-}
-
 impl Entry for ServiceExport {
     const KIND: Kind = Kind::ServiceExports;
 
@@ -90,7 +72,7 @@ impl Entry for ServiceExport {
         ensure(!export.namespace.is_empty(), || Rejected::Unset("namespace"))?;
         ensure(!export.name.is_empty(), || Rejected::Unset("name"))?;
         match &export.export_creation_timestamp {
-            Some(ts) if is_rfc3339(ts) => {}
+            Some(ts) if crate::display::is_rfc3339(ts) => {}
             Some(ts) => return Err(Rejected::Enum { field: "exportCreationTimestamp", value: ts.clone() }),
             None => return Err(Rejected::Unset("exportCreationTimestamp")),
         }

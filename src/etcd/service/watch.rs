@@ -129,6 +129,8 @@ struct Session {
     /// starts in the past, cleared by a catch-up that finds none. Spares a scan of every
     /// watcher on every wake-up (each create request) of a stream holding thousands.
     behind: bool,
+    /// This stream's watchers counted in [`WatchGauges::slow_watchers`].
+    slow: i64,
     progress_requested: bool,
 }
 
@@ -148,6 +150,7 @@ impl Session {
             resume_after: None,
             held_back: false,
             behind: false,
+            slow: 0,
             progress_requested: false,
         }
     }
@@ -308,6 +311,7 @@ impl Session {
         let from = self.behind.then(|| self.watchers.values().map(|w| w.next_revision).filter(|&r| r <= current).min());
         let Some(from) = from.flatten() else {
             self.behind = false;
+            self.set_slow(0);
             self.answer_progress_request();
             return;
         };
@@ -337,6 +341,7 @@ impl Session {
                 // Watchers not served yet keep their `next_revision`: the next read starts
                 // from the slowest of them, so nothing is skipped.
                 self.resume_after = last_served;
+                self.count_slow();
                 return;
             }
             let Some(watcher) = self.watchers.get_mut(&id) else { continue };
@@ -357,7 +362,25 @@ impl Session {
             }
         }
         if upto >= current {
+            self.set_slow(0);
             self.answer_progress_request();
+        } else {
+            self.count_slow();
+        }
+    }
+
+    /// etcd's slow watchers are those it must serve from the history rather than as events
+    /// happen: here, those still behind once a history read has served what it could.
+    fn count_slow(&mut self) {
+        let current = self.current;
+        let slow = self.watchers.values().filter(|w| w.next_revision <= current).count();
+        self.set_slow(slow as i64);
+    }
+
+    fn set_slow(&mut self, slow: i64) {
+        if slow != self.slow {
+            self.gauges.slow_watchers.fetch_add(slow - self.slow, Ordering::Relaxed);
+            self.slow = slow;
         }
     }
 
@@ -411,6 +434,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.gauges.streams.fetch_sub(1, Ordering::Relaxed);
         self.gauges.watchers.fetch_sub(self.watchers.len() as i64, Ordering::Relaxed);
+        self.gauges.slow_watchers.fetch_sub(self.slow, Ordering::Relaxed);
     }
 }
 

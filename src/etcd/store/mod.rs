@@ -7,6 +7,7 @@
 mod alarm;
 mod blob;
 mod count;
+mod counters;
 mod history;
 mod keyspace;
 mod lease;
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use alarm::describe as describe_alarm;
+pub use counters::Activity;
 pub use history::MAX_EVENTS_PER_READ;
 pub use keyspace::KeyRange;
 pub use lease::{MAX_LEASE_TTL, MIN_LEASE_TTL};
@@ -46,6 +48,7 @@ use super::pb::mvccpb::{Event, KeyValue, event::EventType};
 use alarm::Alarms;
 use blob::Blob;
 use count::CountCache;
+use counters::Counters;
 use history::{Change, History};
 use keyspace::{Keyspace, key_value};
 use lease::Leases;
@@ -162,6 +165,7 @@ pub struct Store {
     revision_tx: watch::Sender<i64>,
     /// Wakes the expiry task when a lease may now expire earlier than it planned.
     lease_granted: Notify,
+    counters: Counters,
     /// The log and snapshots in the data directory, when the store has one.
     persistence: Option<Persistence>,
 }
@@ -195,6 +199,7 @@ impl Store {
             counts: Mutex::new(CountCache::default()),
             revision_tx: watch::Sender::new(revision),
             lease_granted: Notify::new(),
+            counters: Counters::default(),
             persistence,
         })
     }
@@ -257,6 +262,11 @@ impl Store {
         }
     }
 
+    /// What the store has done since start (see [`Activity`]).
+    pub fn activity(&self) -> Activity {
+        self.counters.read()
+    }
+
     /// Refuses a request that could add `cost` bytes when the space quota cannot take them,
     /// raising the NOSPACE alarm, or while that alarm is active (see `quota.rs`).
     fn admit(&self, state: &mut State, cost: usize) -> Result<()> {
@@ -314,6 +324,9 @@ impl Store {
                 cleared.into_iter().collect()
             }
         };
+        if action != AlarmAction::Get {
+            self.counters.applied();
+        }
         Ok(AlarmResponse { header: Some(self.header_at(state.revision)), alarms })
     }
 
@@ -327,6 +340,7 @@ impl Store {
         let (revision, compacted) = (state.revision, state.compact_revision);
         let mut response = txn::range(&state.keyspace, request, revision, compacted, Some(&self.counts))?;
         response.header = Some(self.header_at(state.revision));
+        self.counters.range();
         Ok(response)
     }
 
@@ -341,6 +355,7 @@ impl Store {
         drop(state);
         self.durable(committed.logged);
         response.header = Some(self.header_at(committed.revision));
+        self.counters.put();
         Ok(response)
     }
 
@@ -353,6 +368,7 @@ impl Store {
         drop(state);
         self.durable(committed.logged);
         response.header = Some(self.header_at(committed.revision));
+        self.counters.delete();
         Ok(response)
     }
 
@@ -362,12 +378,14 @@ impl Store {
         // Before anything runs: a refused txn writes nothing.
         let cost = quota::txn_cost(&state.keyspace, &request);
         self.admit(&mut state, cost)?;
+        let writes = counters::writes(&request);
         let mut write = Write::begin(&mut state, self.logging());
         let mut response = txn::execute(&mut write, request)?;
         let committed = write.commit(self);
         drop(state);
         self.durable(committed.logged);
         response.header = Some(self.header_at(committed.revision));
+        self.counters.txn(writes, &response);
         Ok(response)
     }
 
@@ -387,6 +405,7 @@ impl Store {
         let header = Some(self.header_at(state.revision));
         drop(state);
         self.durable(logged);
+        self.counters.applied();
         Ok(CompactionResponse { header })
     }
 
@@ -410,6 +429,7 @@ impl Store {
         drop(state);
         self.durable(logged);
         self.lease_granted.notify_one();
+        self.counters.lease_granted();
         Ok(response)
     }
 
@@ -421,12 +441,17 @@ impl Store {
         let committed = write.commit(self);
         drop(state);
         self.durable(committed.logged);
+        self.counters.lease_revoked();
         Ok(LeaseRevokeResponse { header: Some(self.header_at(committed.revision)) })
     }
 
     /// Renews the lease; `None` when it does not exist (etcd then answers TTL 0).
     pub fn lease_keep_alive(&self, id: i64) -> Option<i64> {
-        self.state.write().leases.renew(id, Instant::now()).ok()
+        let ttl = self.state.write().leases.renew(id, Instant::now()).ok();
+        if ttl.is_some() {
+            self.counters.lease_renewed();
+        }
+        ttl
     }
 
     pub fn lease_time_to_live(&self, request: &LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
@@ -549,6 +574,7 @@ impl Store {
             drop(state);
             let revision = committed.revision;
             self.durable(committed.logged);
+            self.counters.leases_expired(expired.len() as u64);
             tracing::debug!(leases = expired.len(), revision, "leases expired");
         }
     }
@@ -802,6 +828,54 @@ mod tests {
         assert_eq!(response.header.unwrap().revision, 3);
         assert_eq!(get(&store, "x").unwrap().mod_revision, 3);
         assert_eq!(get(&store, "y").unwrap().mod_revision, 3);
+    }
+
+    #[test]
+    fn activity_is_counted_as_etcds_metrics_count_it() {
+        let store = store();
+        put(&store, "lock", "free");
+        get(&store, "lock");
+        let range_op = RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: b"lock".to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        let delete_op = RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                key: b"lock".to_vec().into(),
+                ..Default::default()
+            })),
+        };
+        let read_only = TxnRequest { success: vec![range_op.clone()], ..Default::default() };
+        store.txn(read_only).expect("txn");
+        let writing = TxnRequest { success: vec![range_op, delete_op], ..Default::default() };
+        store.txn(writing).expect("txn");
+        let lease = store.lease_grant(&LeaseGrantRequest { ttl: 60, id: 0 }, None).expect("grant").id;
+        assert!(store.lease_keep_alive(lease).is_some());
+        store.lease_revoke(&LeaseRevokeRequest { id: lease }).expect("revoke");
+
+        let activity = store.activity();
+        assert_eq!((activity.puts, activity.ranges, activity.deletes, activity.txns), (1, 3, 1, 2));
+        assert_eq!(
+            (activity.leases_granted, activity.leases_renewed, activity.leases_revoked, activity.leases_expired),
+            (1, 1, 1, 0)
+        );
+        // The put, the writing txn, the grant and the revoke; reads and renewals are not proposals.
+        assert_eq!(activity.applied, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_lease_counts_as_expired_and_revoked() {
+        let store = store();
+        store.lease_grant(&LeaseGrantRequest { ttl: 5, id: 0 }, None).expect("grant");
+        let shutdown = CancellationToken::new();
+        let expiry = tokio::spawn(Arc::clone(&store).run_lease_expiry(shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        shutdown.cancel();
+        expiry.await.expect("expiry task");
+        let activity = store.activity();
+        assert_eq!((activity.leases_expired, activity.leases_revoked, activity.applied), (1, 1, 2));
     }
 
     #[test]

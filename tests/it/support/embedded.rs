@@ -74,6 +74,7 @@ impl EmbeddedStore {
                 member: MemberInfo { name: "embedded".into(), client_urls: vec![format!("https://{addr}")] },
                 watch: WatchConfig::default(),
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+                max_connections_per_user: 0,
             },
             auto_compaction_retention: Duration::ZERO,
             persistence: None,

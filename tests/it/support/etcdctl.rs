@@ -150,6 +150,7 @@ impl Etcdctl {
                     let _ = child.kill();
                     break child.wait().expect("wait for killed etcdctl");
                 }
+                #[expect(clippy::disallowed_methods, reason = "blocking by design: async tests call run_async")]
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
                 Err(e) => panic!("wait for etcdctl {args:?}: {e}"),
             }

@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod etcd_cluster;
 pub mod etcdctl;
 pub mod eventually;
+pub mod exposition;
 pub mod fake_k8s;
 pub mod fuzz_targets;
 pub mod kvstoremesh;

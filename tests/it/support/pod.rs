@@ -391,6 +391,10 @@ fn start_namespaces(name: &str, dir: &Path, fs: &PodFs<'_>, hosts: &Path, addres
         if let Some(status) = pause.try_wait().expect("wait") {
             panic!("pod {name}: setting up its namespaces failed ({status})");
         }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a few polls of 25 ms while the sandbox starts, before the pod runs"
+        )]
         std::thread::sleep(Duration::from_millis(25));
     }
     let _ = pause.kill();
@@ -453,6 +457,10 @@ fn output_within(mut command: Command, limit: Duration) -> Output {
             let _ = child.wait();
             panic!("{command:?}: still running after {limit:?}");
         }
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a bounded wait for a docker command, as its blocking caller asks"
+        )]
         std::thread::sleep(Duration::from_millis(20));
     };
     let read = |file: &mut std::fs::File| {
