@@ -300,6 +300,42 @@ pub struct Storm {
     pub client_cpu: Duration,
 }
 
+/// What one paginated list of a prefix read.
+struct Listed {
+    revision: i64,
+    keys: usize,
+    pages: usize,
+    bytes: usize,
+}
+
+/// Lists `prefix` in pages of `page`, every page after the first pinned to the first page's
+/// revision, as Cilium's agents do.
+async fn list_pinned(client: &mut Client, prefix: &str, page: i64) -> anyhow::Result<Listed> {
+    let end = data::prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut listed = Listed { revision: 0, keys: 0, pages: 0, bytes: 0 };
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if listed.revision > 0 {
+            options = options.with_revision(listed.revision);
+        }
+        let response = client.get(from.clone(), Some(options)).await?;
+        if listed.revision == 0 {
+            listed.revision = response.header().context("no header")?.revision();
+        }
+        listed.pages += 1;
+        listed.keys += response.kvs().len();
+        listed.bytes += response.kvs().iter().map(|kv| kv.key().len() + kv.value().len()).sum::<usize>();
+        match response.kvs().last() {
+            Some(last) if response.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(listed),
+        }
+    }
+}
+
 /// `clients` new connections at once, each listing every prefix in pages of `page`, pinned to
 /// the revision of its first page as Cilium's agents do.
 pub async fn storm(
@@ -321,29 +357,8 @@ pub async fn storm(
             gate.wait().await;
             let (mut keys, mut pages, mut bytes) = (0usize, 0usize, 0usize);
             for prefix in PREFIXES {
-                let end = data::prefix_end(prefix);
-                let mut from = prefix.as_bytes().to_vec();
-                let mut pinned = 0;
-                loop {
-                    let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
-                    if pinned > 0 {
-                        options = options.with_revision(pinned);
-                    }
-                    let response = client.get(from.clone(), Some(options)).await?;
-                    if pinned == 0 {
-                        pinned = response.header().context("no header")?.revision();
-                    }
-                    pages += 1;
-                    keys += response.kvs().len();
-                    bytes += response.kvs().iter().map(|kv| kv.key().len() + kv.value().len()).sum::<usize>();
-                    match response.kvs().last() {
-                        Some(last) if response.more() => {
-                            from = last.key().to_vec();
-                            from.push(0);
-                        }
-                        _ => break,
-                    }
-                }
+                let listed = list_pinned(&mut client, prefix, page).await?;
+                (keys, pages, bytes) = (keys + listed.keys, pages + listed.pages, bytes + listed.bytes);
             }
             Ok::<_, anyhow::Error>((keys, pages, bytes))
         }));
@@ -487,28 +502,10 @@ pub async fn agents(
             let mut listed = 0;
             let mut streams = Vec::with_capacity(AGENT_PREFIXES.len());
             for prefix in AGENT_PREFIXES {
-                let end = data::prefix_end(prefix);
-                let mut from = prefix.as_bytes().to_vec();
-                let mut pinned = 0;
-                loop {
-                    let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
-                    if pinned > 0 {
-                        options = options.with_revision(pinned);
-                    }
-                    let response = client.get(from.clone(), Some(options)).await?;
-                    if pinned == 0 {
-                        pinned = response.header().context("no header")?.revision();
-                    }
-                    listed += response.kvs().len();
-                    match response.kvs().last() {
-                        Some(last) if response.more() => {
-                            from = last.key().to_vec();
-                            from.push(0);
-                        }
-                        _ => break,
-                    }
-                }
-                let options = WatchOptions::new().with_range(end).with_start_revision(pinned + 1);
+                let list = list_pinned(&mut client, prefix, page).await?;
+                listed += list.keys;
+                let options =
+                    WatchOptions::new().with_range(data::prefix_end(prefix)).with_start_revision(list.revision + 1);
                 let mut stream = client.watch(prefix, Some(options)).await?;
                 while !stream.message().await?.context("watch ended before created")?.created() {}
                 streams.push(stream);
