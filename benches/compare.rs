@@ -58,7 +58,7 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Scenarios to run (1-8, comma-separated); default all.
+    /// Scenarios to run (1-9, comma-separated); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Cilium test vectors to take value shapes from.
@@ -313,6 +313,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     if wanted(8) {
         let result = scenario_agents(&config, &pki, &tls, &shapes, &mut report).await;
         finish(&mut report, "8", result, &mut shown);
+    }
+    if wanted(9) {
+        let result = scenario_restart(&config, &pki, &tls, &shapes, &mut report).await;
+        finish(&mut report, "9", result, &mut shown);
     }
     report.notes.push(format!("total bench time {:.1} s", started.elapsed().as_secs_f64()));
 
@@ -708,6 +712,58 @@ async fn scenario_agents(
     report.notes.push(format!(
         "8: {} agents, each listing {} keys ({} nodes, {} identities, {} IPs) in pages of {} over 5 prefixes and watching them",
         config.agents, sizes.total(), sizes.nodes, sizes.identities, sizes.ipcache, config.page
+    ));
+    Ok(())
+}
+
+/// Scenario 9: a store holding scenario 3's data is SIGKILLed (an OOM kill) and started again on
+/// its data directory (ours with `--data-dir`, etcd's own); measured from the restart to the
+/// first answer that counts every key again.
+async fn scenario_restart(
+    config: &Config,
+    pki: &certs::Pki,
+    tls: &ClientTls,
+    shapes: &Arc<Shapes>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    const S: &str = "9 warm restart";
+    let sizes = config.sizes;
+    let mut results = Vec::with_capacity(2);
+    for which in Which::BOTH {
+        let mut server = Server::start_with(which, pki, true).await?;
+        progress(format!("{S}: {} (loading {} keys, then SIGKILL)", which.name(), sizes.total()));
+        kv::load(&server, tls, shapes, sizes, config.load_clients, config.keys_per_lease).await?;
+        let started = Instant::now();
+        let healthy = server.kill_and_restart().await?;
+        let counted = kv::count_all(&server, tls).await?;
+        let serving = started.elapsed();
+        server.check_alive()?;
+        results.push((healthy, serving, counted));
+    }
+    for (which, (_, _, counted)) in Which::BOTH.iter().zip(&results) {
+        report.check(
+            S,
+            which.name(),
+            format!("{counted} of {} keys back after the restart", sizes.total()),
+            *counted == sizes.total(),
+        );
+    }
+    let secs = |d: &std::time::Duration| d.as_secs_f64();
+    let (e, o) = (&results[0], &results[1]);
+    report.row(S, "SIGKILL -> healthy", "s", Better::Lower, Some(secs(&e.0)), Some(secs(&o.0)), None);
+    report.row(
+        S,
+        "SIGKILL -> serving with all keys",
+        "s",
+        Better::Lower,
+        Some(secs(&e.1)),
+        Some(secs(&o.1)),
+        Some(Target::OursAtMost { value: 2.0 }),
+    );
+    report.notes.push(format!(
+        "9: {} keys on leases of {} keys; ours with --data-dir (--wal-fsync never), etcd with its data dir, both on tmpfs",
+        sizes.total(),
+        config.keys_per_lease
     ));
     Ok(())
 }

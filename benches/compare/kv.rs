@@ -286,6 +286,29 @@ pub async fn load(
     Ok(Load { elapsed, keys_per_lease, leases: lease_count, counts, server_cpu })
 }
 
+/// Keys under the data set's prefixes, counted by a new connection (retried until the server
+/// answers: right after a restart it may still be opening its listener).
+pub async fn count_all(server: &Server, tls: &ClientTls) -> anyhow::Result<usize> {
+    let start = Instant::now();
+    loop {
+        let counted = async {
+            let mut client = tls.connect(&server.client_url()).await?;
+            let mut total = 0;
+            for prefix in PREFIXES {
+                let options = GetOptions::new().with_range(data::prefix_end(prefix)).with_count_only();
+                total += usize::try_from(client.get(prefix, Some(options)).await?.count()).unwrap_or(0);
+            }
+            Ok::<_, anyhow::Error>(total)
+        }
+        .await;
+        match counted {
+            Ok(total) => return Ok(total),
+            Err(error) if start.elapsed() > Duration::from_secs(60) => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Reconnect storm
 

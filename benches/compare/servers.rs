@@ -44,6 +44,8 @@ impl Which {
 pub struct Server {
     pub which: Which,
     child: Child,
+    /// How it was started, for [`Server::kill_and_restart`].
+    command: Vec<std::ffi::OsString>,
     client_port: u16,
     metrics_port: u16,
     dir: tempfile::TempDir,
@@ -76,9 +78,14 @@ pub fn own_cpu_time() -> Duration {
 
 impl Server {
     pub async fn start(which: Which, pki: &Pki) -> anyhow::Result<Server> {
+        Self::start_with(which, pki, false).await
+    }
+
+    /// With `persistent`, ours keeps its store in a data directory (etcd always does).
+    pub async fn start_with(which: Which, pki: &Pki, persistent: bool) -> anyhow::Result<Server> {
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start(which, pki).await {
+            match Self::try_start(which, pki, persistent).await {
                 Ok(server) => return Ok(server),
                 Err(e) if format!("{e:#}").contains("address already in use") => last = format!("{e:#}"),
                 Err(e) => return Err(e),
@@ -87,7 +94,7 @@ impl Server {
         bail!("{} did not start: a port was taken three times: {last}", which.name())
     }
 
-    async fn try_start(which: Which, pki: &Pki) -> anyhow::Result<Server> {
+    async fn try_start(which: Which, pki: &Pki, persistent: bool) -> anyhow::Result<Server> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("cm-bench-{}-", which.name()))
             .tempdir_in(TMPFS)
@@ -141,7 +148,9 @@ impl Server {
                     .env_remove("RUST_LOG");
                 // The cost of the data directory's log: `BENCH_OURS_DATA_DIR=/some/dir` (a new
                 // data directory is made inside it per server) and `BENCH_OURS_WAL_FSYNC`.
-                if let Some(parent) = std::env::var_os("BENCH_OURS_DATA_DIR") {
+                if persistent {
+                    cmd.arg(format!("--data-dir={}", dir.path().join("data").display()));
+                } else if let Some(parent) = std::env::var_os("BENCH_OURS_DATA_DIR") {
                     let data_dir = tempfile::Builder::new().prefix("bench-ours-").tempdir_in(parent)?.keep();
                     cmd.arg(format!("--data-dir={}", data_dir.display()));
                     if let Ok(policy) = std::env::var("BENCH_OURS_WAL_FSYNC") {
@@ -153,7 +162,34 @@ impl Server {
         };
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
-        let mut server = Server { which, child, client_port, metrics_port, dir, log_path };
+        let command =
+            std::iter::once(cmd.get_program().to_owned()).chain(cmd.get_args().map(ToOwned::to_owned)).collect();
+        let mut server = Server { which, child, command, client_port, metrics_port, dir, log_path };
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    /// SIGKILL (an OOM kill), then the same command on the same data directory; returns once
+    /// it answers `/health` again, with the time that took.
+    pub async fn kill_and_restart(&mut self) -> anyhow::Result<Duration> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let log = fs::OpenOptions::new().append(true).open(&self.log_path)?;
+        let start = Instant::now();
+        let mut cmd = Command::new(&self.command[0]);
+        cmd.args(&self.command[1..]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD_") {
+                cmd.env_remove(key);
+            }
+        }
+        self.child = cmd.spawn().with_context(|| format!("respawn {cmd:?}"))?;
+        self.wait_healthy().await?;
+        Ok(start.elapsed())
+    }
+
+    async fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let (which, server) = (self.which, self);
         let start = Instant::now();
         loop {
             if let Some(status) = server.child.try_wait()? {
@@ -162,7 +198,7 @@ impl Server {
             if let Ok(Ok((200, _))) =
                 tokio::time::timeout(Duration::from_secs(2), http_get(server.metrics_port, "/health")).await
             {
-                return Ok(server);
+                return Ok(());
             }
             if start.elapsed() > READY_TIMEOUT {
                 bail!("{} not healthy after {READY_TIMEOUT:?}; log:\n{}", which.name(), server.log_tail(30));
