@@ -130,8 +130,9 @@ async fn the_store_serves_etcds_metric_names_and_health_on_its_metrics_listener(
 async fn users_added_at_run_time_survive_a_restart_on_the_same_data_directory() {
     let pki = crate::support::Pki::new();
     let data = tempfile::tempdir().expect("data dir");
-    let port = free_port();
-    let start = || {
+    // A new port for each start: the data directory is what must carry over, and a port given
+    // back by the first process could be taken by another test's server meanwhile.
+    let start = |port: u16| {
         Command::new(BIN)
             .args(["kvstore", "--cluster-name=cluster1", "--data-dir"])
             .arg(data.path())
@@ -147,14 +148,18 @@ async fn users_added_at_run_time_survive_a_restart_on_the_same_data_directory() 
             .spawn()
             .expect("start the store")
     };
-    let url = format!("https://127.0.0.1:{port}");
-    let admin = || async {
-        let mut client = crate::support::connect(&url, &pki, "admin-cluster1").await.ok()?;
-        client.user_list().await.ok().map(|list| (client, list.users().to_vec()))
+    let admin = |port: u16| {
+        let pki = &pki;
+        move || async move {
+            let url = format!("https://127.0.0.1:{port}");
+            let mut client = crate::support::connect(&url, pki, "admin-cluster1").await.ok()?;
+            client.user_list().await.ok().map(|list| (client, list.users().to_vec()))
+        }
     };
 
-    let mut first = start();
-    let (mut client, users) = eventually("the store to answer", Duration::from_secs(20), admin).await;
+    let port = free_port();
+    let mut first = start(port);
+    let (mut client, users) = eventually("the store to answer", Duration::from_secs(20), admin(port)).await;
     assert!(users.contains(&"remote".to_owned()), "{users:?}");
     let no_password = Some(etcd_client::UserAddOptions::new().with_no_pwd());
     client.user_add("remote-cluster2", "", no_password).await.expect("user added");
@@ -163,8 +168,9 @@ async fn users_added_at_run_time_survive_a_restart_on_the_same_data_directory() 
     let status = interrupt_and_wait(&mut first, Duration::from_secs(15)).await;
     assert!(status.success(), "{status}");
 
-    let mut second = start();
-    let (_, users) = eventually("the store to answer again", Duration::from_secs(20), admin).await;
+    let port = free_port();
+    let mut second = start(port);
+    let (_, users) = eventually("the store to answer again", Duration::from_secs(20), admin(port)).await;
     assert!(users.contains(&"remote-cluster2".to_owned()), "lost across the restart: {users:?}");
     interrupt_and_wait(&mut second, Duration::from_secs(15)).await;
 }
