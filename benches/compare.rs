@@ -255,14 +255,23 @@ fn progress(message: impl AsRef<str>) {
 /// Both servers' results of one scenario, etcd's first.
 type Pair<T> = [T; 2];
 
-async fn per_server<T, F, Fut>(pki: &certs::Pki, mut f: F) -> anyhow::Result<Pair<T>>
+async fn per_server<T, F, Fut>(pki: &certs::Pki, f: F) -> anyhow::Result<Pair<T>>
+where
+    F: FnMut(Which, Server) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    per_server_with(pki, false, f).await
+}
+
+/// [`per_server`]; with `persistent`, ours keeps its store in a data directory.
+async fn per_server_with<T, F, Fut>(pki: &certs::Pki, persistent: bool, mut f: F) -> anyhow::Result<Pair<T>>
 where
     F: FnMut(Which, Server) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let mut out = Vec::with_capacity(2);
     for which in Which::BOTH {
-        let server = Server::start(which, pki).await?;
+        let server = Server::start_with(which, pki, persistent).await?;
         out.push(f(which, server).await.with_context(|| which.name())?);
     }
     let [etcd, ours]: [T; 2] = out.try_into().map_err(|_| anyhow::anyhow!("two results"))?;
@@ -728,9 +737,7 @@ async fn scenario_restart(
 ) -> anyhow::Result<()> {
     const S: &str = "9 warm restart";
     let sizes = config.sizes;
-    let mut results = Vec::with_capacity(2);
-    for which in Which::BOTH {
-        let mut server = Server::start_with(which, pki, true).await?;
+    let results = per_server_with(pki, true, |which, mut server| async move {
         progress(format!("{S}: {} (loading {} keys, then SIGKILL)", which.name(), sizes.total()));
         kv::load(&server, tls, shapes, sizes, config.load_clients, config.keys_per_lease).await?;
         let started = Instant::now();
@@ -738,8 +745,9 @@ async fn scenario_restart(
         let counted = kv::count_all(&server, tls).await?;
         let serving = started.elapsed();
         server.check_alive()?;
-        results.push((healthy, serving, counted));
-    }
+        Ok::<_, anyhow::Error>((healthy, serving, counted))
+    })
+    .await?;
     for (which, (_, _, counted)) in Which::BOTH.iter().zip(&results) {
         report.check(
             S,

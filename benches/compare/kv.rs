@@ -277,13 +277,19 @@ pub async fn load(
     .await?;
     let elapsed = start.elapsed();
     let server_cpu = server.cpu_time().saturating_sub(cpu_before);
+    let counts = count_prefixes(&mut client).await?;
+    Ok(Load { elapsed, keys_per_lease, leases: lease_count, counts, server_cpu })
+}
+
+/// The keys under each of the data set's prefixes.
+async fn count_prefixes(client: &mut Client) -> anyhow::Result<Vec<(String, usize)>> {
     let mut counts = Vec::new();
     for prefix in PREFIXES {
         let options = GetOptions::new().with_range(data::prefix_end(prefix)).with_count_only();
         let count = client.get(prefix, Some(options)).await?.count();
         counts.push((prefix.to_owned(), usize::try_from(count).unwrap_or(0)));
     }
-    Ok(Load { elapsed, keys_per_lease, leases: lease_count, counts, server_cpu })
+    Ok(counts)
 }
 
 /// Keys under the data set's prefixes, counted by a new connection (retried until the server
@@ -293,12 +299,7 @@ pub async fn count_all(server: &Server, tls: &ClientTls) -> anyhow::Result<usize
     loop {
         let counted = async {
             let mut client = tls.connect(&server.client_url()).await?;
-            let mut total = 0;
-            for prefix in PREFIXES {
-                let options = GetOptions::new().with_range(data::prefix_end(prefix)).with_count_only();
-                total += usize::try_from(client.get(prefix, Some(options)).await?.count()).unwrap_or(0);
-            }
-            Ok::<_, anyhow::Error>(total)
+            Ok::<_, anyhow::Error>(count_prefixes(&mut client).await?.iter().map(|(_, n)| n).sum())
         }
         .await;
         match counted {
