@@ -394,6 +394,7 @@ impl<D: Decoder, O: Observer<D::Value>> PrefixCache<D, O> {
     /// The remote does not publish this kind in this session: nothing may linger.
     pub(crate) fn not_offered(&self) {
         self.drain();
+        // Under the lock, as every report to the observer.
         self.write(|_| self.inner.observer.not_offered(self.kind()));
     }
 
