@@ -143,7 +143,7 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
             let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
-            let backend = Arc::new(Embedded::new(Arc::clone(&store)));
+            let backend: Arc<dyn Backend> = Arc::new(Embedded::new(Arc::clone(&store)));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
             if args.cluster_users_enabled {
                 spawn_users(EmbeddedUsers(store), &args, running.controllers.clone(), &tracker, &token);
@@ -160,7 +160,8 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
             config.max_writes_in_flight = options.max_inflight.unwrap_or(ETCD_MAX_IN_FLIGHT);
             let limiter = Limiter::new(Rates { bootstrap: options.bootstrap_qps, steady: options.qps });
             let collector = LimiterCollector::new(Arc::clone(&limiter), ETCD_API_CALL, config.max_writes_in_flight);
-            let backend = Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
+            let backend: Arc<dyn Backend> =
+                Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
             let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
             registry.register_collector(Box::new(collector));
             if args.cluster_users_enabled {
@@ -361,8 +362,8 @@ struct KvstoremeshListeners {
 
 /// Starts the role and its listeners; returns its kvstore metrics (for the quorum check of an
 /// attached store).
-async fn start_kvstoremesh<B: Backend>(
-    backend: Arc<B>,
+async fn start_kvstoremesh(
+    backend: Arc<dyn Backend>,
     config: KvstoremeshConfig,
     listeners: KvstoremeshListeners,
     tracker: &TaskTracker,
@@ -379,7 +380,7 @@ async fn start_kvstoremesh<B: Backend>(
         let collector = LimiterCollector::new(Arc::clone(limiter), ETCD_API_CALL, config.writer.max_in_flight);
         registry.register_collector(Box::new(collector));
     }
-    let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
+    let backend: Arc<dyn Backend> = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
     let config = KvstoremeshConfig { events_queue: Some(kvstore_metrics.events_queue.clone()), ..config };
     let running = kvstoremesh::spawn(backend, config, registry, tracker, token).await?;
     if let Some(limiter) = limiter {
