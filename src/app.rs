@@ -139,51 +139,24 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     // store's gRPC servers close their clients' watch streams.
     let store_token = CancellationToken::new();
     let store_tracker = TaskTracker::new();
-    let running = match kvstore {
+    // The store, started or connected; from here on the roles run the same on either.
+    let local = match kvstore {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
             let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
-            let backend: Arc<dyn Backend> = Arc::new(Embedded::new(Arc::clone(&store)));
-            let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
-            if args.cluster_users_enabled {
-                spawn_users(EmbeddedUsers(store), &args, running.controllers.clone(), &tracker, &token);
-            }
-            if let Some((config, listeners)) = kvstoremesh {
-                start_kvstoremesh(backend, config, listeners, &tracker, &token, None, None).await?;
-            }
-            (running, None)
+            LocalStore { backend: Arc::new(Embedded::new(Arc::clone(&store))), kind: StoreKind::Embedded(store) }
         }
         KvstoreKind::Etcd => {
             let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
-            let etcd = EtcdConfig::load(&path)?.connect().await?;
+            let client = EtcdConfig::load(&path)?.connect().await?;
             // Each write to etcd is a round trip (and a disk sync): overlap them as Cilium does.
             config.max_writes_in_flight = options.max_inflight.unwrap_or(ETCD_MAX_IN_FLIGHT);
             let limiter = Limiter::new(Rates { bootstrap: options.bootstrap_qps, steady: options.qps });
-            let collector = LimiterCollector::new(Arc::clone(&limiter), ETCD_API_CALL, config.max_writes_in_flight);
-            let backend: Arc<dyn Backend> =
-                Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
-            let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
-            registry.register_collector(Box::new(collector));
-            if args.cluster_users_enabled {
-                spawn_users(EtcdUsers(etcd.clone()), &args, running.controllers.clone(), &tracker, &token);
-            }
-            tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
-            let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
-            let check = QuorumCheck::from_env(args.cilium.kvstore_max_consecutive_quorum_errors)
-                .map_err(|e| anyhow::anyhow!(e))?;
-            let errors = running.kvstore_metrics.quorum_errors.clone();
-            tracker.spawn(
-                quorum::run(etcd, HEARTBEAT_KEY, errors, reachable, check, token.child_token())
-                    .instrument(tracing::info_span!("quorum_check")),
-            );
-            if let Some((config, listeners)) = kvstoremesh {
-                let reachable = Some(reachable_rx.clone());
-                start_kvstoremesh(backend, config, listeners, &tracker, &token, None, reachable).await?;
-            }
-            (running, Some(reachable_rx))
+            let backend = RateLimited::new(Arc::new(Etcd::new(client.clone())), Arc::clone(&limiter));
+            LocalStore { backend: Arc::new(backend), kind: StoreKind::Etcd { client, limiter } }
         }
     };
-    let (running, reachable) = running;
+    let (running, reachable) = run_roles(local, config, kvstoremesh, &args, registry, &tracker, &token).await?;
     // A store that fails takes the whole process down with it.
     let failed = store_token.clone();
     let main = token.clone();
@@ -202,6 +175,70 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     wait_for_shutdown(&token, &tracker).await?;
     store_token.cancel();
     wait_for_shutdown(&store_token, &store_tracker).await
+}
+
+/// The store the clustermesh role writes to, started or connected.
+struct LocalStore {
+    /// What every role writes through.
+    backend: Arc<dyn Backend>,
+    /// What else the roles need of the store, which differs between the two.
+    kind: StoreKind,
+}
+
+#[expect(clippy::large_enum_variant, reason = "one value per process, made once at start-up")]
+enum StoreKind {
+    /// The embedded store (the users manager changes its auth table in-process).
+    Embedded(Arc<crate::etcd::store::Store>),
+    /// An attached etcd: its connection (users, quorum check) and the rate limiter of the
+    /// writes to it.
+    Etcd { client: etcd_client::Client, limiter: Arc<Limiter> },
+}
+
+/// Runs the roles of `clustermesh` on the local store: the mirror, the users manager, the
+/// attached store's quorum check and the kvstoremesh role. Returns the mirror and, on an
+/// attached etcd, whether the store answers.
+async fn run_roles(
+    local: LocalStore,
+    config: ClustermeshConfig,
+    kvstoremesh: Option<(KvstoremeshConfig, KvstoremeshListeners)>,
+    args: &ClustermeshArgs,
+    registry: &mut Registry,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) -> anyhow::Result<(clustermesh::Running, Option<watch::Receiver<bool>>)> {
+    let LocalStore { backend, kind } = local;
+    let max_writes_in_flight = config.max_writes_in_flight;
+    let running = clustermesh::spawn(Arc::clone(&backend), config, registry, tracker, token);
+    if let StoreKind::Etcd { limiter, .. } = &kind {
+        let collector = LimiterCollector::new(Arc::clone(limiter), ETCD_API_CALL, max_writes_in_flight);
+        registry.register_collector(Box::new(collector));
+    }
+    if args.cluster_users_enabled {
+        let runs = running.controllers.clone();
+        match &kind {
+            StoreKind::Embedded(store) => spawn_users(EmbeddedUsers(Arc::clone(store)), args, runs, tracker, token),
+            StoreKind::Etcd { client, .. } => spawn_users(EtcdUsers(client.clone()), args, runs, tracker, token),
+        }
+    }
+    let reachable = match kind {
+        StoreKind::Embedded(_) => None,
+        StoreKind::Etcd { client, limiter } => {
+            tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
+            let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
+            let check = QuorumCheck::from_env(args.cilium.kvstore_max_consecutive_quorum_errors)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let errors = running.kvstore_metrics.quorum_errors.clone();
+            tracker.spawn(
+                quorum::run(client, HEARTBEAT_KEY, errors, reachable, check, token.child_token())
+                    .instrument(tracing::info_span!("quorum_check")),
+            );
+            Some(reachable_rx)
+        }
+    };
+    if let Some((config, listeners)) = kvstoremesh {
+        start_kvstoremesh(backend, config, listeners, tracker, token, None, reachable.clone()).await?;
+    }
+    Ok((running, reachable))
 }
 
 /// `/readyz` of a role on an attached etcd: synchronised, and the store answering quorum reads
