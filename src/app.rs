@@ -143,7 +143,7 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     let local = match kvstore {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
-            let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
+            let store = start_store(&args.store, auth, &store_tracker, &store_token).await?.store;
             LocalStore { backend: Arc::new(Embedded::new(Arc::clone(&store))), kind: StoreKind::Embedded(store) }
         }
         KvstoreKind::Etcd => {
@@ -600,7 +600,7 @@ async fn run_kvstore(args: KvstoreArgs) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
     let tracker = TaskTracker::new();
-    let store = start_store(&store, auth, &tracker, &token).await?;
+    let store = start_store(&store, auth, &tracker, &token).await?.store;
     if let Some(dir) = data_dir {
         tracker.spawn(
             save_auth_changes(store, dir, token.child_token()).instrument(tracing::info_span!("auth_persistence")),
@@ -658,12 +658,21 @@ async fn save_auth_changes(store: Arc<crate::etcd::store::Store>, dir: DataDir, 
     }
 }
 
-async fn start_store(
+/// The embedded store, serving.
+pub(crate) struct StartedStore {
+    pub store: Arc<crate::etcd::store::Store>,
+    /// The client URLs it reports in `member list`.
+    pub client_urls: Vec<String>,
+}
+
+/// Starts the embedded store as `args` say (`kvstore`, `clustermesh` on the embedded store,
+/// `demo`); it stops on `token` and is tracked by `tracker`.
+pub(crate) async fn start_store(
     args: &StoreArgs,
     auth: AuthStore,
     tracker: &TaskTracker,
     token: &CancellationToken,
-) -> anyhow::Result<Arc<crate::etcd::store::Store>> {
+) -> anyhow::Result<StartedStore> {
     let StoreArgs {
         listen_client_urls: _,
         listen_metrics_urls: _,
@@ -709,7 +718,15 @@ async fn start_store(
         metrics: embedded::bind_all(&metrics_addrs).await.with_context(|| format!("binding {metrics_addrs:?}"))?,
     };
     let client_urls = if advertise_client_urls.is_empty() {
-        urls.iter().map(|u| u.url.clone()).collect()
+        // A listen URL on port 0 is reported with the port bound (the demo's stores).
+        let bound = listeners.client.iter().map(|l| l.local_addr().ok());
+        urls.iter()
+            .zip(bound)
+            .map(|(u, bound)| match bound {
+                Some(bound) if u.addr.port() == 0 => format!("https://{bound}"),
+                _ => u.url.clone(),
+            })
+            .collect()
     } else {
         advertise_client_urls.clone()
     };
@@ -723,7 +740,7 @@ async fn start_store(
             quota_backend_bytes: *quota_backend_bytes,
         },
         server: ServerOptions {
-            member: MemberInfo { name: name.clone(), client_urls },
+            member: MemberInfo { name: name.clone(), client_urls: client_urls.clone() },
             watch: WatchConfig { progress_notify_interval: *watch_progress_notify_interval },
             max_concurrent_streams: *max_concurrent_streams,
             max_connections_per_user: *max_connections_per_user,
@@ -732,7 +749,7 @@ async fn start_store(
         persistence: args.wal_config(),
     };
     let store = embedded::spawn(listeners, config, auth, tracker, token).context("starting the embedded store")?;
-    Ok(store)
+    Ok(StartedStore { store, client_urls })
 }
 
 /// `--auto-tls`: a throw-away CA, server certificate and `root` client certificate in a
