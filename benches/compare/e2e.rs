@@ -1,8 +1,9 @@
 //! Scenarios 6 and 7: the clustermesh-apiserver binary end to end, once with its embedded
 //! store (one process, as we ship it) and once writing to each etcd of the run
-//! (`--kvstore=etcd`, two processes, as Cilium ships it). Kubernetes is played by this bench: the integration tests'
-//! fake API server for 6, and for 7 a list-only server below, because the fake rebuilds a
-//! snapshot of every object for each page it serves (quadratic for 300k objects).
+//! (`--kvstore=etcd`, two processes, as Cilium ships it). Kubernetes is played by this bench:
+//! the integration tests' fake API server for 6, and for 7 a list-only server below, because
+//! the fake rebuilds a snapshot of every object for each page it serves (quadratic for 300k
+//! objects).
 
 use std::collections::HashMap;
 use std::convert::Infallible;

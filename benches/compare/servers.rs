@@ -119,10 +119,9 @@ pub struct Lineup {
 impl Lineup {
     pub fn find() -> anyhow::Result<Lineup> {
         let mut warnings = Vec::new();
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         let path = match std::env::var_os("ETCD_BIN").filter(|v| !v.is_empty()) {
             Some(path) => PathBuf::from(path),
-            None => manifest.join(ETCD35_DEFAULT),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join(ETCD35_DEFAULT),
         };
         if !path.is_file() {
             bail!(
@@ -139,39 +138,7 @@ impl Lineup {
                 etcd35.version
             ));
         }
-        let etcd34 = match std::env::var_os("ETCD34_BIN") {
-            Some(path) if path.is_empty() => {
-                warnings.push("etcd 3.4 left out: ETCD34_BIN is empty".to_owned());
-                None
-            }
-            Some(path) => Some(PathBuf::from(path)),
-            None => ETCD34_DEFAULTS.iter().map(|p| manifest.join(p)).find(|p| p.is_file()),
-        };
-        let etcd34 = match etcd34.map(|path| (etcd_version(&path), path)) {
-            None => {
-                if std::env::var_os("ETCD34_BIN").is_none() {
-                    warnings.push(format!(
-                        "etcd 3.4 left out: not found at {} (apt-get install etcd-server on Debian bookworm, or set $ETCD34_BIN)",
-                        ETCD34_DEFAULTS.join(" or ")
-                    ));
-                }
-                None
-            }
-            Some((Err(error), path)) => {
-                warnings.push(format!("etcd 3.4 left out: {}: {error:#}", path.display()));
-                None
-            }
-            Some((Ok(_), path)) if same_file(&path, &etcd35.path) => {
-                warnings.push(format!("etcd 3.4 left out: {} is the anchor's binary", path.display()));
-                None
-            }
-            Some((Ok(version), path)) => {
-                if !version.starts_with("3.4.") {
-                    warnings.push(format!("etcd-3.4 is {}, etcd {version}", path.display()));
-                }
-                Some(EtcdBinary { path, version })
-            }
-        };
+        let etcd34 = find_etcd34(&etcd35, &mut warnings);
         Ok(Lineup { etcd35, etcd34, warnings })
     }
 
@@ -202,6 +169,48 @@ impl Lineup {
             etcd => self.etcd(etcd).map(|e| e.path.as_path()),
         }
     }
+}
+
+/// etcd 3.4, or why it is left out (in `warnings`).
+fn find_etcd34(anchor: &EtcdBinary, warnings: &mut Vec<String>) -> Option<EtcdBinary> {
+    let path = match std::env::var_os("ETCD34_BIN") {
+        Some(path) if path.is_empty() => {
+            warnings.push("etcd 3.4 left out: ETCD34_BIN is empty".to_owned());
+            return None;
+        }
+        Some(path) => PathBuf::from(path),
+        // (Joined to an absolute path, the manifest directory goes.)
+        None => {
+            match ETCD34_DEFAULTS.iter().map(|p| Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).find(|p| p.is_file()) {
+                Some(path) => path,
+                None => {
+                    warnings.push(format!(
+                    "etcd 3.4 left out: not found at {} (apt-get install etcd-server on Debian bookworm, or set $ETCD34_BIN)",
+                    ETCD34_DEFAULTS.join(" or ")
+                ));
+                    return None;
+                }
+            }
+        }
+    };
+    let version = match etcd_version(&path) {
+        Ok(version) => version,
+        Err(error) => {
+            warnings.push(format!("etcd 3.4 left out: {error:#}"));
+            return None;
+        }
+    };
+    if same_file(&path, &anchor.path) {
+        warnings.push(format!("etcd 3.4 left out: {} is the anchor's binary", path.display()));
+        return None;
+    }
+    if !version.starts_with("3.4.") {
+        warnings.push(format!(
+            "the second etcd ({}) is etcd {version}, not 3.4: the etcd-3.4 figures are its",
+            path.display()
+        ));
+    }
+    Some(EtcdBinary { path, version })
 }
 
 /// `etcd --version`'s "etcd Version: X.Y.Z".
