@@ -1,17 +1,18 @@
-//! Our embedded store against Debian's etcd, side by side in one run (issue 7).
+//! Our embedded store against Debian's etcd 3.5 and 3.4, side by side in one run (issues 7, 18).
 //!
 //! ```text
-//! cargo bench --bench compare -- [--quick] [--out FILE] [--only 1,2,...] [sizing flags]
+//! [ETCD_BIN=etcd-3.5] [ETCD34_BIN=etcd-3.4] cargo bench --bench compare -- [--quick] [--out FILE] [--only 1,2,...] [sizing flags]
 //! ```
 //!
 //! Each scenario starts a fresh server, measures it, and stops it before the next one starts:
-//! etcd first, then ours, never both at once. Both run as child processes of this bench
-//! (mTLS on random 127.0.0.1 ports, etcd's data dir on tmpfs) and are driven by the same
+//! etcd 3.5, then etcd 3.4, then ours, never two at once. All run as child processes of this
+//! bench (mTLS on random 127.0.0.1 ports, etcd's data dir on tmpfs) and are driven by the same
 //! etcd-client code; scenarios 6 and 7 run the clustermesh-apiserver binary itself, once with
-//! its embedded store and once writing to etcd. Only ratios measured in one run mean anything
-//! on a shared machine; `--quick` shrinks every scenario to a smoke test whose sanity checks
-//! (every put acknowledged, every watcher got every event, every list complete) fail the run,
-//! never a time.
+//! its embedded store and once writing to each etcd. etcd 3.5 (what Cilium ships) is the anchor:
+//! the targets are ratios to it. Without an etcd 3.4 binary the run goes on with 3.5 alone and
+//! says so (see [`servers::Lineup`]). Only ratios measured in one run mean anything on a shared
+//! machine; `--quick` shrinks every scenario to a smoke test whose sanity checks (every put
+//! acknowledged, every watcher got every event, every list complete) fail the run, never a time.
 
 #[path = "../tests/it/support/certs.rs"]
 #[allow(dead_code)]
@@ -38,8 +39,8 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use data::{PREFIXES, Shapes, Sizes};
-use report::{Better, Percentiles, Report, Target, mib, ms};
-use servers::{ClientTls, Server, Which};
+use report::{Better, Percentiles, Report, ServerInfo, Target, mib, ms};
+use servers::{ClientTls, Lineup, PerServer, Server, Which};
 
 /// Used by `certs` (included from the integration tests' support code).
 fn install_crypto_provider() {
@@ -50,7 +51,7 @@ fn install_crypto_provider() {
 }
 
 #[derive(Debug, Parser)]
-#[command(about = "Our embedded store against etcd, side by side")]
+#[command(about = "Our embedded store against etcd 3.5 and 3.4, side by side")]
 struct Args {
     /// Every scenario in a few seconds: a smoke test of the harness (CI).
     #[arg(long)]
@@ -147,6 +148,8 @@ struct Args {
 
 struct Config {
     quick: bool,
+    /// The servers to measure.
+    lineup: Lineup,
     put_clients: usize,
     puts: usize,
     value_size: usize,
@@ -174,12 +177,13 @@ struct Config {
 }
 
 impl Config {
-    fn from(args: &Args) -> Config {
+    fn from(args: &Args, lineup: Lineup) -> Config {
         let q = args.quick;
         let pick = |flag: Option<usize>, full: usize, quick: usize| flag.unwrap_or(if q { quick } else { full });
         let watchers = pick(args.watchers, 1000, 20);
         Config {
             quick: q,
+            lineup,
             put_clients: pick(args.put_clients, 64, 8),
             puts: pick(args.puts, 200_000, 2_000),
             value_size: args.value_size.max(8),
@@ -252,35 +256,54 @@ fn progress(message: impl AsRef<str>) {
     eprintln!("[bench] {}", message.as_ref());
 }
 
-/// Both servers' results of one scenario, etcd's first.
-type Pair<T> = [T; 2];
-
-async fn per_server<T, F, Fut>(pki: &certs::Pki, f: F) -> anyhow::Result<Pair<T>>
+/// Runs `f` for each server of the run in turn, anchor first, and gathers what it returns.
+async fn for_each_server<T, F, Fut>(lineup: &Lineup, mut f: F) -> anyhow::Result<PerServer<T>>
 where
-    F: FnMut(Which, Server) -> Fut,
+    F: FnMut(Which) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    per_server_with(pki, false, f).await
+    let mut out = PerServer::default();
+    for which in lineup.servers() {
+        out.set(which, f(which).await.with_context(|| which.name())?);
+    }
+    Ok(out)
+}
+
+/// [`for_each_server`] with the server started, alone, for `f` (and stopped when `f` drops it).
+async fn per_server<T, F, Fut>(config: &Config, pki: &certs::Pki, f: F) -> anyhow::Result<PerServer<T>>
+where
+    F: Fn(Which, Server) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    per_server_with(config, pki, false, f).await
 }
 
 /// [`per_server`]; with `persistent`, ours keeps its store in a data directory.
-async fn per_server_with<T, F, Fut>(pki: &certs::Pki, persistent: bool, mut f: F) -> anyhow::Result<Pair<T>>
+async fn per_server_with<T, F, Fut>(
+    config: &Config,
+    pki: &certs::Pki,
+    persistent: bool,
+    f: F,
+) -> anyhow::Result<PerServer<T>>
 where
-    F: FnMut(Which, Server) -> Fut,
+    F: Fn(Which, Server) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let mut out = Vec::with_capacity(2);
-    for which in Which::BOTH {
-        let server = Server::start_with(which, pki, persistent).await?;
-        out.push(f(which, server).await.with_context(|| which.name())?);
-    }
-    let [etcd, ours]: [T; 2] = out.try_into().map_err(|_| anyhow::anyhow!("two results"))?;
-    Ok([etcd, ours])
+    let (lineup, f) = (&config.lineup, &f);
+    for_each_server(
+        lineup,
+        |which| async move { f(which, Server::start_with(which, lineup, pki, persistent).await?).await },
+    )
+    .await
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
     install_crypto_provider();
-    let config = Config::from(&args);
+    let lineup = Lineup::find()?;
+    for warning in &lineup.warnings {
+        eprintln!("WARNING: {warning}");
+    }
+    let config = Config::from(&args, lineup);
     let wanted = |n: u8| args.only.is_empty() || args.only.contains(&n);
     let vectors = args.vectors.clone().unwrap_or_else(data::default_vectors_path);
     let shapes = Arc::new(Shapes::load(&vectors)?);
@@ -289,9 +312,13 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut report = Report {
         quick: config.quick,
         machine: format!("{} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
+        servers: ServerInfo::of(&config.lineup),
         sizes: config.describe(),
         ..Report::default()
     };
+    for server in &report.servers {
+        progress(format!("{}: {} ({})", server.name, server.version, server.binary.display()));
+    }
     let started = Instant::now();
 
     let mut shown = 0;
@@ -328,6 +355,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         finish(&mut report, "9", result, &mut shown);
     }
     report.notes.push(format!("total bench time {:.1} s", started.elapsed().as_secs_f64()));
+    report.notes.extend(config.lineup.warnings.iter().map(|w| format!("WARNING: {w}")));
 
     println!("{}", report.table());
     for note in &report.notes {
@@ -362,33 +390,24 @@ fn finish(report: &mut Report, scenario: &str, result: anyhow::Result<()>, shown
         report.check(scenario, "-", format!("scenario ran: {error:#}"), false);
     }
     for row in &report.rows[*shown..] {
-        let value = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
-        progress(format!(
-            "{} | {} | etcd {} | ours {} {}",
-            row.scenario,
-            row.metric,
-            value(row.etcd),
-            value(row.ours),
-            row.unit
-        ));
+        progress(report.describe_row(row));
     }
     *shown = report.rows.len();
 }
 
-fn latency_rows(report: &mut Report, scenario: &str, what: &str, pair: [&Percentiles; 2]) {
-    let [e, o] = pair;
-    report.row(scenario, &format!("{what} p50"), "ms", Better::Lower, Some(ms(e.p50)), Some(ms(o.p50)), None);
-    report.row(scenario, &format!("{what} p99"), "ms", Better::Lower, Some(ms(e.p99)), Some(ms(o.p99)), None);
+fn latency_rows(report: &mut Report, scenario: &str, what: &str, latency: &PerServer<Percentiles>) {
+    report.row(scenario, &format!("{what} p50"), "ms", Better::Lower, latency.figures(|p| ms(p.p50)), None);
+    report.row(scenario, &format!("{what} p99"), "ms", Better::Lower, latency.figures(|p| ms(p.p99)), None);
 }
 
 async fn scenario_put(config: &Config, pki: &certs::Pki, tls: &ClientTls, report: &mut Report) -> anyhow::Result<()> {
     const S: &str = "1 put throughput";
-    let results = per_server(pki, |which, server| async move {
+    let results = per_server(config, pki, |which, server| async move {
         progress(format!("{S}: {} ({} puts from {} clients)", which.name(), config.puts, config.put_clients));
         kv::put_throughput(&server, tls, config.put_clients, config.puts, config.value_size).await
     })
     .await?;
-    for (which, r) in Which::BOTH.iter().zip(&results) {
+    for (which, r) in results.iter() {
         report.check(
             S,
             which.name(),
@@ -404,26 +423,17 @@ async fn scenario_put(config: &Config, pki: &certs::Pki, tls: &ClientTls, report
     }
     let rate = |r: &kv::PutThroughput| r.puts as f64 / r.elapsed.as_secs_f64();
     let cpu = |r: &kv::PutThroughput| r.server_cpu.as_secs_f64() * 1e6 / r.puts as f64;
-    let [e, o] = &results;
-    report.row(
-        S,
-        "puts/s",
-        "1/s",
-        Better::Higher,
-        Some(rate(e)),
-        Some(rate(o)),
-        Some(Target::RatioAtLeast { value: 5.0 }),
-    );
-    latency_rows(report, S, "put latency", [&e.latency, &o.latency]);
-    report.row(S, "server CPU per put", "us", Better::Lower, Some(cpu(e)), Some(cpu(o)), None);
+    report.row(S, "puts/s", "1/s", Better::Higher, results.figures(rate), Some(Target::RatioAtLeast { value: 5.0 }));
+    latency_rows(report, S, "put latency", &results.map(|r| r.latency));
+    report.row(S, "server CPU per put", "us", Better::Lower, results.figures(cpu), None);
     let client = |r: &kv::PutThroughput| r.client_cpu.as_secs_f64() * 1e6 / r.puts as f64;
-    report.row(S, "client CPU per put (bench)", "us", Better::Lower, Some(client(e)), Some(client(o)), None);
+    report.row(S, "client CPU per put (bench)", "us", Better::Lower, results.figures(client), None);
     Ok(())
 }
 
 async fn scenario_watch(config: &Config, pki: &certs::Pki, tls: &ClientTls, report: &mut Report) -> anyhow::Result<()> {
     const S: &str = "2 watch fan-out";
-    let results = per_server(pki, |which, server| async move {
+    let results = per_server(config, pki, |which, server| async move {
         progress(format!(
             "{S}: {} ({} watchers on {} connections, {} puts)",
             which.name(),
@@ -443,7 +453,7 @@ async fn scenario_watch(config: &Config, pki: &certs::Pki, tls: &ClientTls, repo
         .await
     })
     .await?;
-    for (which, r) in Which::BOTH.iter().zip(&results) {
+    for (which, r) in results.iter() {
         let complete = r.received.iter().filter(|&&n| n == r.puts).count();
         report.check(
             S,
@@ -460,20 +470,18 @@ async fn scenario_watch(config: &Config, pki: &certs::Pki, tls: &ClientTls, repo
     }
     let rate = |r: &kv::WatchFanout| r.delivered() as f64 / r.elapsed.as_secs_f64();
     let cpu = |r: &kv::WatchFanout| r.server_cpu.as_secs_f64() * 1e6 / r.delivered().max(1) as f64;
-    let [e, o] = &results;
     report.row(
         S,
         "events delivered/s",
         "1/s",
         Better::Higher,
-        Some(rate(e)),
-        Some(rate(o)),
+        results.figures(rate),
         Some(Target::RatioAtLeast { value: 5.0 }),
     );
-    latency_rows(report, S, "put->event latency", [&e.latency, &o.latency]);
-    report.row(S, "server CPU per event", "us", Better::Lower, Some(cpu(e)), Some(cpu(o)), None);
+    latency_rows(report, S, "put->event latency", &results.map(|r| r.latency));
+    report.row(S, "server CPU per event", "us", Better::Lower, results.figures(cpu), None);
     let client = |r: &kv::WatchFanout| r.client_cpu.as_secs_f64() * 1e6 / r.delivered().max(1) as f64;
-    report.row(S, "client CPU per event (bench)", "us", Better::Lower, Some(client(e)), Some(client(o)), None);
+    report.row(S, "client CPU per event (bench)", "us", Better::Lower, results.figures(client), None);
     Ok(())
 }
 
@@ -487,8 +495,17 @@ async fn scenario_data(
 ) -> anyhow::Result<()> {
     const S3: &str = "3 memory";
     const S4: &str = "4 reconnect storm";
+    /// One server's scenario 3 (and 4).
+    struct Loaded {
+        idle: servers::Memory,
+        load: kv::Load,
+        loaded: servers::Memory,
+        tmpfs: u64,
+        /// Scenario 4, and the memory after it.
+        storm: Option<(kv::Storm, servers::Memory)>,
+    }
     let sizes = config.sizes;
-    let results = per_server(pki, |which, mut server| async move {
+    let results = per_server(config, pki, |which, mut server| async move {
         let idle = server.memory()?;
         progress(format!("{S3}: {} (loading {} keys)", which.name(), sizes.total()));
         let load = kv::load(&server, tls, shapes, sizes, config.load_clients, config.keys_per_lease).await?;
@@ -505,10 +522,10 @@ async fn scenario_data(
         } else {
             None
         };
-        Ok::<_, anyhow::Error>((idle, load, loaded, tmpfs, storm))
+        Ok::<_, anyhow::Error>(Loaded { idle, load, loaded, tmpfs, storm })
     })
     .await?;
-    for (which, (_, load, _, _, storm)) in Which::BOTH.iter().zip(&results) {
+    for (which, Loaded { load, storm, .. }) in results.iter() {
         for (prefix, count) in &load.counts {
             let expected = sizes.of_prefix(prefix);
             report.check(S3, which.name(), format!("{count} of {expected} keys under {prefix}"), *count == expected);
@@ -523,16 +540,14 @@ async fn scenario_data(
             );
         }
     }
-    let [(e_idle, e_load, e_mem, e_tmpfs, e_storm), (o_idle, o_load, o_mem, o_tmpfs, o_storm)] = &results;
-    let rate = |l: &kv::Load| sizes.total() as f64 / l.elapsed.as_secs_f64();
-    report.row(S3, "RSS idle", "MiB", Better::Lower, Some(mib(e_idle.rss)), Some(mib(o_idle.rss)), None);
+    let rate = |r: &Loaded| sizes.total() as f64 / r.load.elapsed.as_secs_f64();
+    report.row(S3, "RSS idle", "MiB", Better::Lower, results.figures(|r| mib(r.idle.rss)), None);
     report.row(
         S3,
         "RSS after load",
         "MiB",
         Better::Lower,
-        Some(mib(e_mem.rss)),
-        Some(mib(o_mem.rss)),
+        results.figures(|r| mib(r.loaded.rss)),
         Some(Target::RatioAtMost { value: 1.0 / 3.0 }),
     );
     report.row(
@@ -540,48 +555,61 @@ async fn scenario_data(
         "RSS + data on tmpfs",
         "MiB",
         Better::Lower,
-        Some(mib(e_mem.private() + e_tmpfs)),
-        Some(mib(o_mem.private() + o_tmpfs)),
+        results.figures(|r| mib(r.loaded.private() + r.tmpfs)),
         None,
     );
-    report.row(S3, "load puts/s (on leases)", "1/s", Better::Higher, Some(rate(e_load)), Some(rate(o_load)), None);
-    let cpu = |l: &kv::Load| l.server_cpu.as_secs_f64() * 1e6 / sizes.total() as f64;
-    report.row(S3, "server CPU per put (load)", "us", Better::Lower, Some(cpu(e_load)), Some(cpu(o_load)), None);
-    report.notes.push(format!(
-        "3: etcd RSS anon {:.0} MiB, file {:.0} MiB, shmem {:.0} MiB, tmpfs data dir {:.0} MiB; ours RSS anon {:.0} MiB; {} leases of {} keys",
-        mib(e_mem.rss_anon),
-        mib(e_mem.rss_file),
-        mib(e_mem.rss_shmem),
-        mib(*e_tmpfs),
-        mib(o_mem.rss_anon),
-        e_load.leases,
-        e_load.keys_per_lease,
-    ));
-    if let (Some((e, e_after)), Some((o, o_after))) = (e_storm, o_storm) {
-        let secs = |s: &kv::Storm| s.elapsed.as_secs_f64();
-        let cpu = |s: &kv::Storm| s.server_cpu.as_secs_f64() * 1e6 / s.pages.max(1) as f64;
+    report.row(S3, "load puts/s (on leases)", "1/s", Better::Higher, results.figures(rate), None);
+    let cpu = |r: &Loaded| r.load.server_cpu.as_secs_f64() * 1e6 / sizes.total() as f64;
+    report.row(S3, "server CPU per put (load)", "us", Better::Lower, results.figures(cpu), None);
+    let mut memory = Vec::new();
+    for (which, Loaded { load, loaded, tmpfs, .. }) in results.iter() {
+        memory.push(if which.is_etcd() {
+            format!(
+                "{} RSS anon {:.0} MiB, file {:.0} MiB, shmem {:.0} MiB, tmpfs data dir {:.0} MiB",
+                which.name(),
+                mib(loaded.rss_anon),
+                mib(loaded.rss_file),
+                mib(loaded.rss_shmem),
+                mib(*tmpfs)
+            )
+        } else {
+            format!(
+                "{} RSS anon {:.0} MiB; {} leases of {} keys",
+                which.name(),
+                mib(loaded.rss_anon),
+                load.leases,
+                load.keys_per_lease
+            )
+        });
+    }
+    report.notes.push(format!("3: {}", memory.join("; ")));
+    if storm {
+        let storms = results.map(|r| r.storm.as_ref());
+        let secs = |(s, _): &(kv::Storm, _)| s.elapsed.as_secs_f64();
+        let cpu = |(s, _): &(kv::Storm, _)| s.server_cpu.as_secs_f64() * 1e6 / s.pages.max(1) as f64;
         report.row(
             S4,
             "time to list everything",
             "s",
             Better::Lower,
-            Some(secs(e)),
-            Some(secs(o)),
+            storms.figures(|s| s.map(secs)),
             Some(Target::RatioAtMost { value: 1.0 / 3.0 }),
         );
-        report.row(S4, "server CPU per page", "us", Better::Lower, Some(cpu(e)), Some(cpu(o)), None);
-        let client = |s: &kv::Storm| s.client_cpu.as_secs_f64() * 1e6 / s.pages.max(1) as f64;
-        report.row(S4, "client CPU per page (bench)", "us", Better::Lower, Some(client(e)), Some(client(o)), None);
-        report.row(S4, "peak RSS (VmHWM)", "MiB", Better::Lower, Some(mib(e_after.hwm)), Some(mib(o_after.hwm)), None);
-        report.notes.push(format!(
-            "4: {} clients x {} keys in pages of {} ({} pages, {:.0} MiB of keys+values per server)",
-            e.clients,
-            sizes.total(),
-            config.page,
-            e.pages,
-            mib(e.bytes as u64)
-        ));
-        let _ = o;
+        report.row(S4, "server CPU per page", "us", Better::Lower, storms.figures(|s| s.map(cpu)), None);
+        let client = |(s, _): &(kv::Storm, _)| s.client_cpu.as_secs_f64() * 1e6 / s.pages.max(1) as f64;
+        report.row(S4, "client CPU per page (bench)", "us", Better::Lower, storms.figures(|s| s.map(client)), None);
+        let hwm = |(_, after): &(_, servers::Memory)| mib(after.hwm);
+        report.row(S4, "peak RSS (VmHWM)", "MiB", Better::Lower, storms.figures(|s| s.map(hwm)), None);
+        if let Some(Some((e, _))) = storms.get(Which::Etcd35) {
+            report.notes.push(format!(
+                "4: {} clients x {} keys in pages of {} ({} pages, {:.0} MiB of keys+values per server)",
+                e.clients,
+                sizes.total(),
+                config.page,
+                e.pages,
+                mib(e.bytes as u64)
+            ));
+        }
     }
     let _ = PREFIXES;
     Ok(())
@@ -594,7 +622,7 @@ async fn scenario_leases(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     const S: &str = "5 leases";
-    let results = per_server(pki, |which, server| async move {
+    let results = per_server(config, pki, |which, server| async move {
         progress(format!("{S}: {} ({} then {} keys on a lease)", which.name(), config.lease_small, config.lease_big));
         let small =
             kv::lease_phase(&server, tls, "small", config.lease_small, config.lease_samples, 64, config.value_size)
@@ -604,7 +632,7 @@ async fn scenario_leases(
         Ok::<_, anyhow::Error>((small, big))
     })
     .await?;
-    for (which, (small, big)) in Which::BOTH.iter().zip(&results) {
+    for (which, (small, big)) in results.iter() {
         for phase in [small, big] {
             report.check(
                 S,
@@ -614,12 +642,11 @@ async fn scenario_leases(
             );
         }
     }
-    let [(e_small, e_big), (o_small, o_big)] = &results;
     let small = format!("put p50, {} keys on lease", config.lease_small);
     let big = format!("put p50, {} keys on lease", config.lease_big);
-    report.row(S, &small, "ms", Better::Lower, Some(ms(e_small.latency.p50)), Some(ms(o_small.latency.p50)), None);
-    report.row(S, &big, "ms", Better::Lower, Some(ms(e_big.latency.p50)), Some(ms(o_big.latency.p50)), None);
-    let growth = |small: &kv::LeasePhase, big: &kv::LeasePhase| {
+    report.row(S, &small, "ms", Better::Lower, results.figures(|(small, _)| ms(small.latency.p50)), None);
+    report.row(S, &big, "ms", Better::Lower, results.figures(|(_, big)| ms(big.latency.p50)), None);
+    let growth = |(small, big): &(kv::LeasePhase, kv::LeasePhase)| {
         small.latency.p50.as_secs_f64().max(1e-9).recip() * big.latency.p50.as_secs_f64()
     };
     report.row(
@@ -627,18 +654,16 @@ async fn scenario_leases(
         "p50 growth (big/small lease)",
         "x",
         Better::Lower,
-        Some(growth(e_small, e_big)),
-        Some(growth(o_small, o_big)),
+        results.figures(growth),
         Some(Target::OursAtMost { value: 1.2 }),
     );
-    let attach = |p: &kv::LeasePhase| p.keys_on_lease as f64 / p.attach_elapsed.as_secs_f64();
+    let attach = |(_, big): &(_, kv::LeasePhase)| big.keys_on_lease as f64 / big.attach_elapsed.as_secs_f64();
     report.row(
         S,
         &format!("attach puts/s up to {} keys", config.lease_big),
         "1/s",
         Better::Higher,
-        Some(attach(e_big)),
-        Some(attach(o_big)),
+        results.figures(attach),
         None,
     );
     Ok(())
@@ -653,7 +678,7 @@ async fn scenario_agents(
 ) -> anyhow::Result<()> {
     const S: &str = "8 agents at scale";
     let sizes = config.agent_sizes;
-    let results = per_server(pki, |which, mut server| async move {
+    let results = per_server(config, pki, |which, mut server| async move {
         kv::load(&server, tls, shapes, sizes, config.load_clients, config.keys_per_lease).await?;
         progress(format!("{S}: {} ({} agents, {} keys each)", which.name(), config.agents, sizes.total()));
         let result = kv::agents(&server, tls, config.agents, config.page, config.agents_timeout).await?;
@@ -661,7 +686,7 @@ async fn scenario_agents(
         Ok::<_, anyhow::Error>(result)
     })
     .await?;
-    for (which, r) in Which::BOTH.iter().zip(&results) {
+    for (which, r) in results.iter() {
         let complete = r.listed.iter().filter(|&&n| n == sizes.total()).count();
         report.check(
             S,
@@ -676,15 +701,13 @@ async fn scenario_agents(
             r.notified == r.agents,
         );
     }
-    let [e, o] = &results;
     let secs = |r: &kv::Agents| r.connected.as_secs_f64();
     report.row(
         S,
         "connect storm: all listed and watching",
         "s",
         Better::Lower,
-        Some(secs(e)),
-        Some(secs(o)),
+        results.figures(secs),
         Some(Target::RatioAtMost { value: 1.0 / 5.0 }),
     );
     let per_agent =
@@ -694,30 +717,20 @@ async fn scenario_agents(
         "RSS per connected agent",
         "KiB",
         Better::Lower,
-        Some(per_agent(e)),
-        Some(per_agent(o)),
+        results.figures(per_agent),
         Some(Target::RatioAtMost { value: 1.0 / 5.0 }),
     );
-    report.row(
-        S,
-        "one change -> every agent p50",
-        "ms",
-        Better::Lower,
-        Some(ms(e.fanout.p50)),
-        Some(ms(o.fanout.p50)),
-        None,
-    );
+    report.row(S, "one change -> every agent p50", "ms", Better::Lower, results.figures(|r| ms(r.fanout.p50)), None);
     report.row(
         S,
         "one change -> every agent p99",
         "ms",
         Better::Lower,
-        Some(ms(e.fanout.p99)),
-        Some(ms(o.fanout.p99)),
+        results.figures(|r| ms(r.fanout.p99)),
         Some(Target::OursAtMost { value: 100.0 }),
     );
     let cpu = |r: &kv::Agents| r.server_cpu.as_secs_f64() * 1e3 / r.agents.max(1) as f64;
-    report.row(S, "server CPU per agent", "ms", Better::Lower, Some(cpu(e)), Some(cpu(o)), None);
+    report.row(S, "server CPU per agent", "ms", Better::Lower, results.figures(cpu), None);
     report.notes.push(format!(
         "8: {} agents, each listing {} keys ({} nodes, {} identities, {} IPs) in pages of {} over 5 prefixes and watching them",
         config.agents, sizes.total(), sizes.nodes, sizes.identities, sizes.ipcache, config.page
@@ -737,7 +750,7 @@ async fn scenario_restart(
 ) -> anyhow::Result<()> {
     const S: &str = "9 warm restart";
     let sizes = config.sizes;
-    let results = per_server_with(pki, true, |which, mut server| async move {
+    let results = per_server_with(config, pki, true, |which, mut server| async move {
         progress(format!("{S}: {} (loading {} keys, then SIGKILL)", which.name(), sizes.total()));
         kv::load(&server, tls, shapes, sizes, config.load_clients, config.keys_per_lease).await?;
         let started = Instant::now();
@@ -748,7 +761,7 @@ async fn scenario_restart(
         Ok::<_, anyhow::Error>((healthy, serving, counted))
     })
     .await?;
-    for (which, (_, _, counted)) in Which::BOTH.iter().zip(&results) {
+    for (which, (_, _, counted)) in results.iter() {
         report.check(
             S,
             which.name(),
@@ -756,16 +769,20 @@ async fn scenario_restart(
             *counted == sizes.total(),
         );
     }
-    let secs = |d: &std::time::Duration| d.as_secs_f64();
-    let (e, o) = (&results[0], &results[1]);
-    report.row(S, "SIGKILL -> healthy", "s", Better::Lower, Some(secs(&e.0)), Some(secs(&o.0)), None);
+    report.row(
+        S,
+        "SIGKILL -> healthy",
+        "s",
+        Better::Lower,
+        results.figures(|(healthy, ..)| healthy.as_secs_f64()),
+        None,
+    );
     report.row(
         S,
         "SIGKILL -> serving with all keys",
         "s",
         Better::Lower,
-        Some(secs(&e.1)),
-        Some(secs(&o.1)),
+        results.figures(|(_, serving, _)| serving.as_secs_f64()),
         Some(Target::OursAtMost { value: 2.0 }),
     );
     report.notes.push(format!(

@@ -1,6 +1,7 @@
-//! The two servers under test, each a child process of the bench so that both compete with
-//! the client for the same cores and both have an RSS of their own: Debian's etcd (data dir on
-//! tmpfs) and our `clustermesh-apiserver kvstore`, both serving mTLS on random 127.0.0.1 ports.
+//! The servers under test, each a child process of the bench so that all compete with the
+//! client for the same cores and each has an RSS of its own: Debian's etcd 3.5 (the anchor every
+//! ratio and target is taken against), Debian's etcd 3.4 (data dirs on tmpfs) and our
+//! `clustermesh-apiserver kvstore`, all serving mTLS on random 127.0.0.1 ports.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
@@ -22,20 +23,219 @@ const TMPFS: &str = "/dev/shm";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Where the anchor, etcd 3.5.16, is unpacked by docker/build-images (when `ETCD_BIN` is unset).
+const ETCD35_DEFAULT: &str = "target/docker/etcd-3.5.16/usr/bin/etcd";
+/// Where etcd 3.4 is looked for when `ETCD34_BIN` is unset: Debian bookworm's etcd-server, then
+/// the copy docker/build-images unpacks.
+const ETCD34_DEFAULTS: [&str; 2] = ["/usr/bin/etcd", "target/docker/etcd-3.4.23/usr/bin/etcd"];
+
+/// A server under test, in the order they run and are reported: the anchor first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Which {
-    Etcd,
+    /// etcd 3.5, the line Cilium ships: the anchor of every ratio and target.
+    Etcd35,
+    /// etcd 3.4, the second etcd; left out when its binary is missing.
+    Etcd34,
     Ours,
 }
 
 impl Which {
-    pub const BOTH: [Which; 2] = [Which::Etcd, Which::Ours];
+    pub const ALL: [Which; 3] = [Which::Etcd35, Which::Etcd34, Which::Ours];
 
     pub fn name(self) -> &'static str {
         match self {
-            Which::Etcd => "etcd",
+            Which::Etcd35 => "etcd-3.5",
+            Which::Etcd34 => "etcd-3.4",
             Which::Ours => "ours",
+        }
+    }
+
+    pub fn is_etcd(self) -> bool {
+        self != Which::Ours
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One value per server; none for a server the run left out (etcd 3.4 without its binary) or,
+/// where a scenario allows it, one that failed.
+#[derive(Debug, Clone)]
+pub struct PerServer<T>([Option<T>; 3]);
+
+/// One row's figures.
+pub type Figures = PerServer<f64>;
+
+impl<T> Default for PerServer<T> {
+    fn default() -> Self {
+        PerServer([None, None, None])
+    }
+}
+
+impl<T> PerServer<T> {
+    pub fn get(&self, which: Which) -> Option<&T> {
+        self.0[which.index()].as_ref()
+    }
+
+    pub fn set(&mut self, which: Which, value: T) {
+        self.0[which.index()] = Some(value);
+    }
+
+    /// The servers that have a value, anchor first.
+    pub fn iter(&self) -> impl Iterator<Item = (Which, &T)> {
+        Which::ALL.into_iter().zip(&self.0).filter_map(|(which, v)| Some((which, v.as_ref()?)))
+    }
+
+    pub fn map<'a, U>(&'a self, mut f: impl FnMut(&'a T) -> U) -> PerServer<U> {
+        PerServer(self.0.each_ref().map(|v| v.as_ref().map(&mut f)))
+    }
+
+    /// A report row's figures: `f` of each server's value (`f` may return an `Option`).
+    pub fn figures<F: Into<Option<f64>>>(&self, f: impl Fn(&T) -> F) -> Figures {
+        PerServer(self.0.each_ref().map(|v| v.as_ref().and_then(|v| f(v).into())))
+    }
+}
+
+/// An etcd binary and the version it reports.
+#[derive(Debug, Clone)]
+pub struct EtcdBinary {
+    pub path: PathBuf,
+    pub version: String,
+}
+
+/// The servers one run measures: etcd 3.5 (`ETCD_BIN`, else docker/build-images' copy; the run
+/// fails without it), etcd 3.4 (`ETCD34_BIN`, else Debian's /usr/bin/etcd; left out, loudly,
+/// when missing, and on purpose with `ETCD34_BIN=`), and ours.
+#[derive(Debug, Clone)]
+pub struct Lineup {
+    etcd35: EtcdBinary,
+    etcd34: Option<EtcdBinary>,
+    /// What the run should shout about: a server left out, a version not the one expected.
+    pub warnings: Vec<String>,
+}
+
+impl Lineup {
+    pub fn find() -> anyhow::Result<Lineup> {
+        let mut warnings = Vec::new();
+        let path = match std::env::var_os("ETCD_BIN").filter(|v| !v.is_empty()) {
+            Some(path) => PathBuf::from(path),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join(ETCD35_DEFAULT),
+        };
+        if !path.is_file() {
+            bail!(
+                "etcd 3.5, the benchmark's anchor, not found at {}: set $ETCD_BIN, or run docker/build-images \
+                 (it unpacks Debian's etcd-server 3.5.16 into target/docker)",
+                path.display()
+            );
+        }
+        let etcd35 = EtcdBinary { version: etcd_version(&path)?, path };
+        if !etcd35.version.starts_with("3.5.") {
+            warnings.push(format!(
+                "the anchor ({}) is etcd {}, not 3.5: the etcd-3.5 figures and every target are taken against it",
+                etcd35.path.display(),
+                etcd35.version
+            ));
+        }
+        let etcd34 = find_etcd34(&etcd35, &mut warnings);
+        Ok(Lineup { etcd35, etcd34, warnings })
+    }
+
+    /// The servers to run, anchor first.
+    pub fn servers(&self) -> impl Iterator<Item = Which> + '_ {
+        Which::ALL.into_iter().filter(|&which| which == Which::Ours || self.etcd(which).is_some())
+    }
+
+    pub fn etcd(&self, which: Which) -> Option<&EtcdBinary> {
+        match which {
+            Which::Etcd35 => Some(&self.etcd35),
+            Which::Etcd34 => self.etcd34.as_ref(),
+            Which::Ours => None,
+        }
+    }
+
+    /// The version a server reports (ours: this crate's).
+    pub fn version(&self, which: Which) -> Option<&str> {
+        match which {
+            Which::Ours => Some(env!("CARGO_PKG_VERSION")),
+            etcd => self.etcd(etcd).map(|e| e.version.as_str()),
+        }
+    }
+
+    pub fn binary(&self, which: Which) -> Option<&Path> {
+        match which {
+            Which::Ours => Some(Path::new(OUR_BINARY)),
+            etcd => self.etcd(etcd).map(|e| e.path.as_path()),
+        }
+    }
+}
+
+/// etcd 3.4, or why it is left out (in `warnings`).
+fn find_etcd34(anchor: &EtcdBinary, warnings: &mut Vec<String>) -> Option<EtcdBinary> {
+    let path = match std::env::var_os("ETCD34_BIN") {
+        Some(path) if path.is_empty() => {
+            warnings.push("etcd 3.4 left out: ETCD34_BIN is empty".to_owned());
+            return None;
+        }
+        Some(path) => PathBuf::from(path),
+        // (Joined to an absolute path, the manifest directory goes.)
+        None => {
+            match ETCD34_DEFAULTS.iter().map(|p| Path::new(env!("CARGO_MANIFEST_DIR")).join(p)).find(|p| p.is_file()) {
+                Some(path) => path,
+                None => {
+                    warnings.push(format!(
+                    "etcd 3.4 left out: not found at {} (apt-get install etcd-server on Debian bookworm, or set $ETCD34_BIN)",
+                    ETCD34_DEFAULTS.join(" or ")
+                ));
+                    return None;
+                }
+            }
+        }
+    };
+    let version = match etcd_version(&path) {
+        Ok(version) => version,
+        Err(error) => {
+            warnings.push(format!("etcd 3.4 left out: {error:#}"));
+            return None;
+        }
+    };
+    if same_file(&path, &anchor.path) {
+        warnings.push(format!("etcd 3.4 left out: {} is the anchor's binary", path.display()));
+        return None;
+    }
+    if !version.starts_with("3.4.") {
+        warnings.push(format!(
+            "the second etcd ({}) is etcd {version}, not 3.4: the etcd-3.4 figures are its",
+            path.display()
+        ));
+    }
+    Some(EtcdBinary { path, version })
+}
+
+/// `etcd --version`'s "etcd Version: X.Y.Z".
+fn etcd_version(path: &Path) -> anyhow::Result<String> {
+    let mut cmd = Command::new(path);
+    cmd.arg("--version").stdin(Stdio::null());
+    remove_etcd_env(&mut cmd);
+    let output = cmd.output().with_context(|| format!("run {} --version", path.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("etcd Version:"))
+        .map(|v| v.trim().to_owned())
+        .with_context(|| format!("{} --version printed no etcd version: {stdout}", path.display()))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((fs::canonicalize(a), fs::canonicalize(b)), (Ok(a), Ok(b)) if a == b)
+}
+
+/// ETCD_* variables would be read as flags.
+fn remove_etcd_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ETCD_") {
+            cmd.env_remove(key);
         }
     }
 }
@@ -77,15 +277,15 @@ pub fn own_cpu_time() -> Duration {
 }
 
 impl Server {
-    pub async fn start(which: Which, pki: &Pki) -> anyhow::Result<Server> {
-        Self::start_with(which, pki, false).await
+    pub async fn start(which: Which, lineup: &Lineup, pki: &Pki) -> anyhow::Result<Server> {
+        Self::start_with(which, lineup, pki, false).await
     }
 
     /// With `persistent`, ours keeps its store in a data directory (etcd always does).
-    pub async fn start_with(which: Which, pki: &Pki, persistent: bool) -> anyhow::Result<Server> {
+    pub async fn start_with(which: Which, lineup: &Lineup, pki: &Pki, persistent: bool) -> anyhow::Result<Server> {
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start(which, pki, persistent).await {
+            match Self::try_start(which, lineup, pki, persistent).await {
                 Ok(server) => return Ok(server),
                 Err(e) if format!("{e:#}").contains("address already in use") => last = format!("{e:#}"),
                 Err(e) => return Err(e),
@@ -94,7 +294,7 @@ impl Server {
         bail!("{} did not start: a port was taken three times: {last}", which.name())
     }
 
-    async fn try_start(which: Which, pki: &Pki, persistent: bool) -> anyhow::Result<Server> {
+    async fn try_start(which: Which, lineup: &Lineup, pki: &Pki, persistent: bool) -> anyhow::Result<Server> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("cm-bench-{}-", which.name()))
             .tempdir_in(TMPFS)
@@ -105,8 +305,8 @@ impl Server {
         let client_url = format!("https://127.0.0.1:{client_port}");
         let metrics_url = format!("http://127.0.0.1:{metrics_port}");
         let mut cmd = match which {
-            Which::Etcd => {
-                let bin = find_etcd()?;
+            Which::Etcd35 | Which::Etcd34 => {
+                let bin = &lineup.etcd(which).with_context(|| format!("{} is not in this run", which.name()))?.path;
                 let data_dir = dir.path().join("data");
                 fs::DirBuilder::new().mode(0o700).create(&data_dir)?;
                 let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -127,12 +327,7 @@ impl Server {
                     // As Cilium's chart runs its etcd sidecar.
                     .arg("--auto-compaction-retention=1")
                     .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"]);
-                // ETCD_* variables would be read as flags.
-                for (key, _) in std::env::vars_os() {
-                    if key.to_string_lossy().starts_with("ETCD_") {
-                        cmd.env_remove(key);
-                    }
-                }
+                remove_etcd_env(&mut cmd);
                 cmd
             }
             Which::Ours => {
@@ -178,11 +373,7 @@ impl Server {
         let start = Instant::now();
         let mut cmd = Command::new(&self.command[0]);
         cmd.args(&self.command[1..]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ETCD_") {
-                cmd.env_remove(key);
-            }
-        }
+        remove_etcd_env(&mut cmd);
         self.child = cmd.spawn().with_context(|| format!("respawn {cmd:?}"))?;
         self.wait_healthy().await?;
         Ok(start.elapsed())
@@ -222,10 +413,7 @@ impl Server {
     /// Bytes the server keeps on tmpfs (etcd's WAL, snapshots and bbolt file; nothing for ours):
     /// memory too, though not in the process's RSS.
     pub fn tmpfs_bytes(&self) -> u64 {
-        match self.which {
-            Which::Etcd => dir_allocated_bytes(&self.dir.path().join("data")),
-            Which::Ours => 0,
-        }
+        if self.which.is_etcd() { dir_allocated_bytes(&self.dir.path().join("data")) } else { 0 }
     }
 
     /// CPU time (user + system) the process has used so far.
@@ -294,18 +482,6 @@ fn dir_allocated_bytes(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-fn find_etcd() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os("ETCD_BIN").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    let path_var = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path_var)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join("etcd"))
-        .find(|candidate| candidate.is_file())
-        .context("`etcd` not found on PATH or in /usr/bin: the benchmark needs Debian's etcd-server (apt-get install etcd-server), or set $ETCD_BIN")
 }
 
 pub fn free_ports() -> std::io::Result<[u16; 3]> {
