@@ -39,29 +39,60 @@ pub fn scope(key: &str) -> &str {
     &rest[..end]
 }
 
+/// A store key, shared by the slot map, the queue and the lease bookkeeping: its bytes are
+/// held once however many of them refer to it.
+type Key = Arc<str>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Item {
-    Key(String),
+    Key(Key),
     /// Written once no key under `prefix` that was queued before it is still unwritten.
     Canary {
         prefix: String,
-        key: String,
+        key: Key,
     },
+}
+
+/// What the backend holds for a key, as far as this process knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    Absent,
+    /// There, but with content unknown (a write whose answer was lost) or not ours to keep
+    /// (found by pruning): written again, or deleted, whatever is desired.
+    Unknown,
+    Value(Bytes),
+}
+
+/// One key the store knows: what is wanted and what is written. When both hold a value they
+/// are usually the same `Bytes`, so the value's bytes are held once.
+#[derive(Debug)]
+struct Slot {
+    /// `None`: wanted gone.
+    desired: Option<Bytes>,
+    written: Held,
+}
+
+impl Slot {
+    fn needs_write(&self) -> bool {
+        match (&self.desired, &self.written) {
+            (Some(want), Held::Value(have)) => want != have,
+            (None, Held::Absent) => false,
+            _ => true,
+        }
+    }
 }
 
 /// The per-key maps use foldhash, not SipHash: they are hashed several times per key on
 /// every write (see Cargo.toml).
 #[derive(Default)]
 struct State {
-    desired: FastMap<String, Bytes>,
-    /// What the backend holds, as far as this process knows. `None` marks a key that is
-    /// there but not ours to keep (found by pruning): the worker deletes it.
-    written: FastMap<String, Option<Bytes>>,
+    /// One slot per key wanted or written; a key neither wanted nor written has none.
+    slots: FastMap<Key, Slot>,
     queue: VecDeque<Item>,
     /// The keys in `queue`, and since when.
-    queued: FastMap<String, Instant>,
+    queued: FastMap<Key, Instant>,
     /// Keys whose last write failed; a canary waits for them.
-    failing: FastSet<String>,
+    failing: FastSet<Key>,
     canary_keys: FastSet<String>,
     /// Writes taken from the queue and not yet answered; counted as queued, so a drain waits
     /// for them.
@@ -73,18 +104,55 @@ struct State {
 }
 
 impl State {
-    fn enqueue(&mut self, key: String) {
-        if let std::collections::hash_map::Entry::Vacant(entry) = self.queued.entry(key) {
-            self.queue.push_back(Item::Key(entry.key().clone()));
-            entry.insert(Instant::now());
+    fn enqueue(&mut self, key: &str) {
+        if self.queued.contains_key(key) {
+            return;
         }
+        let key = self.shared(key);
+        self.queued.insert(Arc::clone(&key), Instant::now());
+        self.queue.push_back(Item::Key(key));
+    }
+
+    /// The slot map's handle of `key` (a new one for a key without a slot).
+    fn shared(&self, key: &str) -> Key {
+        self.slots.get_key_value(key).map_or_else(|| Key::from(key), |(key, _)| Arc::clone(key))
     }
 
     fn needs_write(&self, key: &str) -> bool {
-        match (self.desired.get(key), self.written.get(key)) {
-            (Some(want), Some(Some(have))) => want != have,
-            (None, None) => false,
-            _ => true,
+        self.slots.get(key).is_some_and(Slot::needs_write)
+    }
+
+    fn desired(&self, key: &str) -> Option<&Bytes> {
+        self.slots.get(key)?.desired.as_ref()
+    }
+
+    /// The slot of `key`, made if missing (neither wanted nor written yet).
+    fn slot(&mut self, key: &str) -> &mut Slot {
+        if !self.slots.contains_key(key) {
+            self.slots.insert(Key::from(key), Slot { desired: None, written: Held::Absent });
+        }
+        self.slots.get_mut(key).expect("inserted above")
+    }
+
+    fn set_written(&mut self, key: &str, held: Held) {
+        self.slot(key).written = held;
+        self.forget_if_idle(key);
+    }
+
+    /// Drops the slot of a key neither wanted nor written.
+    fn forget_if_idle(&mut self, key: &str) {
+        if self.slots.get(key).is_some_and(|slot| slot.desired.is_none() && slot.written == Held::Absent) {
+            self.slots.remove(key);
+        }
+    }
+
+    /// After the queue empties, gives back the room a burst (an initial sync) grew it to.
+    fn shrink_if_drained(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 1024 {
+            self.queue.shrink_to_fit();
+        }
+        if self.queued.is_empty() && self.queued.capacity() > 1024 {
+            self.queued.shrink_to_fit();
         }
     }
 }
@@ -103,7 +171,7 @@ struct Worker {
     paused: Option<tokio::time::Instant>,
     leases: Leases,
     /// Keys with a write sent and unanswered: a key has one write in flight at a time.
-    in_flight_keys: HashSet<String>,
+    in_flight_keys: HashSet<Key>,
 }
 
 impl Worker {
@@ -249,12 +317,17 @@ impl SyncStore {
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
     pub fn upsert(&self, key: String, value: Bytes) {
         let mut state = self.state.lock();
-        if state.desired.get(&key) == Some(&value) {
+        if state.desired(&key) == Some(&value) {
             return;
         }
-        state.desired.insert(key.clone(), value);
+        match state.slots.get_mut(key.as_str()) {
+            Some(slot) => slot.desired = Some(value),
+            None => {
+                state.slots.insert(Key::from(key.as_str()), Slot { desired: Some(value), written: Held::Absent });
+            }
+        }
         if state.needs_write(&key) {
-            state.enqueue(key);
+            state.enqueue(&key);
         }
         drop(state);
         self.wake.notify_one();
@@ -263,11 +336,12 @@ impl SyncStore {
     /// Wants `key` gone.
     pub fn delete(&self, key: &str) {
         let mut state = self.state.lock();
-        if state.desired.remove(key).is_none() && !state.written.contains_key(key) {
-            return;
-        }
-        if state.needs_write(key) {
-            state.enqueue(key.to_owned());
+        let Some(slot) = state.slots.get_mut(key) else { return };
+        slot.desired = None;
+        if slot.needs_write() {
+            state.enqueue(key);
+        } else {
+            state.forget_if_idle(key);
         }
         drop(state);
         self.wake.notify_one();
@@ -278,7 +352,7 @@ impl SyncStore {
     pub fn request_canary(&self, prefix: &str, canary_key: &str) {
         let mut state = self.state.lock();
         state.canary_keys.insert(canary_key.to_owned());
-        state.queue.push_back(Item::Canary { prefix: prefix.to_owned(), key: canary_key.to_owned() });
+        state.queue.push_back(Item::Canary { prefix: prefix.to_owned(), key: Key::from(canary_key) });
         drop(state);
         self.wake.notify_one();
     }
@@ -293,12 +367,9 @@ impl SyncStore {
     /// keys someone else may have changed (the cluster config) or removed.
     pub fn rewrite(&self, key: &str, found: Option<Bytes>) {
         let mut state = self.state.lock();
-        match found {
-            Some(value) => state.written.insert(key.to_owned(), Some(value)),
-            None => state.written.remove(key),
-        };
+        state.set_written(key, found.map_or(Held::Absent, Held::Value));
         if state.needs_write(key) {
-            state.enqueue(key.to_owned());
+            state.enqueue(key);
             drop(state);
             self.wake.notify_one();
         }
@@ -310,12 +381,15 @@ impl SyncStore {
         let mut state = self.state.lock();
         let mut pruned = 0;
         for key in present {
-            if state.desired.contains_key(&key) || state.queued.contains_key(&key) {
+            if state.desired(&key).is_some() || state.queued.contains_key(key.as_str()) {
                 continue;
             }
             // Unknown here, or adopted at start and wanted by nothing since.
-            state.written.entry(key.clone()).or_insert(None);
-            state.enqueue(key);
+            let slot = state.slot(&key);
+            if slot.written == Held::Absent {
+                slot.written = Held::Unknown;
+            }
+            state.enqueue(&key);
             pruned += 1;
         }
         drop(state);
@@ -325,11 +399,13 @@ impl SyncStore {
 
     /// The keys wanted under `prefix`.
     pub fn desired_keys_with_prefix(&self, prefix: &str) -> Vec<String> {
-        self.state.lock().desired.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
+        let state = self.state.lock();
+        let wanted = state.slots.iter().filter(|(key, slot)| slot.desired.is_some() && key.starts_with(prefix));
+        wanted.map(|(key, _)| key.to_string()).collect()
     }
 
     pub fn desired_value(&self, key: &str) -> Option<Bytes> {
-        self.state.lock().desired.get(key).cloned()
+        self.state.lock().desired(key).cloned()
     }
 
     pub fn stats(&self) -> SyncStats {
@@ -397,8 +473,8 @@ impl SyncStore {
                 self.state.lock().in_flight += 1;
                 // Only puts take a lease: a delete must not grant one when all are full.
                 let (key, puts) = match &item {
-                    Item::Key(key) => (key.clone(), self.state.lock().desired.contains_key(key)),
-                    Item::Canary { key, .. } => (key.clone(), true),
+                    Item::Key(key) => (Arc::clone(key), self.state.lock().desired(key).is_some()),
+                    Item::Canary { key, .. } => (Arc::clone(key), true),
                 };
                 let lease = if puts {
                     let lease = tokio::select! {
@@ -488,9 +564,9 @@ impl SyncStore {
             // A key without a lease was not written by a writer like this one: it is written
             // again (on a lease) if wanted, pruned if not.
             for entry in found.into_iter().filter(|entry| entry.lease != 0) {
-                leases.adopt(&entry.key, entry.lease);
+                state.slot(&entry.key).written = Held::Value(entry.value);
+                leases.adopt(state.shared(&entry.key), entry.lease);
                 adopted.insert(entry.lease);
-                state.written.insert(entry.key, Some(entry.value));
                 keys += 1;
             }
         }
@@ -561,7 +637,7 @@ impl SyncStore {
         &self,
         backend: &B,
         leases: &mut Leases,
-        key: &str,
+        key: &Key,
         ttl: Duration,
     ) -> Result<i64, Error> {
         if let Some(lease) = leases.assign(key) {
@@ -580,9 +656,9 @@ impl SyncStore {
         tracing::warn!(lease = format_args!("{lease:x}"), keys = keys.len(), "lease lost; writing its keys again");
         let mut state = self.state.lock();
         for key in keys {
-            state.written.remove(&key);
+            state.set_written(&key, Held::Absent);
             if state.needs_write(&key) {
-                state.enqueue(key);
+                state.enqueue(&key);
             }
         }
     }
@@ -591,11 +667,14 @@ impl SyncStore {
     /// again if it still differs, which keeps one write per key in flight, in order. A
     /// canary waits until nothing is in flight.
     /// A key comes with the time it was queued.
-    fn next_item(&self, in_flight: &HashSet<String>) -> Option<(Item, Option<Instant>)> {
+    fn next_item(&self, in_flight: &HashSet<Key>) -> Option<(Item, Option<Instant>)> {
         let mut state = self.state.lock();
         let mut skipped = 0;
         loop {
-            let item = state.queue.pop_front()?;
+            let Some(item) = state.queue.pop_front() else {
+                state.shrink_if_drained();
+                return None;
+            };
             match &item {
                 Item::Key(key) => {
                     let queued_at = state.queued.remove(key);
@@ -634,13 +713,13 @@ impl SyncStore {
         match item {
             Item::Key(key) => {
                 if failed {
-                    state.failing.insert(key.clone());
+                    state.failing.insert(Arc::clone(&key));
                     // A failed request may still have been applied (the answer was lost, not
                     // the request): the key's content is unknown now, so whatever is desired
                     // next, even its absence, is written again.
-                    state.written.insert(key.clone(), None);
+                    state.slot(&key).written = Held::Unknown;
                 }
-                state.enqueue(key);
+                state.enqueue(&key);
             }
             canary @ Item::Canary { .. } => state.queue.push_back(canary),
         }
@@ -657,8 +736,9 @@ impl SyncStore {
             Item::Key(key) => {
                 let (want, action) = {
                     let state = self.state.lock();
-                    let want = state.desired.get(key).cloned();
-                    let action = match (&want, state.written.contains_key(key)) {
+                    let want = state.desired(key).cloned();
+                    let written = state.slots.get(&**key).is_some_and(|slot| slot.written != Held::Absent);
+                    let action = match (&want, written) {
                         (None, _) => "delete",
                         (Some(_), false) => "create",
                         (Some(_), true) => "modify",
@@ -673,16 +753,13 @@ impl SyncStore {
                 tracing::debug!(key = %key, deleted, "kvstore write");
                 let mut state = self.state.lock();
                 state.failing.remove(key);
-                match want {
-                    Some(value) => state.written.insert(key.clone(), Some(value)),
-                    None => state.written.remove(key),
-                };
+                state.set_written(key, want.map_or(Held::Absent, Held::Value));
                 // The desired value may have changed while the write was in flight.
                 if state.needs_write(key) {
-                    state.enqueue(key.clone());
+                    state.enqueue(key);
                 }
                 state.writes += 1;
-                let canary = state.canary_keys.contains(key);
+                let canary = state.canary_keys.contains(&**key);
                 drop(state);
                 if let (Some(histograms), Some(queued_at)) = (&self.queue_seconds, queued_at) {
                     let labels = QueueLabels { scope: operation_scope(key), action };
@@ -690,7 +767,7 @@ impl SyncStore {
                 }
                 if canary {
                     self.canaries_tx.send_modify(|written| {
-                        written.insert(key.clone());
+                        written.insert(key.to_string());
                     });
                 }
                 if deleted {
@@ -701,15 +778,15 @@ impl SyncStore {
                 // The canary becomes an ordinary desired key, so it is written again with
                 // everything else if the lease is ever lost.
                 let value = Bytes::from(super::rfc3339_now());
-                self.state.lock().desired.insert(key.clone(), value.clone());
+                self.state.lock().slot(key).desired = Some(value.clone());
                 backend.put(key, value.clone(), lease).await?;
                 let mut state = self.state.lock();
-                state.written.insert(key.clone(), Some(value));
+                state.slot(key).written = Held::Value(value);
                 state.writes += 1;
                 drop(state);
                 tracing::info!(canary = %key, "initial sync written");
                 self.canaries_tx.send_modify(|written| {
-                    written.insert(key.clone());
+                    written.insert(key.to_string());
                 });
             }
         }
