@@ -139,50 +139,24 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     // store's gRPC servers close their clients' watch streams.
     let store_token = CancellationToken::new();
     let store_tracker = TaskTracker::new();
-    let running = match kvstore {
+    // The store, started or connected; from here on the roles run the same on either.
+    let local = match kvstore {
         KvstoreKind::Embedded => {
             let auth = AuthStore::cilium(&args.cluster_name);
-            let store = start_store(&args.store, auth, &store_tracker, &store_token).await?;
-            let backend = Arc::new(Embedded::new(Arc::clone(&store)));
-            let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
-            if args.cluster_users_enabled {
-                spawn_users(EmbeddedUsers(store), &args, running.controllers.clone(), &tracker, &token);
-            }
-            if let Some((config, listeners)) = kvstoremesh {
-                start_kvstoremesh(backend, config, listeners, &tracker, &token, None, None).await?;
-            }
-            (running, None)
+            let store = start_store(&args.store, auth, &store_tracker, &store_token).await?.store;
+            LocalStore { backend: Arc::new(Embedded::new(Arc::clone(&store))), kind: StoreKind::Embedded(store) }
         }
         KvstoreKind::Etcd => {
             let path = args.etcd_config().context("--kvstore-opt etcd.config=FILE")?;
-            let etcd = EtcdConfig::load(&path)?.connect().await?;
+            let client = EtcdConfig::load(&path)?.connect().await?;
             // Each write to etcd is a round trip (and a disk sync): overlap them as Cilium does.
             config.max_writes_in_flight = options.max_inflight.unwrap_or(ETCD_MAX_IN_FLIGHT);
             let limiter = Limiter::new(Rates { bootstrap: options.bootstrap_qps, steady: options.qps });
-            let collector = LimiterCollector::new(Arc::clone(&limiter), ETCD_API_CALL, config.max_writes_in_flight);
-            let backend = Arc::new(RateLimited::new(Arc::new(Etcd::new(etcd.clone())), Arc::clone(&limiter)));
-            let running = clustermesh::spawn(Arc::clone(&backend), config, registry, &tracker, &token);
-            registry.register_collector(Box::new(collector));
-            if args.cluster_users_enabled {
-                spawn_users(EtcdUsers(etcd.clone()), &args, running.controllers.clone(), &tracker, &token);
-            }
-            tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
-            let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
-            let check = QuorumCheck::from_env(args.cilium.kvstore_max_consecutive_quorum_errors)
-                .map_err(|e| anyhow::anyhow!(e))?;
-            let errors = running.kvstore_metrics.quorum_errors.clone();
-            tracker.spawn(
-                quorum::run(etcd, HEARTBEAT_KEY, errors, reachable, check, token.child_token())
-                    .instrument(tracing::info_span!("quorum_check")),
-            );
-            if let Some((config, listeners)) = kvstoremesh {
-                let reachable = Some(reachable_rx.clone());
-                start_kvstoremesh(backend, config, listeners, &tracker, &token, None, reachable).await?;
-            }
-            (running, Some(reachable_rx))
+            let backend = RateLimited::new(Arc::new(Etcd::new(client.clone())), Arc::clone(&limiter));
+            LocalStore { backend: Arc::new(backend), kind: StoreKind::Etcd { client, limiter } }
         }
     };
-    let (running, reachable) = running;
+    let (running, reachable) = run_roles(local, config, kvstoremesh, &args, registry, &tracker, &token).await?;
     // A store that fails takes the whole process down with it.
     let failed = store_token.clone();
     let main = token.clone();
@@ -201,6 +175,70 @@ async fn run_clustermesh(args: ClustermeshArgs) -> anyhow::Result<()> {
     wait_for_shutdown(&token, &tracker).await?;
     store_token.cancel();
     wait_for_shutdown(&store_token, &store_tracker).await
+}
+
+/// The store the clustermesh role writes to, started or connected.
+struct LocalStore {
+    /// What every role writes through.
+    backend: Arc<dyn Backend>,
+    /// What else the roles need of the store, which differs between the two.
+    kind: StoreKind,
+}
+
+#[expect(clippy::large_enum_variant, reason = "one value per process, made once at start-up")]
+enum StoreKind {
+    /// The embedded store (the users manager changes its auth table in-process).
+    Embedded(Arc<crate::etcd::store::Store>),
+    /// An attached etcd: its connection (users, quorum check) and the rate limiter of the
+    /// writes to it.
+    Etcd { client: etcd_client::Client, limiter: Arc<Limiter> },
+}
+
+/// Runs the roles of `clustermesh` on the local store: the mirror, the users manager, the
+/// attached store's quorum check and the kvstoremesh role. Returns the mirror and, on an
+/// attached etcd, whether the store answers.
+async fn run_roles(
+    local: LocalStore,
+    config: ClustermeshConfig,
+    kvstoremesh: Option<(KvstoremeshConfig, KvstoremeshListeners)>,
+    args: &ClustermeshArgs,
+    registry: &mut Registry,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) -> anyhow::Result<(clustermesh::Running, Option<watch::Receiver<bool>>)> {
+    let LocalStore { backend, kind } = local;
+    let max_writes_in_flight = config.max_writes_in_flight;
+    let running = clustermesh::spawn(Arc::clone(&backend), config, registry, tracker, token);
+    if let StoreKind::Etcd { limiter, .. } = &kind {
+        let collector = LimiterCollector::new(Arc::clone(limiter), ETCD_API_CALL, max_writes_in_flight);
+        registry.register_collector(Box::new(collector));
+    }
+    if args.cluster_users_enabled {
+        let runs = running.controllers.clone();
+        match &kind {
+            StoreKind::Embedded(store) => spawn_users(EmbeddedUsers(Arc::clone(store)), args, runs, tracker, token),
+            StoreKind::Etcd { client, .. } => spawn_users(EtcdUsers(client.clone()), args, runs, tracker, token),
+        }
+    }
+    let reachable = match kind {
+        StoreKind::Embedded(_) => None,
+        StoreKind::Etcd { client, limiter } => {
+            tracker.spawn(end_bootstrap_when_ready(running.ready.clone(), limiter, token.child_token()));
+            let (reachable, reachable_rx) = tokio::sync::watch::channel(true);
+            let check = QuorumCheck::from_env(args.cilium.kvstore_max_consecutive_quorum_errors)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let errors = running.kvstore_metrics.quorum_errors.clone();
+            tracker.spawn(
+                quorum::run(client, HEARTBEAT_KEY, errors, reachable, check, token.child_token())
+                    .instrument(tracing::info_span!("quorum_check")),
+            );
+            Some(reachable_rx)
+        }
+    };
+    if let Some((config, listeners)) = kvstoremesh {
+        start_kvstoremesh(backend, config, listeners, tracker, token, None, reachable.clone()).await?;
+    }
+    Ok((running, reachable))
 }
 
 /// `/readyz` of a role on an attached etcd: synchronised, and the store answering quorum reads
@@ -361,8 +399,8 @@ struct KvstoremeshListeners {
 
 /// Starts the role and its listeners; returns its kvstore metrics (for the quorum check of an
 /// attached store).
-async fn start_kvstoremesh<B: Backend>(
-    backend: Arc<B>,
+async fn start_kvstoremesh(
+    backend: Arc<dyn Backend>,
     config: KvstoremeshConfig,
     listeners: KvstoremeshListeners,
     tracker: &TaskTracker,
@@ -379,7 +417,7 @@ async fn start_kvstoremesh<B: Backend>(
         let collector = LimiterCollector::new(Arc::clone(limiter), ETCD_API_CALL, config.writer.max_in_flight);
         registry.register_collector(Box::new(collector));
     }
-    let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
+    let backend: Arc<dyn Backend> = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
     let config = KvstoremeshConfig { events_queue: Some(kvstore_metrics.events_queue.clone()), ..config };
     let running = kvstoremesh::spawn(backend, config, registry, tracker, token).await?;
     if let Some(limiter) = limiter {
@@ -562,7 +600,7 @@ async fn run_kvstore(args: KvstoreArgs) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     shutdown::cancel_on_signals(token.clone()).context("installing signal handlers")?;
     let tracker = TaskTracker::new();
-    let store = start_store(&store, auth, &tracker, &token).await?;
+    let store = start_store(&store, auth, &tracker, &token).await?.store;
     if let Some(dir) = data_dir {
         tracker.spawn(
             save_auth_changes(store, dir, token.child_token()).instrument(tracing::info_span!("auth_persistence")),
@@ -620,12 +658,21 @@ async fn save_auth_changes(store: Arc<crate::etcd::store::Store>, dir: DataDir, 
     }
 }
 
-async fn start_store(
+/// The embedded store, serving.
+pub(crate) struct StartedStore {
+    pub store: Arc<crate::etcd::store::Store>,
+    /// The client URLs it reports in `member list`.
+    pub client_urls: Vec<String>,
+}
+
+/// Starts the embedded store as `args` say (`kvstore`, `clustermesh` on the embedded store,
+/// `demo`); it stops on `token` and is tracked by `tracker`.
+pub(crate) async fn start_store(
     args: &StoreArgs,
     auth: AuthStore,
     tracker: &TaskTracker,
     token: &CancellationToken,
-) -> anyhow::Result<Arc<crate::etcd::store::Store>> {
+) -> anyhow::Result<StartedStore> {
     let StoreArgs {
         listen_client_urls: _,
         listen_metrics_urls: _,
@@ -671,7 +718,15 @@ async fn start_store(
         metrics: embedded::bind_all(&metrics_addrs).await.with_context(|| format!("binding {metrics_addrs:?}"))?,
     };
     let client_urls = if advertise_client_urls.is_empty() {
-        urls.iter().map(|u| u.url.clone()).collect()
+        // A listen URL on port 0 is reported with the port bound (the demo's stores).
+        let bound = listeners.client.iter().map(|l| l.local_addr().ok());
+        urls.iter()
+            .zip(bound)
+            .map(|(u, bound)| match bound {
+                Some(bound) if u.addr.port() == 0 => format!("https://{bound}"),
+                _ => u.url.clone(),
+            })
+            .collect()
     } else {
         advertise_client_urls.clone()
     };
@@ -685,7 +740,7 @@ async fn start_store(
             quota_backend_bytes: *quota_backend_bytes,
         },
         server: ServerOptions {
-            member: MemberInfo { name: name.clone(), client_urls },
+            member: MemberInfo { name: name.clone(), client_urls: client_urls.clone() },
             watch: WatchConfig { progress_notify_interval: *watch_progress_notify_interval },
             max_concurrent_streams: *max_concurrent_streams,
             max_connections_per_user: *max_connections_per_user,
@@ -694,7 +749,7 @@ async fn start_store(
         persistence: args.wal_config(),
     };
     let store = embedded::spawn(listeners, config, auth, tracker, token).context("starting the embedded store")?;
-    Ok(store)
+    Ok(StartedStore { store, client_urls })
 }
 
 /// `--auto-tls`: a throw-away CA, server certificate and `root` client certificate in a

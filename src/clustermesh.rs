@@ -90,8 +90,8 @@ pub struct Running {
 ///
 /// The cluster config is queued before anything else, so it is the first key written:
 /// agents refuse a cluster without one.
-pub fn spawn<B: Backend>(
-    backend: Arc<B>,
+pub fn spawn(
+    backend: Arc<dyn Backend>,
     config: ClustermeshConfig,
     registry: &mut Registry,
     tracker: &TaskTracker,
@@ -100,7 +100,7 @@ pub fn spawn<B: Backend>(
     let cluster = config.settings.cluster_name.clone();
     // Every operation below, of either backend, is timed under Cilium's kvstore metrics.
     let kvstore_metrics = KvstoreMetrics::register(registry);
-    let backend = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
+    let backend: Arc<dyn Backend> = Arc::new(Instrumented::new(backend, kvstore_metrics.clone()));
     let options = SyncOptions { max_in_flight: config.max_writes_in_flight, ..SyncOptions::default() };
     let sync = SyncStore::timed(options, kvstore_metrics.events_queue.clone());
     let controllers = ControllerRuns::register(registry);

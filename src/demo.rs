@@ -12,14 +12,10 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::start_store;
 use crate::clustermesh::{self, ClustermeshConfig, Source};
+use crate::config::StoreArgs;
 use crate::etcd::auth::AuthStore;
-use crate::etcd::embedded::{self, EmbeddedConfig, Listeners};
-use crate::etcd::server::{DEFAULT_MAX_CONCURRENT_STREAMS, ServerOptions};
-use crate::etcd::service::cluster::MemberInfo;
-use crate::etcd::service::watch::WatchConfig;
-use crate::etcd::store::Limits;
-use crate::etcd::tls::TlsFiles;
 use crate::kvstore::embedded::Embedded;
 use crate::pki::{self, Authority};
 use crate::translate::Settings;
@@ -34,35 +30,26 @@ pub async fn run(examples: &Path, shutdown: CancellationToken) -> anyhow::Result
     let ca = Authority::new("Cilium CA")?;
     let server = ca.server("clustermesh-apiserver.cilium.io", &[pki::CILIUM_SERVER_NAMES, &["127.0.0.1"]].concat())?;
     let remote = ca.client("remote")?;
-    let tls = TlsFiles {
-        trusted_ca: pki::write(&work, "ca.crt", &ca.cert_pem())?,
-        cert: pki::write(&work, "tls.crt", &server.cert_pem)?,
-        key: pki::write(&work, "tls.key", &server.key_pem)?,
-        client_cert_auth: true,
-    };
+    let trusted_ca = pki::write(&work, "ca.crt", &ca.cert_pem())?;
+    let server_cert = pki::write(&work, "tls.crt", &server.cert_pem)?;
+    let server_key = pki::write(&work, "tls.key", &server.key_pem)?;
     let remote_cert = pki::write(&work, "remote.crt", &remote.cert_pem)?;
     let remote_key = pki::write(&work, "remote.key", &remote.key_pem)?;
 
     let tracker = TaskTracker::new();
     let mut endpoints = Vec::new();
     for (name, id) in CLUSTERS {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")?;
-        let url = format!("https://{}", listener.local_addr()?);
-        let config = EmbeddedConfig {
-            tls: tls.clone(),
-            tls_reload_interval: Duration::from_secs(10),
-            limits: Limits::default(),
-            server: ServerOptions {
-                member: MemberInfo { name: name.to_owned(), client_urls: vec![url.clone()] },
-                watch: WatchConfig::default(),
-                max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
-                max_connections_per_user: 0,
-            },
-            auto_compaction_retention: Duration::from_secs(3600),
-            persistence: None,
+        let args = StoreArgs {
+            listen_client_urls: vec!["https://127.0.0.1:0".to_owned()],
+            name: name.to_owned(),
+            cert_file: Some(server_cert.clone()),
+            key_file: Some(server_key.clone()),
+            trusted_ca_file: Some(trusted_ca.clone()),
+            client_cert_auth: true,
+            ..StoreArgs::etcd_defaults()
         };
-        let listeners = Listeners { client: vec![listener], metrics: Vec::new() };
-        let store = embedded::spawn(listeners, config, AuthStore::cilium(name), &tracker, &shutdown)?;
+        let started = start_store(&args, AuthStore::cilium(name), &tracker, &shutdown).await?;
+        let (store, url) = (started.store, started.client_urls.into_iter().next().context("no client URL")?);
         let source = Source::Directory(examples.join(name), Duration::from_millis(500));
         let config = ClustermeshConfig::new(Settings::new(name, id), source);
         let mut registry = Registry::default();
@@ -79,7 +66,7 @@ pub async fn run(examples: &Path, shutdown: CancellationToken) -> anyhow::Result
         for (peer, _, url) in endpoints.iter().filter(|(peer, _, _)| peer != name) {
             let config = format!(
                 "endpoints:\n- {url}\ntrusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n",
-                tls.trusted_ca.display(),
+                trusted_ca.display(),
                 remote_cert.display(),
                 remote_key.display()
             );

@@ -1,4 +1,4 @@
-//! List+watch of one prefix into a typed cache, as Cilium's `paginatedList`/`watch`
+//! List+watch of one prefix into a cache, as Cilium's `paginatedList`/`watch`
 //! (`pkg/kvstore/etcd.go`) and restartable watch store (`pkg/kvstore/store/watchstore.go`) do:
 //!
 //! - list in pages, every page after the first pinned to the first page's revision, then watch
@@ -9,17 +9,24 @@
 //! - values that fail decoding or Cilium's acceptance rules are logged and counted, never
 //!   cached. An entry that turns invalid is removed, exactly as the next relist would decide
 //!   (Cilium keeps the last good value on a live update but drops it on a relist).
+//!
+//! One [`PrefixCache`] does this for every kind and mode: its [`Decoder`] says what a value
+//! becomes ([`Typed`]: a Cilium type; raw mode: the bytes as they are) and its [`Observer`] who
+//! hears of the changes ([`Publisher`]: the change and event streams; raw mode: a
+//! [`crate::raw::RawSink`]).
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{self, Connection};
 use crate::retry::{Backoff, Retry};
-use crate::wire::{AnyEntry, ClusterName, Entry, IntoAny, Kind, Validation, prefix_range_end};
+use crate::wire::{AnyEntry, ClusterName, Entry, IntoAny, Kind, Rejected, Validation, prefix_range_end};
 
 /// How many changes a slow subscriber may fall behind before it misses some (it is told with
 /// `RecvError::Lagged` and can re-read the snapshot).
@@ -75,30 +82,111 @@ pub struct CacheStatus {
     pub generation: u64,
 }
 
-struct Slot<T> {
-    value: Arc<T>,
-    stale: bool,
+/// Turns the bytes of one value into what a [`PrefixCache`] holds: [`Typed`] decodes and checks
+/// a Cilium type, [`crate::raw::Identity`] keeps the bytes as they are.
+pub trait Decoder: Send + Sync + 'static {
+    /// What the cache holds per key; cloned for every report, so cheap to clone (an `Arc`,
+    /// `Bytes`). An upsert equal to the value held is not a change.
+    type Value: Clone + PartialEq + Send + Sync + 'static;
+
+    fn kind(&self) -> Kind;
+
+    /// `key` is what follows the watched prefix. An error is logged and counted, and the key
+    /// holds nothing afterwards.
+    fn decode(&self, key: &str, value: &[u8], validation: &Validation) -> Result<Self::Value, Rejected>;
+
+    /// The span of the task that lists and watches the prefix.
+    fn span(&self) -> tracing::Span;
 }
 
-struct State<T> {
-    entries: BTreeMap<String, Slot<T>>,
+/// Who hears of a [`PrefixCache`]'s changes besides its status.
+///
+/// `upsert`, `delete`, `synced` and `not_offered` are called while the cache holds its lock, so
+/// that the order of reports for one key is the order of the changes and `synced` sees exactly
+/// the keys held: they must return quickly and must not call back into the cache.
+/// `published` is called after the lock is released and the status counts the change, so that
+/// whoever is woken by it reads a status that agrees.
+pub trait Observer<V>: Send + Sync + 'static {
+    fn upsert(&self, _kind: Kind, _key: &str, _value: &V) {}
+    fn delete(&self, _kind: Kind, _key: &str) {}
+    /// A list completed; `keys` is every key now held.
+    fn synced(&self, _kind: Kind, _keys: &[&str]) {}
+    /// The remote does not publish the kind in this session; everything held was deleted just
+    /// before.
+    fn not_offered(&self, _kind: Kind) {}
+    /// One change, after the fact; `prefix` is the watched prefix and `value` for a deletion the
+    /// last value held.
+    fn published(&self, _kind: Kind, _prefix: &str, _key: &str, _op: Op, _value: &V) {}
 }
 
-struct Inner<T> {
+/// Decodes `T` with its acceptance rules.
+pub struct Typed<T>(PhantomData<fn() -> T>);
+
+impl<T: Entry> Decoder for Typed<T> {
+    type Value = Arc<T>;
+
+    fn kind(&self) -> Kind {
+        T::KIND
+    }
+
+    fn decode(&self, key: &str, value: &[u8], validation: &Validation) -> Result<Arc<T>, Rejected> {
+        T::decode(key, value, validation).map(Arc::new)
+    }
+
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("prefix", kind = %T::KIND)
+    }
+}
+
+/// A typed cache's change notifications: its own [`Change`] stream and the mesh-wide [`Event`]
+/// stream.
+pub struct Publisher<T> {
     cluster: ClusterName,
-    state: RwLock<State<T>>,
-    status: watch::Sender<CacheStatus>,
     changes: broadcast::Sender<Change<T>>,
     events: Option<broadcast::Sender<Event>>,
 }
 
-/// The entries of one kind read from one remote cluster, with change notifications. Cloning
-/// gives another handle to the same cache.
-pub struct Cache<T> {
-    inner: Arc<Inner<T>>,
+impl<T: Entry + IntoAny> Observer<Arc<T>> for Publisher<T> {
+    fn published(&self, kind: Kind, prefix: &str, key: &str, op: Op, value: &Arc<T>) {
+        if let Some(events) = &self.events
+            && events.receiver_count() > 0
+        {
+            let _ = events.send(Event {
+                cluster: self.cluster.clone(),
+                kind,
+                op,
+                key: format!("{prefix}{key}"),
+                value: (op == Op::Upsert).then(|| T::into_any(Arc::clone(value))),
+            });
+        }
+        let change = Change { cluster: self.cluster.clone(), key: key.to_string(), op, value: Arc::clone(value) };
+        let _ = self.changes.send(change);
+    }
 }
 
-impl<T> Clone for Cache<T> {
+/// The entries of one kind read from one remote cluster, with change notifications. Cloning
+/// gives another handle to the same cache.
+pub type Cache<T> = PrefixCache<Typed<T>, Publisher<T>>;
+
+struct Slot<V> {
+    value: V,
+    stale: bool,
+}
+
+struct Inner<D: Decoder, O> {
+    decoder: D,
+    observer: O,
+    entries: RwLock<BTreeMap<String, Slot<D::Value>>>,
+    status: watch::Sender<CacheStatus>,
+}
+
+/// The entries below one prefix of one remote cluster, as `D` decodes them, reported to `O`.
+/// Cloning gives another handle to the same cache.
+pub struct PrefixCache<D: Decoder, O> {
+    inner: Arc<Inner<D, O>>,
+}
+
+impl<D: Decoder, O> Clone for PrefixCache<D, O> {
     fn clone(&self) -> Self {
         Self { inner: Arc::clone(&self.inner) }
     }
@@ -106,27 +194,38 @@ impl<T> Clone for Cache<T> {
 
 impl<T: Entry + IntoAny> Cache<T> {
     pub(crate) fn new(cluster: ClusterName, events: Option<broadcast::Sender<Event>>) -> Self {
-        let (status, _) = watch::channel(CacheStatus::default());
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
-        let state = RwLock::new(State { entries: BTreeMap::new() });
-        Self { inner: Arc::new(Inner { cluster, state, status, changes, events }) }
+        Self::with(Typed(PhantomData), Publisher { cluster, changes, events })
+    }
+
+    /// Every upsert and deletion from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change<T>> {
+        self.inner.observer.changes.subscribe()
+    }
+}
+
+impl<D: Decoder, O: Observer<D::Value>> PrefixCache<D, O> {
+    pub(crate) fn with(decoder: D, observer: O) -> Self {
+        let (status, _) = watch::channel(CacheStatus::default());
+        let entries = RwLock::new(BTreeMap::new());
+        Self { inner: Arc::new(Inner { decoder, observer, entries, status }) }
     }
 
     pub fn kind(&self) -> Kind {
-        T::KIND
+        self.inner.decoder.kind()
     }
 
-    pub fn get(&self, key: &str) -> Option<Arc<T>> {
-        self.read(|state| state.entries.get(key).map(|slot| Arc::clone(&slot.value)))
+    pub fn get(&self, key: &str) -> Option<D::Value> {
+        self.read(|entries| entries.get(key).map(|slot| slot.value.clone()))
     }
 
-    /// Every entry, by key.
-    pub fn snapshot(&self) -> BTreeMap<String, Arc<T>> {
-        self.read(|state| state.entries.iter().map(|(k, slot)| (k.clone(), Arc::clone(&slot.value))).collect())
+    /// Every entry, by key below the watched prefix.
+    pub fn snapshot(&self) -> BTreeMap<String, D::Value> {
+        self.read(|entries| entries.iter().map(|(k, slot)| (k.clone(), slot.value.clone())).collect())
     }
 
     pub fn len(&self) -> usize {
-        self.read(|state| state.entries.len())
+        self.read(BTreeMap::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -146,11 +245,6 @@ impl<T: Entry + IntoAny> Cache<T> {
         self.inner.status.subscribe()
     }
 
-    /// Every upsert and deletion from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Change<T>> {
-        self.inner.changes.subscribe()
-    }
-
     /// Waits until the current session's initial list has completed.
     pub async fn wait_synced(&self) {
         let mut status = self.watch_status();
@@ -158,33 +252,33 @@ impl<T: Entry + IntoAny> Cache<T> {
         let _ = status.wait_for(|s| s.synced).await;
     }
 
-    fn read<R>(&self, f: impl FnOnce(&State<T>) -> R) -> R {
-        f(&self.inner.state.read().unwrap_or_else(PoisonError::into_inner))
+    fn read<R>(&self, f: impl FnOnce(&BTreeMap<String, Slot<D::Value>>) -> R) -> R {
+        f(&self.inner.entries.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn write<R>(&self, f: impl FnOnce(&mut State<T>) -> R) -> R {
-        f(&mut self.inner.state.write().unwrap_or_else(PoisonError::into_inner))
+    fn write<R>(&self, f: impl FnOnce(&mut BTreeMap<String, Slot<D::Value>>) -> R) -> R {
+        f(&mut self.inner.entries.write().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn publish(&self, key: String, op: Op, value: Arc<T>) {
-        let entries = self.len();
-        self.inner.status.send_modify(|s| {
-            s.entries = entries;
-            s.generation += 1;
-        });
-        if let Some(events) = &self.inner.events
-            && events.receiver_count() > 0
-        {
-            let prefix = self.inner.status.borrow().prefix.clone().unwrap_or_default();
-            let _ = events.send(Event {
-                cluster: self.inner.cluster.clone(),
-                kind: T::KIND,
-                op,
-                key: format!("{prefix}{key}"),
-                value: (op == Op::Upsert).then(|| T::into_any(Arc::clone(&value))),
+    /// `changes` entries changed, leaving `entries`.
+    fn count_changes(&self, entries: usize, changes: usize) {
+        if changes > 0 {
+            self.inner.status.send_modify(|s| {
+                s.entries = entries;
+                s.generation += changes as u64;
             });
         }
-        let _ = self.inner.changes.send(Change { cluster: self.inner.cluster.clone(), key, op, value });
+    }
+
+    /// Tells the observer of one change, once the status counts it.
+    fn publish(&self, key: &str, op: Op, value: &D::Value) {
+        match op {
+            Op::Upsert => tracing::debug!(kind = %self.kind(), key, "upsert"),
+            Op::Delete => tracing::debug!(kind = %self.kind(), key, "delete"),
+        }
+        let status = self.inner.status.borrow();
+        let prefix = status.prefix.as_deref().unwrap_or_default();
+        self.inner.observer.published(self.kind(), prefix, key, op, value);
     }
 
     pub(crate) fn set_prefix(&self, prefix: &str) {
@@ -201,32 +295,17 @@ impl<T: Entry + IntoAny> Cache<T> {
 
     /// Marks every entry stale: what the next list does not confirm is deleted at its end.
     pub(crate) fn mark_all_stale(&self) {
-        self.write(|state| state.entries.values_mut().for_each(|slot| slot.stale = true));
+        self.write(|entries| entries.values_mut().for_each(|slot| slot.stale = true));
     }
 
     /// Decodes and stores one value; an unchanged value only clears the stale mark.
     pub(crate) fn upsert(&self, key: &str, value: &[u8], validation: &Validation) {
-        match T::decode(key, value, validation) {
-            Ok(decoded) => {
-                let changed = self.write(|state| match state.entries.get_mut(key) {
-                    Some(slot) if *slot.value == decoded => {
-                        slot.stale = false;
-                        None
-                    }
-                    _ => {
-                        let value = Arc::new(decoded);
-                        state.entries.insert(key.to_string(), Slot { value: Arc::clone(&value), stale: false });
-                        Some(value)
-                    }
-                });
-                if let Some(value) = changed {
-                    tracing::debug!(kind = %T::KIND, key, "upsert");
-                    self.publish(key.to_string(), Op::Upsert, value);
-                }
-            }
+        let kind = self.kind();
+        let decoded = match self.inner.decoder.decode(key, value, validation) {
+            Ok(decoded) => decoded,
             Err(error) => {
                 tracing::warn!(
-                    kind = %T::KIND,
+                    %kind,
                     key,
                     value = %String::from_utf8_lossy(value),
                     %error,
@@ -237,26 +316,59 @@ impl<T: Entry + IntoAny> Cache<T> {
                     s.last_rejection = Some(format!("{key}: {error}"));
                 });
                 self.delete(key);
+                return;
             }
+        };
+        let changed = self.write(|entries| match entries.get_mut(key) {
+            Some(slot) if slot.value == decoded => {
+                slot.stale = false;
+                None
+            }
+            _ => {
+                self.inner.observer.upsert(kind, key, &decoded);
+                entries.insert(key.to_string(), Slot { value: decoded.clone(), stale: false });
+                Some((decoded, entries.len()))
+            }
+        });
+        if let Some((value, len)) = changed {
+            self.count_changes(len, 1);
+            self.publish(key, Op::Upsert, &value);
         }
     }
 
     pub(crate) fn delete(&self, key: &str) {
-        if let Some(slot) = self.write(|state| state.entries.remove(key)) {
-            tracing::debug!(kind = %T::KIND, key, "delete");
-            self.publish(key.to_string(), Op::Delete, slot.value);
+        let removed = self.write(|entries| {
+            let slot = entries.remove(key)?;
+            self.inner.observer.delete(self.kind(), key);
+            Some((slot.value, entries.len()))
+        });
+        if let Some((value, len)) = removed {
+            self.count_changes(len, 1);
+            self.publish(key, Op::Delete, &value);
         }
     }
 
     /// The list is complete: delete what it did not confirm, and count as synced.
     pub(crate) fn finish_list(&self) {
-        let stale: Vec<String> =
-            self.read(|state| state.entries.iter().filter(|(_, slot)| slot.stale).map(|(k, _)| k.clone()).collect());
+        let kind = self.kind();
+        let (stale, len) = self.write(|entries| {
+            let keys: Vec<String> = entries.iter().filter(|(_, slot)| slot.stale).map(|(k, _)| k.clone()).collect();
+            let mut stale = Vec::with_capacity(keys.len());
+            for key in keys {
+                if let Some(slot) = entries.remove(&key) {
+                    self.inner.observer.delete(kind, &key);
+                    stale.push((key, slot.value));
+                }
+            }
+            self.inner.observer.synced(kind, &entries.keys().map(String::as_str).collect::<Vec<_>>());
+            (stale, entries.len())
+        });
         if !stale.is_empty() {
-            tracing::info!(kind = %T::KIND, count = stale.len(), "deleting stale entries after the list");
+            tracing::info!(%kind, count = stale.len(), "deleting stale entries after the list");
         }
-        for key in stale {
-            self.delete(&key);
+        self.count_changes(len, stale.len());
+        for (key, value) in &stale {
+            self.publish(key, Op::Delete, value);
         }
         self.inner.status.send_modify(|s| {
             s.synced = true;
@@ -267,11 +379,23 @@ impl<T: Entry + IntoAny> Cache<T> {
 
     /// Deletes every entry (the cluster was removed, or its ID changed).
     pub(crate) fn drain(&self) {
-        let keys: Vec<String> = self.read(|state| state.entries.keys().cloned().collect());
-        for key in keys {
-            self.delete(&key);
+        let drained = self.write(|entries| {
+            let drained = std::mem::take(entries);
+            drained.keys().for_each(|key| self.inner.observer.delete(self.kind(), key));
+            drained
+        });
+        self.count_changes(0, drained.len());
+        for (key, slot) in &drained {
+            self.publish(key, Op::Delete, &slot.value);
         }
         self.set_unsynced();
+    }
+
+    /// The remote does not publish this kind in this session: nothing may linger.
+    pub(crate) fn not_offered(&self) {
+        self.drain();
+        // Under the lock, as every report to the observer.
+        self.write(|_| self.inner.observer.not_offered(self.kind()));
     }
 
     /// Lists and watches `prefix` into this cache until `token` is cancelled. Returns an error
@@ -289,13 +413,13 @@ impl<T: Entry + IntoAny> Cache<T> {
     }
 }
 
-struct CacheSink<'a, T> {
-    cache: &'a Cache<T>,
+struct CacheSink<'a, D: Decoder, O> {
+    cache: &'a PrefixCache<D, O>,
     prefix: &'a str,
     validation: &'a Validation,
 }
 
-impl<T: Entry + IntoAny> Sink for CacheSink<'_, T> {
+impl<D: Decoder, O: Observer<D::Value>> Sink for CacheSink<'_, D, O> {
     fn list_started(&mut self) {
         self.cache.mark_all_stale();
     }
@@ -319,6 +443,71 @@ impl<T: Entry + IntoAny> Sink for CacheSink<'_, T> {
 
     fn error(&mut self, error: &connect::Error) {
         self.cache.record_error(error.to_string());
+    }
+}
+
+/// A cache of any kind and mode, for a remote cluster to run them all alike.
+pub(crate) trait AnyCache: Send + Sync {
+    fn kind(&self) -> Kind;
+    fn status(&self) -> CacheStatus;
+    fn watch_status(&self) -> watch::Receiver<CacheStatus>;
+    fn set_prefix(&self, prefix: &str);
+    fn set_unsynced(&self);
+    fn drain(&self);
+    fn not_offered(&self);
+    fn span(&self) -> tracing::Span;
+    /// [`PrefixCache::run`] as a task of its own.
+    fn run(
+        &self,
+        connection: Connection,
+        prefix: String,
+        validation: Validation,
+        token: CancellationToken,
+    ) -> BoxFuture<'static, connect::Result<()>>;
+}
+
+impl<D: Decoder, O: Observer<D::Value>> AnyCache for PrefixCache<D, O> {
+    fn kind(&self) -> Kind {
+        self.kind()
+    }
+
+    fn status(&self) -> CacheStatus {
+        self.status()
+    }
+
+    fn watch_status(&self) -> watch::Receiver<CacheStatus> {
+        self.watch_status()
+    }
+
+    fn set_prefix(&self, prefix: &str) {
+        self.set_prefix(prefix);
+    }
+
+    fn set_unsynced(&self) {
+        self.set_unsynced();
+    }
+
+    fn drain(&self) {
+        self.drain();
+    }
+
+    fn not_offered(&self) {
+        self.not_offered();
+    }
+
+    fn span(&self) -> tracing::Span {
+        self.inner.decoder.span()
+    }
+
+    fn run(
+        &self,
+        connection: Connection,
+        prefix: String,
+        validation: Validation,
+        token: CancellationToken,
+    ) -> BoxFuture<'static, connect::Result<()>> {
+        let cache = self.clone();
+        Box::pin(async move { cache.run(&connection, prefix, validation, &token).await })
     }
 }
 
@@ -586,6 +775,43 @@ mod tests {
         assert!(cache.is_empty(), "an entry that turns invalid is removed");
         assert_eq!(cache.status().rejected, 3);
         assert!(cache.status().last_rejection.unwrap().starts_with("a: "));
+    }
+
+    #[test]
+    fn the_generation_counts_entry_changes_not_lists() {
+        let cache = Cache::<Node>::new(ClusterName::new("cluster1").unwrap(), None);
+        let mut changes = cache.subscribe();
+        let v = validation("cluster1", 1);
+        cache.mark_all_stale();
+        cache.upsert("a", &node("a", "10.0.0.1"), &v);
+        cache.upsert("b", &node("b", "10.0.0.2"), &v);
+        cache.finish_list();
+        assert_eq!(cache.status().generation, 2);
+
+        // A relist that confirms everything changes nothing.
+        cache.mark_all_stale();
+        cache.upsert("a", &node("a", "10.0.0.1"), &v);
+        cache.upsert("b", &node("b", "10.0.0.2"), &v);
+        cache.finish_list();
+        assert_eq!(cache.status().generation, 2);
+
+        // One that confirms nothing deletes both: two changes.
+        cache.mark_all_stale();
+        cache.finish_list();
+        assert_eq!((cache.status().generation, cache.status().entries), (4, 0));
+        let seen: Vec<_> = std::iter::from_fn(|| changes.try_recv().ok()).map(|c| (c.key, c.op)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("a".to_string(), Op::Upsert),
+                ("b".to_string(), Op::Upsert),
+                ("a".to_string(), Op::Delete),
+                ("b".to_string(), Op::Delete)
+            ]
+        );
+        cache.drain();
+        assert_eq!(cache.status().generation, 4, "nothing left to drain");
+        assert!(!cache.is_synced());
     }
 
     #[test]

@@ -1,20 +1,18 @@
 //! Raw mode: a remote cluster's entries exactly as its store holds them, handed to a
-//! [`RawSink`] by the same session machinery as the typed caches (connection, cluster config,
-//! canaries, paginated list at a pinned revision, watch, stale deletion at list end, relist on
-//! compaction, drain on a cluster ID change). Nothing is decoded or checked: this is what
-//! KVStoreMesh needs to copy a remote cluster byte for byte (`store.KVPairCreator` in Cilium's
-//! `pkg/clustermesh/kvstoremesh/reflector`).
+//! [`RawSink`] by the same session machinery and the same [`PrefixCache`] as the typed caches
+//! (connection, cluster config, canaries, paginated list at a pinned revision, watch, stale
+//! deletion at list end, relist on compaction, drain on a cluster ID change), with the
+//! [`Identity`] decoder and the sink as its observer. Nothing is decoded or checked: this is
+//! what KVStoreMesh needs to copy a remote cluster byte for byte (`store.KVPairCreator` in
+//! Cilium's `pkg/clustermesh/kvstoremesh/reflector`).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-use crate::cache::{CacheStatus, Sink, list_and_watch};
-use crate::connect::{self, Connection};
-use crate::wire::{ClusterConfig, ClusterName, Kind};
+use crate::cache::{Decoder, Observer, PrefixCache};
+use crate::wire::{ClusterConfig, ClusterName, Kind, Rejected, Validation};
 
 /// Where a raw-mode remote cluster delivers what it reads.
 ///
@@ -48,189 +46,50 @@ pub trait RawSinks: Send + Sync + 'static {
     fn removed(&self, cluster: &ClusterName);
 }
 
-struct Slot {
-    value: Bytes,
-    stale: bool,
+/// Raw mode's decoder: the bytes as the remote store holds them, never refused.
+pub struct Identity(Kind);
+
+impl Decoder for Identity {
+    type Value = Bytes;
+
+    fn kind(&self) -> Kind {
+        self.0
+    }
+
+    fn decode(&self, _key: &str, value: &[u8], _validation: &Validation) -> Result<Bytes, Rejected> {
+        Ok(Bytes::copy_from_slice(value))
+    }
+
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("raw_prefix", kind = %self.0)
+    }
 }
 
-struct Inner {
-    kind: Kind,
-    entries: RwLock<BTreeMap<String, Slot>>,
-    status: watch::Sender<CacheStatus>,
-    sink: Arc<dyn RawSink>,
+/// Raw mode's observer: every report goes to the sink, under the cache's lock.
+impl Observer<Bytes> for Arc<dyn RawSink> {
+    fn upsert(&self, kind: Kind, key: &str, value: &Bytes) {
+        RawSink::upsert(&**self, kind, key, value);
+    }
+
+    fn delete(&self, kind: Kind, key: &str) {
+        RawSink::delete(&**self, kind, key);
+    }
+
+    fn synced(&self, kind: Kind, keys: &[&str]) {
+        RawSink::synced(&**self, kind, keys);
+    }
+
+    fn not_offered(&self, kind: Kind) {
+        RawSink::not_offered(&**self, kind);
+    }
 }
 
 /// The raw entries of one kind read from one remote cluster. Cloning gives another handle.
-#[derive(Clone)]
-pub struct RawCache {
-    inner: Arc<Inner>,
-}
+pub type RawCache = PrefixCache<Identity, Arc<dyn RawSink>>;
 
 impl RawCache {
     pub(crate) fn new(kind: Kind, sink: Arc<dyn RawSink>) -> Self {
-        let (status, _) = watch::channel(CacheStatus::default());
-        Self { inner: Arc::new(Inner { kind, entries: RwLock::new(BTreeMap::new()), status, sink }) }
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.inner.kind
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.entries.read().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Every entry, by key below the watched prefix.
-    pub fn snapshot(&self) -> BTreeMap<String, Bytes> {
-        let entries = self.inner.entries.read().unwrap_or_else(PoisonError::into_inner);
-        entries.iter().map(|(k, slot)| (k.clone(), slot.value.clone())).collect()
-    }
-
-    pub fn status(&self) -> CacheStatus {
-        self.inner.status.borrow().clone()
-    }
-
-    pub fn watch_status(&self) -> watch::Receiver<CacheStatus> {
-        self.inner.status.subscribe()
-    }
-
-    pub(crate) fn set_prefix(&self, prefix: &str) {
-        self.inner.status.send_modify(|s| s.prefix = Some(prefix.to_string()));
-    }
-
-    pub(crate) fn set_unsynced(&self) {
-        self.inner.status.send_if_modified(|s| std::mem::replace(&mut s.synced, false));
-    }
-
-    fn changed(&self, entries: usize) {
-        self.inner.status.send_modify(|s| {
-            s.entries = entries;
-            s.generation += 1;
-        });
-    }
-
-    pub(crate) fn mark_all_stale(&self) {
-        let mut entries = self.inner.entries.write().unwrap_or_else(PoisonError::into_inner);
-        entries.values_mut().for_each(|slot| slot.stale = true);
-    }
-
-    pub(crate) fn upsert(&self, key: &str, value: &[u8]) {
-        let mut entries = self.inner.entries.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = entries.get_mut(key)
-            && slot.value == value
-        {
-            slot.stale = false;
-            return;
-        }
-        let value = Bytes::copy_from_slice(value);
-        self.inner.sink.upsert(self.inner.kind, key, &value);
-        entries.insert(key.to_string(), Slot { value, stale: false });
-        let len = entries.len();
-        drop(entries);
-        tracing::debug!(kind = %self.inner.kind, key, "raw upsert");
-        self.changed(len);
-    }
-
-    pub(crate) fn delete(&self, key: &str) {
-        let mut entries = self.inner.entries.write().unwrap_or_else(PoisonError::into_inner);
-        if entries.remove(key).is_some() {
-            self.inner.sink.delete(self.inner.kind, key);
-            let len = entries.len();
-            drop(entries);
-            tracing::debug!(kind = %self.inner.kind, key, "raw delete");
-            self.changed(len);
-        }
-    }
-
-    /// The list is complete: delete what it did not confirm, report the sync.
-    pub(crate) fn finish_list(&self) {
-        let mut entries = self.inner.entries.write().unwrap_or_else(PoisonError::into_inner);
-        let stale: Vec<String> = entries.iter().filter(|(_, slot)| slot.stale).map(|(k, _)| k.clone()).collect();
-        if !stale.is_empty() {
-            tracing::info!(kind = %self.inner.kind, count = stale.len(), "deleting stale entries after the list");
-        }
-        for key in &stale {
-            entries.remove(key);
-            self.inner.sink.delete(self.inner.kind, key);
-        }
-        let keys: Vec<&str> = entries.keys().map(String::as_str).collect();
-        self.inner.sink.synced(self.inner.kind, &keys);
-        let len = entries.len();
-        drop(entries);
-        self.inner.status.send_modify(|s| {
-            s.entries = len;
-            s.generation += 1;
-            s.synced = true;
-            s.lists += 1;
-            s.last_error = None;
-        });
-    }
-
-    /// Deletes every entry, reporting each deletion.
-    pub(crate) fn drain(&self) {
-        let mut entries = self.inner.entries.write().unwrap_or_else(PoisonError::into_inner);
-        for key in std::mem::take(&mut *entries).into_keys() {
-            self.inner.sink.delete(self.inner.kind, &key);
-        }
-        drop(entries);
-        self.inner.status.send_modify(|s| {
-            s.entries = 0;
-            s.generation += 1;
-            s.synced = false;
-        });
-    }
-
-    pub(crate) fn not_offered(&self) {
-        self.drain();
-        self.inner.sink.not_offered(self.inner.kind);
-    }
-
-    /// Lists and watches `prefix` until `token` is cancelled (see [`crate::cache`]).
-    pub(crate) async fn run(
-        &self,
-        connection: &Connection,
-        prefix: String,
-        token: &CancellationToken,
-    ) -> connect::Result<()> {
-        self.set_prefix(&prefix);
-        let mut sink = RawCacheSink { cache: self, prefix: &prefix };
-        list_and_watch(connection, &prefix, token, &mut sink).await
-    }
-}
-
-struct RawCacheSink<'a> {
-    cache: &'a RawCache,
-    prefix: &'a str,
-}
-
-impl Sink for RawCacheSink<'_> {
-    fn list_started(&mut self) {
-        self.cache.mark_all_stale();
-    }
-
-    fn upsert(&mut self, key: &str, value: &[u8]) {
-        match key.strip_prefix(self.prefix) {
-            Some(rest) => self.cache.upsert(rest, value),
-            None => tracing::warn!(key, "ignoring a key outside the watched prefix"),
-        }
-    }
-
-    fn delete(&mut self, key: &str) {
-        if let Some(rest) = key.strip_prefix(self.prefix) {
-            self.cache.delete(rest);
-        }
-    }
-
-    fn list_done(&mut self) {
-        self.cache.finish_list();
-    }
-
-    fn error(&mut self, error: &connect::Error) {
-        self.cache.inner.status.send_modify(|s| s.last_error = Some(error.to_string()));
+        Self::with(Identity(kind), sink)
     }
 }
 
@@ -261,6 +120,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::wire::tests::validation;
 
     /// Records what the sink is told, one line per call.
     #[derive(Default)]
@@ -294,10 +154,12 @@ mod tests {
     fn values_pass_through_untouched_and_a_relist_reports_only_what_changed() {
         let recorder = Arc::new(Recorder::default());
         let cache = RawCache::new(Kind::IpCache, recorder.clone());
+        // Nothing is checked against it.
+        let v = validation("cluster1", 1);
         cache.mark_all_stale();
         // Not valid JSON for any kind: raw mode does not care.
-        cache.upsert("10.0.0.1", b"\x00not json");
-        cache.upsert("10.0.0.2", b"{\"b\":1, \"a\":2}");
+        cache.upsert("10.0.0.1", b"\x00not json", &v);
+        cache.upsert("10.0.0.2", b"{\"b\":1, \"a\":2}", &v);
         cache.finish_list();
         assert_eq!(
             recorder.take(),
@@ -312,8 +174,8 @@ mod tests {
         // Reconnect: .2 unchanged (silent), .1 gone, .3 new.
         cache.set_unsynced();
         cache.mark_all_stale();
-        cache.upsert("10.0.0.2", b"{\"b\":1, \"a\":2}");
-        cache.upsert("10.0.0.3", b"x");
+        cache.upsert("10.0.0.2", b"{\"b\":1, \"a\":2}", &v);
+        cache.upsert("10.0.0.3", b"x", &v);
         cache.finish_list();
         assert_eq!(
             recorder.take(),
@@ -327,7 +189,8 @@ mod tests {
     fn a_kind_not_offered_is_drained_then_reported() {
         let recorder = Arc::new(Recorder::default());
         let cache = RawCache::new(Kind::ServiceExports, recorder.clone());
-        cache.upsert("ns/a", b"1");
+        let v = validation("cluster1", 1);
+        cache.upsert("ns/a", b"1", &v);
         recorder.take();
         cache.not_offered();
         assert_eq!(recorder.take(), ["delete service-exports ns/a", "not-offered service-exports"]);

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::cache::{Cache, CacheStatus, Event};
+use crate::cache::{AnyCache, Cache, CacheStatus, Event};
 use crate::canaries::{Canaries, watch_canaries};
 use crate::cluster_config::{self, ClusterIds};
 use crate::config::{self, EtcdConfig};
@@ -30,8 +30,8 @@ use crate::heartbeat::{self, HeartbeatTimeout};
 use crate::options::ClientOptions;
 use crate::raw::{RawCache, RawCaches, RawSink};
 use crate::wire::{
-    ClusterConfig, ClusterId, ClusterName, ClusterService, Entry, Identity, IntoAny, IpCacheEntry, Kind, Node,
-    ServiceExport, Validation,
+    ClusterConfig, ClusterId, ClusterName, ClusterService, Identity, IpCacheEntry, Kind, Node, ServiceExport,
+    Validation,
 };
 
 /// Capacity of a remote's own event stream (when not part of a [`crate::ClusterMesh`]).
@@ -161,42 +161,16 @@ impl Caches {
     }
 
     pub fn status(&self, kind: Kind) -> CacheStatus {
-        match kind {
-            Kind::Nodes => self.nodes.status(),
-            Kind::Services => self.services.status(),
-            Kind::Identities => self.identities.status(),
-            Kind::IpCache => self.ipcache.status(),
-            Kind::ServiceExports => self.service_exports.status(),
-        }
+        self.get(kind).status()
     }
 
-    fn watch_status(&self, kind: Kind) -> watch::Receiver<CacheStatus> {
+    fn get(&self, kind: Kind) -> &dyn AnyCache {
         match kind {
-            Kind::Nodes => self.nodes.watch_status(),
-            Kind::Services => self.services.watch_status(),
-            Kind::Identities => self.identities.watch_status(),
-            Kind::IpCache => self.ipcache.watch_status(),
-            Kind::ServiceExports => self.service_exports.watch_status(),
-        }
-    }
-
-    fn set_unsynced(&self, kind: Kind) {
-        match kind {
-            Kind::Nodes => self.nodes.set_unsynced(),
-            Kind::Services => self.services.set_unsynced(),
-            Kind::Identities => self.identities.set_unsynced(),
-            Kind::IpCache => self.ipcache.set_unsynced(),
-            Kind::ServiceExports => self.service_exports.set_unsynced(),
-        }
-    }
-
-    fn drain(&self, kind: Kind) {
-        match kind {
-            Kind::Nodes => self.nodes.drain(),
-            Kind::Services => self.services.drain(),
-            Kind::Identities => self.identities.drain(),
-            Kind::IpCache => self.ipcache.drain(),
-            Kind::ServiceExports => self.service_exports.drain(),
+            Kind::Nodes => &self.nodes,
+            Kind::Services => &self.services,
+            Kind::Identities => &self.identities,
+            Kind::IpCache => &self.ipcache,
+            Kind::ServiceExports => &self.service_exports,
         }
     }
 }
@@ -223,6 +197,9 @@ struct Inner {
 pub struct RemoteCluster {
     inner: Arc<Inner>,
 }
+
+/// The tasks of one session: the first to fail ends it.
+type Tasks = JoinSet<Result<(), SessionError>>;
 
 /// How one session ended.
 enum SessionEnd {
@@ -347,7 +324,7 @@ impl RemoteCluster {
     pub fn status(&self) -> RemoteStatus {
         let session = self.inner.session.borrow().clone();
         let prefixes: BTreeMap<Kind, CacheStatus> =
-            session.watched.iter().map(|kind| (*kind, self.inner.kind_status(*kind))).collect();
+            session.watched.iter().map(|kind| (*kind, self.inner.cache(*kind).status())).collect();
         let ready = session.connected
             && session.config.retrieved
             && !prefixes.is_empty()
@@ -378,7 +355,7 @@ impl RemoteCluster {
     /// Never returns while it cannot connect: bound it with a timeout.
     pub async fn wait_ready(&self) {
         let mut session = self.inner.session.subscribe();
-        let mut caches: Vec<_> = Kind::ALL.iter().map(|k| self.inner.kind_watch_status(*k)).collect();
+        let mut caches: Vec<_> = Kind::ALL.iter().map(|k| self.inner.cache(*k).watch_status()).collect();
         while !self.is_ready() {
             let mut changes: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> =
                 vec![Box::pin(async { session.changed().await.unwrap_or(()) })];
@@ -392,7 +369,7 @@ impl RemoteCluster {
     /// Deletes every entry of `kind` (reporting the deletions), e.g. to revoke what a cluster
     /// unreachable for too long published; the next list of `kind` brings the entries back.
     pub fn drain(&self, kind: Kind) {
-        self.inner.kind_drain(kind);
+        self.inner.cache(kind).drain();
     }
 
     /// Drops the current connection and connects again at once (e.g. the config file changed).
@@ -417,7 +394,7 @@ impl RemoteCluster {
     pub async fn remove(&self) {
         self.disconnect().await;
         for kind in Kind::ALL {
-            self.inner.kind_drain(kind);
+            self.inner.cache(kind).drain();
         }
         tracing::info!(cluster = %self.inner.name, "remote cluster disconnected and drained");
     }
@@ -437,31 +414,11 @@ impl Inner {
         self.session.send_modify(f);
     }
 
-    fn kind_status(&self, kind: Kind) -> CacheStatus {
+    /// The cache this remote fills for `kind`: the typed one, or the raw one in raw mode.
+    fn cache(&self, kind: Kind) -> &dyn AnyCache {
         match &self.raw {
-            Some(raw) => raw.get(kind).status(),
-            None => self.caches.status(kind),
-        }
-    }
-
-    fn kind_watch_status(&self, kind: Kind) -> watch::Receiver<CacheStatus> {
-        match &self.raw {
-            Some(raw) => raw.get(kind).watch_status(),
-            None => self.caches.watch_status(kind),
-        }
-    }
-
-    fn kind_set_unsynced(&self, kind: Kind) {
-        match &self.raw {
-            Some(raw) => raw.get(kind).set_unsynced(),
-            None => self.caches.set_unsynced(kind),
-        }
-    }
-
-    fn kind_drain(&self, kind: Kind) {
-        match &self.raw {
-            Some(raw) => raw.get(kind).drain(),
-            None => self.caches.drain(kind),
+            Some(raw) => raw.get(kind),
+            None => self.caches.get(kind),
         }
     }
 
@@ -477,7 +434,7 @@ impl Inner {
             };
             token.cancel();
             for kind in Kind::ALL {
-                self.kind_set_unsynced(kind);
+                self.cache(kind).set_unsynced();
             }
             self.update(|s| {
                 s.connected = false;
@@ -521,17 +478,32 @@ impl Inner {
         }
     }
 
-    /// Runs one session until `token` is cancelled (`Ok`) or something fails.
+    /// Runs one session until `token` is cancelled (`Ok`) or something fails, one phase after
+    /// the other; a phase returns `None` when the session was cancelled meanwhile.
     async fn try_session(
         &self,
         token: &CancellationToken,
         established: &mut Option<Instant>,
     ) -> Result<(), SessionError> {
+        let mut tasks = Tasks::new();
+        let Some(connection) = self.connect(&mut tasks, token, established).await? else { return Ok(()) };
+        let Some(config) = self.read_config(&connection, &mut tasks, token).await? else { return Ok(()) };
+        let kinds = self.accept_config(&config)?;
+        self.follow_config(&connection, &config, &mut tasks, token);
+        self.start_prefixes(&connection, &config, &kinds, &mut tasks, token);
+        until_cancelled_or_failed(&mut tasks, token).await
+    }
+
+    /// 1. Connected once the heartbeat key's first list returns; from then on a watchdog ends
+    ///    the session when the heartbeat stops.
+    async fn connect(
+        &self,
+        tasks: &mut Tasks,
+        token: &CancellationToken,
+        established: &mut Option<Instant>,
+    ) -> Result<Option<Connection>, SessionError> {
         let file = EtcdConfig::load(&self.config_path).await?;
         let connection = Connection::open(&file, Arc::clone(&self.options)).await?;
-        let mut tasks: JoinSet<Result<(), SessionError>> = JoinSet::new();
-
-        // 1. Connected once the heartbeat key's first list returns.
         let heartbeat = heartbeat::watch_heartbeat(connection.clone(), token.clone());
         let last_error = heartbeat.last_error.clone();
         tasks.spawn(
@@ -540,7 +512,7 @@ impl Inner {
         );
         let timeout = self.options.request_timeout;
         tokio::select! {
-            () = token.cancelled() => return Ok(()),
+            () = token.cancelled() => return Ok(None),
             ended = tasks.join_next() => return Err(task_ended(ended)),
             listed = heartbeat.established => if listed.is_err() {
                 return Err(SessionError::Task("heartbeat watcher stopped".into()));
@@ -563,19 +535,30 @@ impl Inner {
             async move { heartbeat::watchdog(last, heartbeat_timeout, dog_token).await.map_err(SessionError::from) }
                 .instrument(tracing::debug_span!("watchdog")),
         );
+        Ok(Some(connection))
+    }
 
-        // 2. The cluster config: retrieved, validated, its ID reserved.
-        let config = tokio::select! {
-            ended = tasks.join_next() => return Err(task_ended(ended)),
-            config = cluster_config::retrieve(&connection, &self.name, token) => match config? {
-                Some(config) => config,
-                None => return Ok(()),
-            },
-        };
-        cluster_config::validate(&config, &self.options.local)?;
+    /// 2. The cluster config, retried until the remote publishes it (unless a session task
+    ///    fails first).
+    async fn read_config(
+        &self,
+        connection: &Connection,
+        tasks: &mut Tasks,
+        token: &CancellationToken,
+    ) -> Result<Option<ClusterConfig>, SessionError> {
+        tokio::select! {
+            ended = tasks.join_next() => Err(task_ended(ended)),
+            config = cluster_config::retrieve(connection, &self.name, token) => Ok(config?),
+        }
+    }
+
+    /// 3. The config validated and its ID reserved; returns the kinds to watch, after draining
+    ///    the ones no longer offered.
+    fn accept_config(&self, config: &ClusterConfig) -> Result<Vec<Kind>, SessionError> {
+        cluster_config::validate(config, &self.options.local)?;
         self.reserve(config.id)?;
         tracing::info!(cluster_id = %config.id, capabilities = ?config.capabilities, "found remote cluster configuration");
-        let kinds = self.kinds(&config);
+        let kinds = self.kinds(config);
         self.update(|s| {
             s.phase = Phase::Syncing;
             s.config = ConfigStatus {
@@ -591,31 +574,46 @@ impl Inner {
         });
         if let Some(raw) = &self.raw {
             // Before any prefix starts: a copy must describe the cluster before holding its data.
-            raw.cluster_config(&config);
+            raw.cluster_config(config);
         }
         for kind in Kind::ALL.into_iter().filter(|k| !kinds.contains(k)) {
             // No longer offered (or no longer wanted): nothing may linger.
-            match &self.raw {
-                Some(raw) => raw.get(kind).not_offered(),
-                None => self.caches.drain(kind),
-            }
+            self.cache(kind).not_offered();
         }
+        Ok(kinds)
+    }
 
-        // Whatever the remote writes to its config from now on ends the session, so that the
-        // next one reads the prefixes the new config offers.
-        let (follow_connection, follow_name, follow_token) = (connection.clone(), self.name.clone(), token.clone());
-        let followed = config.clone();
+    /// 4. Whatever the remote writes to its config from now on ends the session, so that the
+    ///    next one reads the prefixes the new config offers.
+    fn follow_config(
+        &self,
+        connection: &Connection,
+        config: &ClusterConfig,
+        tasks: &mut Tasks,
+        token: &CancellationToken,
+    ) {
+        let (connection, name, token, followed) =
+            (connection.clone(), self.name.clone(), token.clone(), config.clone());
         tasks.spawn(
             async move {
-                match cluster_config::follow(&follow_connection, &follow_name, &followed, &follow_token).await? {
+                match cluster_config::follow(&connection, &name, &followed, &token).await? {
                     Some(_) => Err(SessionError::ClusterConfigChanged),
                     None => Ok(()),
                 }
             }
             .instrument(tracing::debug_span!("cluster_config")),
         );
+    }
 
-        // 3. Canaries, then one list+watch per prefix.
+    /// 5. Canaries, then one list+watch per prefix of `kinds`.
+    fn start_prefixes(
+        &self,
+        connection: &Connection,
+        config: &ClusterConfig,
+        kinds: &[Kind],
+        tasks: &mut Tasks,
+        token: &CancellationToken,
+    ) {
         let canaries = if config.capabilities.synced_canaries {
             let (canaries, run) = watch_canaries(connection.clone(), &self.name, token.clone());
             tasks.spawn(
@@ -632,32 +630,9 @@ impl Inner {
             max_connected_clusters: self.options.local.max_connected_clusters,
         };
         let cached = config.capabilities.cached;
-        let start =
-            PrefixStart { connection: &connection, validation: &validation, canaries: &canaries, cached, token };
-        for kind in &kinds {
-            if let Some(raw) = &self.raw {
-                start.spawn_raw(&mut tasks, raw.get(*kind));
-                continue;
-            }
-            match kind {
-                Kind::Nodes => start.spawn(&mut tasks, &self.caches.nodes),
-                Kind::Services => start.spawn(&mut tasks, &self.caches.services),
-                Kind::Identities => start.spawn(&mut tasks, &self.caches.identities),
-                Kind::IpCache => start.spawn(&mut tasks, &self.caches.ipcache),
-                Kind::ServiceExports => start.spawn(&mut tasks, &self.caches.service_exports),
-            }
-        }
-
-        // 4. Until cancelled or the first failure.
-        loop {
-            tokio::select! {
-                () = token.cancelled() => return Ok(()),
-                ended = tasks.join_next() => match ended {
-                    Some(Ok(Ok(()))) if token.is_cancelled() => return Ok(()),
-                    Some(Ok(Ok(()))) => {}
-                    ended => return Err(task_ended(ended)),
-                },
-            }
+        let start = PrefixStart { connection, validation: &validation, canaries: &canaries, cached, token };
+        for kind in kinds {
+            start.spawn(tasks, self.cache(*kind));
         }
     }
 
@@ -682,7 +657,7 @@ impl Inner {
         {
             tracing::info!(old = %old, new = %id, "remote cluster ID changed: draining all known entries");
             for kind in Kind::ALL {
-                self.kind_drain(kind);
+                self.cache(kind).drain();
             }
             self.ids.release(old, &self.name);
             *reserved = None;
@@ -703,42 +678,22 @@ struct PrefixStart<'a> {
 }
 
 impl PrefixStart<'_> {
-    fn spawn<T: Entry + IntoAny>(&self, tasks: &mut JoinSet<Result<(), SessionError>>, cache: &Cache<T>) {
-        let kind = T::KIND;
+    fn spawn(&self, tasks: &mut Tasks, cache: &dyn AnyCache) {
+        let kind = cache.kind();
         let prefix = kind.watch_prefix(&self.validation.cluster, self.cached);
         cache.set_prefix(&prefix);
         let canary = self.canary(kind);
-        let (cache, connection, validation, token) =
-            (cache.clone(), self.connection.clone(), self.validation.clone(), self.token.clone());
-        let span = tracing::info_span!("prefix", %kind);
+        let token = self.token.clone();
+        let run = cache.run(self.connection.clone(), prefix.clone(), self.validation.clone(), token.clone());
         tasks.spawn(
             async move {
                 if !wait_for_canary(canary, &token).await {
                     return Ok(());
                 }
                 tracing::debug!(%prefix, "starting list+watch");
-                cache.run(&connection, prefix, validation, &token).await.map_err(SessionError::from)
+                run.await.map_err(SessionError::from)
             }
-            .instrument(span),
-        );
-    }
-
-    fn spawn_raw(&self, tasks: &mut JoinSet<Result<(), SessionError>>, cache: &RawCache) {
-        let kind = cache.kind();
-        let prefix = kind.watch_prefix(&self.validation.cluster, self.cached);
-        cache.set_prefix(&prefix);
-        let canary = self.canary(kind);
-        let (cache, connection, token) = (cache.clone(), self.connection.clone(), self.token.clone());
-        let span = tracing::info_span!("raw_prefix", %kind);
-        tasks.spawn(
-            async move {
-                if !wait_for_canary(canary, &token).await {
-                    return Ok(());
-                }
-                tracing::debug!(%prefix, "starting raw list+watch");
-                cache.run(&connection, prefix, &token).await.map_err(SessionError::from)
-            }
-            .instrument(span),
+            .instrument(cache.span()),
         );
     }
 
@@ -759,6 +714,20 @@ async fn wait_for_canary(canary: Option<(Canaries, String)>, token: &Cancellatio
                 token.cancelled().await;
             }
             present
+        }
+    }
+}
+
+/// 6. Until cancelled or the first failure.
+async fn until_cancelled_or_failed(tasks: &mut Tasks, token: &CancellationToken) -> Result<(), SessionError> {
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            ended = tasks.join_next() => match ended {
+                Some(Ok(Ok(()))) if token.is_cancelled() => return Ok(()),
+                Some(Ok(Ok(()))) => {}
+                ended => return Err(task_ended(ended)),
+            },
         }
     }
 }

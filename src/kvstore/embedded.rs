@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 
 use super::{Backend, Error, Result};
 use crate::etcd::auth::prefix_end;
@@ -28,59 +29,72 @@ fn embedded(error: crate::etcd::Error) -> Error {
 }
 
 impl Backend for Embedded {
-    async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
-        let request = LeaseGrantRequest { ttl: ttl.as_secs() as i64, id: 0 };
-        Ok(self.store.lease_grant(&request, None).map_err(embedded)?.id)
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<i64>> {
+        Box::pin(async move {
+            let request = LeaseGrantRequest { ttl: ttl.as_secs() as i64, id: 0 };
+            Ok(self.store.lease_grant(&request, None).map_err(embedded)?.id)
+        })
     }
 
-    async fn keep_alive(&self, lease: i64) -> Result<()> {
-        self.store.lease_keep_alive(lease).map(|_| ()).ok_or(Error::LeaseLost(lease))
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.store.lease_keep_alive(lease).map(|_| ()).ok_or(Error::LeaseLost(lease)) })
     }
 
-    async fn put(&self, key: &str, value: Bytes, lease: i64) -> Result<()> {
-        let request = PutRequest { key: Bytes::copy_from_slice(key.as_bytes()), value, lease, ..Default::default() };
-        match self.store.put(request) {
-            Ok(_) => Ok(()),
-            Err(crate::etcd::Error::LeaseNotFound) => Err(Error::LeaseLost(lease)),
-            Err(error) => Err(embedded(error)),
-        }
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let request =
+                PutRequest { key: Bytes::copy_from_slice(key.as_bytes()), value, lease, ..Default::default() };
+            match self.store.put(request) {
+                Ok(_) => Ok(()),
+                Err(crate::etcd::Error::LeaseNotFound) => Err(Error::LeaseLost(lease)),
+                Err(error) => Err(embedded(error)),
+            }
+        })
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let request = RangeRequest { key: Bytes::copy_from_slice(key.as_bytes()), ..Default::default() };
-        let mut response = self.store.range(&request).map_err(embedded)?;
-        Ok(response.kvs.pop().map(|kv| kv.value))
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        Box::pin(async move {
+            let request = RangeRequest { key: Bytes::copy_from_slice(key.as_bytes()), ..Default::default() };
+            let mut response = self.store.range(&request).map_err(embedded)?;
+            Ok(response.kvs.pop().map(|kv| kv.value))
+        })
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
-        let request = DeleteRangeRequest { key: Bytes::copy_from_slice(key.as_bytes()), ..Default::default() };
-        self.store.delete_range(request).map_err(embedded)?;
-        Ok(())
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let request = DeleteRangeRequest { key: Bytes::copy_from_slice(key.as_bytes()), ..Default::default() };
+            self.store.delete_range(request).map_err(embedded)?;
+            Ok(())
+        })
     }
 
-    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        let request = RangeRequest {
-            key: Bytes::copy_from_slice(prefix.as_bytes()),
-            range_end: prefix_end(prefix.as_bytes()).into(),
-            keys_only: true,
-            ..Default::default()
-        };
-        let response = self.store.range(&request).map_err(embedded)?;
-        Ok(response.kvs.into_iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect())
+    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async move {
+            let request = RangeRequest {
+                key: Bytes::copy_from_slice(prefix.as_bytes()),
+                range_end: prefix_end(prefix.as_bytes()).into(),
+                keys_only: true,
+                ..Default::default()
+            };
+            let response = self.store.range(&request).map_err(embedded)?;
+            Ok(response.kvs.into_iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect())
+        })
     }
 
-    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
-        let request = RangeRequest {
-            key: Bytes::copy_from_slice(prefix.as_bytes()),
-            range_end: prefix_end(prefix.as_bytes()).into(),
-            ..Default::default()
-        };
-        let response = self.store.range(&request).map_err(embedded)?;
-        let entries = response.kvs.into_iter().map(|kv| super::Entry {
-            key: String::from_utf8_lossy(&kv.key).into_owned(),
-            value: kv.value,
-            lease: kv.lease,
-        });
-        Ok(entries.collect())
+    fn entries_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<super::Entry>>> {
+        Box::pin(async move {
+            let request = RangeRequest {
+                key: Bytes::copy_from_slice(prefix.as_bytes()),
+                range_end: prefix_end(prefix.as_bytes()).into(),
+                ..Default::default()
+            };
+            let response = self.store.range(&request).map_err(embedded)?;
+            let entries = response.kvs.into_iter().map(|kv| super::Entry {
+                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                value: kv.value,
+                lease: kv.lease,
+            });
+            Ok(entries.collect())
+        })
     }
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use clustermesh_client::config::EtcdConfig as ClientFile;
 use clustermesh_client::connect::{Dial, dial_client};
 use etcd_client::{Client, DeleteOptions, GetOptions, LeaseGrantOptions, PutOptions};
+use futures::future::BoxFuture;
 
 use super::{Backend, Error, Result};
 
@@ -65,59 +66,73 @@ fn lease_gone(error: &etcd_client::Error) -> bool {
 }
 
 impl Backend for Etcd {
-    async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
-        let response = self.client.clone().lease_grant(ttl.as_secs() as i64, None::<LeaseGrantOptions>).await;
-        Ok(response.map_err(Error::Etcd)?.id())
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<i64>> {
+        Box::pin(async move {
+            let response = self.client.clone().lease_grant(ttl.as_secs() as i64, None::<LeaseGrantOptions>).await;
+            Ok(response.map_err(Error::Etcd)?.id())
+        })
     }
 
-    async fn keep_alive(&self, lease: i64) -> Result<()> {
-        let mut client = self.client.clone();
-        let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
-            Ok(stream) => stream,
-            Err(etcd_client::Error::LeaseKeepAliveError(_)) => return Err(Error::LeaseLost(lease)),
-            Err(error) => return Err(Error::Etcd(error)),
-        };
-        keeper.keep_alive().await.map_err(Error::Etcd)?;
-        match responses.message().await.map_err(Error::Etcd)? {
-            Some(response) if response.ttl() > 0 => Ok(()),
-            _ => Err(Error::LeaseLost(lease)),
-        }
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
+                Ok(stream) => stream,
+                Err(etcd_client::Error::LeaseKeepAliveError(_)) => return Err(Error::LeaseLost(lease)),
+                Err(error) => return Err(Error::Etcd(error)),
+            };
+            keeper.keep_alive().await.map_err(Error::Etcd)?;
+            match responses.message().await.map_err(Error::Etcd)? {
+                Some(response) if response.ttl() > 0 => Ok(()),
+                _ => Err(Error::LeaseLost(lease)),
+            }
+        })
     }
 
-    async fn put(&self, key: &str, value: Bytes, lease: i64) -> Result<()> {
-        let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-        match self.client.clone().put(key, value.to_vec(), options).await {
-            Ok(_) => Ok(()),
-            Err(error) if lease_gone(&error) => Err(Error::LeaseLost(lease)),
-            Err(error) => Err(Error::Etcd(error)),
-        }
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            match self.client.clone().put(key, value.to_vec(), options).await {
+                Ok(_) => Ok(()),
+                Err(error) if lease_gone(&error) => Err(Error::LeaseLost(lease)),
+                Err(error) => Err(Error::Etcd(error)),
+            }
+        })
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let mut response = self.client.clone().get(key, None).await.map_err(Error::Etcd)?;
-        Ok(response.take_kvs().pop().map(|kv| Bytes::from(kv.into_key_value().1)))
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        Box::pin(async move {
+            let mut response = self.client.clone().get(key, None).await.map_err(Error::Etcd)?;
+            Ok(response.take_kvs().pop().map(|kv| Bytes::from(kv.into_key_value().1)))
+        })
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.client.clone().delete(key, None::<DeleteOptions>).await.map_err(Error::Etcd)?;
-        Ok(())
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client.clone().delete(key, None::<DeleteOptions>).await.map_err(Error::Etcd)?;
+            Ok(())
+        })
     }
 
-    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        let options = GetOptions::new().with_prefix().with_keys_only();
-        let mut response = self.client.clone().get(prefix, Some(options)).await.map_err(Error::Etcd)?;
-        Ok(response.take_kvs().into_iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect())
+    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async move {
+            let options = GetOptions::new().with_prefix().with_keys_only();
+            let mut response = self.client.clone().get(prefix, Some(options)).await.map_err(Error::Etcd)?;
+            Ok(response.take_kvs().into_iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect())
+        })
     }
 
-    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
-        let options = GetOptions::new().with_prefix();
-        let mut response = self.client.clone().get(prefix, Some(options)).await.map_err(Error::Etcd)?;
-        let entries = response.take_kvs().into_iter().map(|kv| super::Entry {
-            key: String::from_utf8_lossy(kv.key()).into_owned(),
-            value: Bytes::copy_from_slice(kv.value()),
-            lease: kv.lease(),
-        });
-        Ok(entries.collect())
+    fn entries_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<super::Entry>>> {
+        Box::pin(async move {
+            let options = GetOptions::new().with_prefix();
+            let mut response = self.client.clone().get(prefix, Some(options)).await.map_err(Error::Etcd)?;
+            let entries = response.take_kvs().into_iter().map(|kv| super::Entry {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: Bytes::copy_from_slice(kv.value()),
+                lease: kv.lease(),
+            });
+            Ok(entries.collect())
+        })
     }
 }
 

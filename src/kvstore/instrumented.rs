@@ -24,6 +24,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use futures::future::BoxFuture;
+
 use super::{Backend, Result};
 
 /// Prometheus' `DefBuckets`, which Cilium's histogram inherits.
@@ -126,13 +128,13 @@ pub fn operation_scope(key: &str) -> String {
 }
 
 /// A backend whose key operations are timed into [`KvstoreMetrics`].
-pub struct Instrumented<B> {
-    inner: Arc<B>,
+pub struct Instrumented {
+    inner: Arc<dyn Backend>,
     metrics: KvstoreMetrics,
 }
 
-impl<B> Instrumented<B> {
-    pub fn new(inner: Arc<B>, metrics: KvstoreMetrics) -> Self {
+impl Instrumented {
+    pub fn new(inner: Arc<dyn Backend>, metrics: KvstoreMetrics) -> Self {
         Self { inner, metrics }
     }
 
@@ -150,33 +152,33 @@ impl<B> Instrumented<B> {
     }
 }
 
-impl<B: Backend> Backend for Instrumented<B> {
-    async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
-        self.inner.grant_lease(ttl).await
+impl Backend for Instrumented {
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<i64>> {
+        self.inner.grant_lease(ttl)
     }
 
-    async fn keep_alive(&self, lease: i64) -> Result<()> {
-        self.inner.keep_alive(lease).await
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<()>> {
+        self.inner.keep_alive(lease)
     }
 
-    async fn put(&self, key: &str, value: Bytes, lease: i64) -> Result<()> {
-        self.timed(key, "set", "Update", self.inner.put(key, value, lease)).await
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.timed(key, "set", "Update", self.inner.put(key, value, lease)))
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.timed(key, "read", "Get", self.inner.get(key)).await
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        Box::pin(self.timed(key, "read", "Get", self.inner.get(key)))
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.timed(key, "delete", "Delete", self.inner.delete(key)).await
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.timed(key, "delete", "Delete", self.inner.delete(key)))
     }
 
-    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        self.timed(prefix, "read", "ListPrefix", self.inner.keys_with_prefix(prefix)).await
+    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(self.timed(prefix, "read", "ListPrefix", self.inner.keys_with_prefix(prefix)))
     }
 
-    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
-        self.timed(prefix, "read", "ListPrefix", self.inner.entries_with_prefix(prefix)).await
+    fn entries_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<super::Entry>>> {
+        Box::pin(self.timed(prefix, "read", "ListPrefix", self.inner.entries_with_prefix(prefix)))
     }
 }
 

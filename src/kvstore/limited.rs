@@ -20,6 +20,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use futures::future::BoxFuture;
+
 use super::{Backend, Result};
 
 pub use metrics::LimiterCollector;
@@ -103,13 +105,13 @@ impl Limiter {
 }
 
 /// A backend whose key operations wait for the [`Limiter`].
-pub struct RateLimited<B> {
-    inner: Arc<B>,
+pub struct RateLimited {
+    inner: Arc<dyn Backend>,
     limiter: Arc<Limiter>,
 }
 
-impl<B> RateLimited<B> {
-    pub fn new(inner: Arc<B>, limiter: Arc<Limiter>) -> Self {
+impl RateLimited {
+    pub fn new(inner: Arc<dyn Backend>, limiter: Arc<Limiter>) -> Self {
         Self { inner, limiter }
     }
 }
@@ -150,34 +152,36 @@ impl Drop for InFlight<'_> {
     }
 }
 
-impl<B: Backend> Backend for RateLimited<B> {
-    async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
-        self.limiter.run(self.inner.grant_lease(ttl)).await
+impl Backend for RateLimited {
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<i64>> {
+        Box::pin(self.limiter.run(self.inner.grant_lease(ttl)))
     }
 
-    async fn keep_alive(&self, lease: i64) -> Result<()> {
-        self.inner.keep_alive(lease).await
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<()>> {
+        self.inner.keep_alive(lease)
     }
 
-    async fn put(&self, key: &str, value: Bytes, lease: i64) -> Result<()> {
-        self.limiter.run(self.inner.put(key, value, lease)).await
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.limiter.run(self.inner.put(key, value, lease)))
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.limiter.run(self.inner.get(key)).await
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+        Box::pin(self.limiter.run(self.inner.get(key)))
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.limiter.run(self.inner.delete(key)).await
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.limiter.run(self.inner.delete(key)))
     }
 
-    async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        self.limiter.run(self.inner.keys_with_prefix(prefix)).await
+    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(self.limiter.run(self.inner.keys_with_prefix(prefix)))
     }
 
-    async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<super::Entry>> {
-        self.limiter.acquire().await;
-        self.inner.entries_with_prefix(prefix).await
+    fn entries_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<super::Entry>>> {
+        Box::pin(async move {
+            self.limiter.acquire().await;
+            self.inner.entries_with_prefix(prefix).await
+        })
     }
 }
 

@@ -1,5 +1,13 @@
 //! Where the mirror writes: the embedded store in-process, or an attached etcd. One trait,
 //! so that everything above it is the same in both modes.
+//!
+//! Everything above this module holds the backend as one `Arc<dyn Backend>`: the trait is
+//! object-safe (its methods return boxed futures), so the choice of store, and the wrappers
+//! composed around it ([`instrumented`], [`limited`]), are made once where the process starts
+//! instead of as a type parameter threaded through every role. An enum of the stores would
+//! avoid the box, but it closes the set: the wrappers nest in any order and tests bring stores
+//! of their own. The price is one small allocation per call per layer, next to a write that
+//! already allocates its key and value, or a network round trip.
 
 pub mod embedded;
 pub mod etcd;
@@ -7,10 +15,10 @@ pub mod instrumented;
 pub mod limited;
 pub mod quorum;
 
-use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,20 +38,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The operations the mirror needs from an etcd v3 store. Keys are Cilium's UTF-8 paths.
 pub trait Backend: Send + Sync + 'static {
-    fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<i64>> + Send;
+    fn grant_lease(&self, ttl: Duration) -> BoxFuture<'_, Result<i64>>;
     /// Renews the lease; [`Error::LeaseLost`] when it no longer exists.
-    fn keep_alive(&self, lease: i64) -> impl Future<Output = Result<()>> + Send;
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<()>>;
     /// Writes the key with the lease attached (0 for none); [`Error::LeaseLost`] when the
     /// lease no longer exists.
-    fn put(&self, key: &str, value: Bytes, lease: i64) -> impl Future<Output = Result<()>> + Send;
-    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>>> + Send;
-    fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>>;
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>>;
     /// The keys under `prefix` now (for pruning what no object wants after a restart).
-    fn keys_with_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>>;
     /// The keys under `prefix` now with their values and leases: what a restarted writer finds
     /// in a store that kept its data (a warm store, an attached etcd), so that it writes only
     /// what differs and keeps the leases it finds.
-    fn entries_with_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<Entry>>> + Send;
+    fn entries_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Entry>>>;
 }
 
 /// A key as found in the store.

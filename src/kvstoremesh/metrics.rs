@@ -15,20 +15,19 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::Shared;
 use super::status::unix_seconds;
-use crate::kvstore::Backend;
 use crate::sync::store::scope;
 
-pub struct MeshCollector<B> {
-    pub shared: Arc<Shared<B>>,
+pub struct MeshCollector {
+    pub shared: Arc<Shared>,
 }
 
-impl<B> std::fmt::Debug for MeshCollector<B> {
+impl std::fmt::Debug for MeshCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshCollector").finish_non_exhaustive()
     }
 }
 
-impl<B: Backend> Collector for MeshCollector<B> {
+impl Collector for MeshCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let shared = &self.shared;
         let local = shared.local.as_str();
@@ -96,7 +95,7 @@ impl<B: Backend> Collector for MeshCollector<B> {
     }
 }
 
-impl<B: Backend> MeshCollector<B> {
+impl MeshCollector {
     /// The kvstore families of every cluster's copy, `scope` being the cached prefix
     /// (`nodes/v1`, ...) and `source_cluster` the remote cluster, as Cilium labels the sync
     /// stores of its reflectors.

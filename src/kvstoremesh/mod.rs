@@ -92,16 +92,16 @@ impl KvstoremeshConfig {
 }
 
 /// What the API, the metrics and the shutdown share.
-pub struct Shared<B> {
+pub struct Shared {
     pub local: ClusterName,
     /// Taken at shutdown, to stop and wait for every connection.
     mesh: Mutex<Option<ClusterMesh>>,
-    pub remotes: remotes::Remotes<B>,
+    pub remotes: remotes::Remotes,
     pub revocations: revocation::Revocations,
     pub bootstrap: Bootstrap,
 }
 
-impl<B: Backend> Shared<B> {
+impl Shared {
     /// The client side of every configured remote cluster.
     pub fn clients(&self) -> Vec<RemoteCluster> {
         self.mesh.lock().as_ref().map(ClusterMesh::remotes).unwrap_or_default()
@@ -117,12 +117,12 @@ impl<B: Backend> Shared<B> {
 }
 
 /// What the rest of the process can observe of a running KVStoreMesh.
-pub struct Running<B> {
+pub struct Running {
     pub ready: watch::Receiver<bool>,
-    pub shared: Arc<Shared<B>>,
+    pub shared: Arc<Shared>,
 }
 
-impl<B: Backend> Running<B> {
+impl Running {
     /// The status source of the REST API.
     pub fn status_source(&self) -> api::StatusSource {
         let shared = Arc::clone(&self.shared);
@@ -132,13 +132,13 @@ impl<B: Backend> Running<B> {
 
 /// Starts copying every remote cluster of `config.config_dir` into `backend`; everything stops
 /// on `shutdown`, the cache writers last (after their queues drained, bounded).
-pub async fn spawn<B: Backend>(
-    backend: Arc<B>,
+pub async fn spawn(
+    backend: Arc<dyn Backend>,
     config: KvstoremeshConfig,
     registry: &mut Registry,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<Running<B>, Error> {
+) -> Result<Running, Error> {
     let KvstoremeshConfig {
         client,
         config_dir,

@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::reflector::Reflector;
-use crate::kvstore::Backend;
 use crate::sync::metrics::Bootstrap;
 
 #[derive(Debug, Clone, Copy)]
@@ -29,8 +28,8 @@ impl Default for ReadyTimeouts {
 }
 
 /// Waits for `clusters` as described above, then turns `ready` on and records the time taken.
-pub async fn run_readiness<B: Backend>(
-    clusters: Vec<Arc<Reflector<B>>>,
+pub async fn run_readiness(
+    clusters: Vec<Arc<Reflector>>,
     timeouts: ReadyTimeouts,
     ready: watch::Sender<bool>,
     bootstrap: Bootstrap,
@@ -55,7 +54,7 @@ pub async fn run_readiness<B: Backend>(
     ready.send_replace(true);
 }
 
-async fn cluster_ready<B: Backend>(reflector: &Reflector<B>, per_cluster: Duration) {
+async fn cluster_ready(reflector: &Reflector, per_cluster: Duration) {
     let not_connected_in_time = async {
         tokio::time::sleep(per_cluster).await;
         if reflector.connected_once() {
@@ -87,7 +86,7 @@ mod tests {
         ReadyTimeouts { per_cluster: Duration::from_secs(1), global: Duration::from_secs(10) };
 
     /// A copy whose writer never runs: its canaries never appear.
-    fn stuck(connected: bool) -> Arc<Reflector<Embedded>> {
+    fn stuck(connected: bool) -> Arc<Reflector> {
         let backend = Arc::new(Embedded::new(Store::new(Identity::random(), Limits::default(), AuthStore::default())));
         let name = ClusterName::new("c2").unwrap();
         let reflector = Reflector::new(name, SyncStore::new(), backend, TaskTracker::new(), CancellationToken::new());
@@ -97,7 +96,7 @@ mod tests {
         Arc::new(reflector)
     }
 
-    async fn ready_after(reflector: Arc<Reflector<Embedded>>) -> Duration {
+    async fn ready_after(reflector: Arc<Reflector>) -> Duration {
         let (tx, mut ready) = watch::channel(false);
         let bootstrap = Bootstrap::default();
         let started = Instant::now();

@@ -63,10 +63,10 @@ pub fn cached_cluster_config(remote: &ClusterConfig) -> Bytes {
 
 /// The [`RawSink`] of one remote cluster: every report becomes a desired key of the cluster's
 /// [`SyncStore`], which coalesces, retries and writes on its lease.
-pub struct Reflector<B> {
+pub struct Reflector {
     cluster: ClusterName,
     sync: Arc<SyncStore>,
-    backend: Arc<B>,
+    backend: Arc<dyn Backend>,
     paths: BTreeMap<Kind, CachePaths>,
     /// Kinds whose canary was requested: once per copy, as Cilium's syncer does.
     canaries: Mutex<HashSet<Kind>>,
@@ -77,11 +77,11 @@ pub struct Reflector<B> {
     token: CancellationToken,
 }
 
-impl<B: Backend> Reflector<B> {
+impl Reflector {
     pub fn new(
         cluster: ClusterName,
         sync: Arc<SyncStore>,
-        backend: Arc<B>,
+        backend: Arc<dyn Backend>,
         tracker: TaskTracker,
         token: CancellationToken,
     ) -> Self {
@@ -157,7 +157,7 @@ impl<B: Backend> Reflector<B> {
     }
 }
 
-impl<B: Backend> RawSink for Reflector<B> {
+impl RawSink for Reflector {
     fn cluster_config(&self, config: &ClusterConfig) {
         self.connected_once.store(true, std::sync::atomic::Ordering::Relaxed);
         self.sync.upsert(self.cluster_config_key(), cached_cluster_config(config));

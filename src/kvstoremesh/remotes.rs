@@ -55,23 +55,23 @@ impl Default for RemovalPolicy {
 const MAX_REMOVAL_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// One remote cluster's copy and its writer.
-pub struct ClusterCopy<B> {
-    pub reflector: Arc<Reflector<B>>,
+pub struct ClusterCopy {
+    pub reflector: Arc<Reflector>,
     /// Stops the writer; cancelled once the data is drained, or at shutdown after the queue is.
     writer: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<B: Backend> ClusterCopy<B> {
+impl ClusterCopy {
     pub fn sync(&self) -> &Arc<SyncStore> {
         self.reflector.sync()
     }
 }
 
-enum Entry<B> {
-    Active(Arc<ClusterCopy<B>>),
+enum Entry {
+    Active(Arc<ClusterCopy>),
     Removing {
-        copy: Arc<ClusterCopy<B>>,
+        copy: Arc<ClusterCopy>,
         /// Cancelled when the cluster comes back within the grace period.
         abort: CancellationToken,
         /// The grace period is over: the data is being deleted.
@@ -89,31 +89,26 @@ pub struct WriterMetrics {
     pub controllers: ControllerRuns,
 }
 
-struct Inner<B> {
-    backend: Arc<B>,
+struct Inner {
+    backend: Arc<dyn Backend>,
     lease_ttl: Duration,
     writer: SyncOptions,
     metrics: WriterMetrics,
     removal: RemovalPolicy,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    entries: Mutex<BTreeMap<ClusterName, Entry<B>>>,
+    entries: Mutex<BTreeMap<ClusterName, Entry>>,
 }
 
 /// Every remote cluster's copy; the [`RawSinks`] of the client's directory follower.
-pub struct Remotes<B> {
-    inner: Arc<Inner<B>>,
+#[derive(Clone)]
+pub struct Remotes {
+    inner: Arc<Inner>,
 }
 
-impl<B> Clone for Remotes<B> {
-    fn clone(&self) -> Self {
-        Self { inner: Arc::clone(&self.inner) }
-    }
-}
-
-impl<B: Backend> Remotes<B> {
+impl Remotes {
     pub fn new(
-        backend: Arc<B>,
+        backend: Arc<dyn Backend>,
         lease_ttl: Duration,
         writer: SyncOptions,
         metrics: WriterMetrics,
@@ -126,7 +121,7 @@ impl<B: Backend> Remotes<B> {
     }
 
     /// The copies of the clusters currently configured (not those being removed).
-    pub fn active(&self) -> BTreeMap<ClusterName, Arc<ClusterCopy<B>>> {
+    pub fn active(&self) -> BTreeMap<ClusterName, Arc<ClusterCopy>> {
         let entries = self.inner.entries.lock();
         entries
             .iter()
@@ -138,7 +133,7 @@ impl<B: Backend> Remotes<B> {
     }
 
     /// Every copy still held, removed or not (for the writer metrics).
-    pub fn all(&self) -> Vec<Arc<ClusterCopy<B>>> {
+    pub fn all(&self) -> Vec<Arc<ClusterCopy>> {
         let entries = self.inner.entries.lock();
         entries
             .values()
@@ -166,7 +161,7 @@ impl<B: Backend> Remotes<B> {
         }
     }
 
-    fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<ClusterCopy<B>> {
+    fn new_copy(&self, cluster: &ClusterName, after: Option<CancellationToken>) -> Arc<ClusterCopy> {
         let inner = &self.inner;
         let sync = match &inner.metrics.events_queue {
             Some(queue) => SyncStore::timed(inner.writer, queue.clone()),
@@ -245,7 +240,7 @@ impl<B: Backend> Remotes<B> {
     async fn run_removal(
         &self,
         cluster: ClusterName,
-        copy: Arc<ClusterCopy<B>>,
+        copy: Arc<ClusterCopy>,
         abort: CancellationToken,
         done: CancellationToken,
     ) {
@@ -319,7 +314,7 @@ impl<B: Backend> Remotes<B> {
     }
 }
 
-impl<B: Backend> RawSinks for Remotes<B> {
+impl RawSinks for Remotes {
     fn sink(&self, cluster: &ClusterName) -> Arc<dyn RawSink> {
         let mut entries = self.inner.entries.lock();
         let copy = match entries.remove(cluster) {
@@ -359,12 +354,12 @@ mod tests {
     const NODE: &str = "cilium/cache/nodes/v1/c2/n1";
     const CONFIG: &str = "cilium/cluster-config/c2";
 
-    fn setup() -> (Remotes<Embedded>, Arc<Embedded>, CancellationToken) {
+    fn setup() -> (Remotes, Arc<Embedded>, CancellationToken) {
         let backend = Arc::new(Embedded::new(Store::new(Identity::random(), Limits::default(), AuthStore::default())));
         let token = CancellationToken::new();
         let removal = RemovalPolicy { grace_period: GRACE, ..RemovalPolicy::default() };
         let remotes = Remotes::new(
-            Arc::clone(&backend),
+            backend.clone(),
             Duration::from_secs(900),
             SyncOptions::default(),
             WriterMetrics::default(),

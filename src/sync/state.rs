@@ -33,9 +33,9 @@ pub async fn run_heartbeat(sync: Arc<SyncStore>, interval: Duration, shutdown: C
 /// Restores the cluster config when someone else changed or deleted it: agents refuse to
 /// connect without it, and a wrong ID would make them drop this cluster. Each check is a run
 /// of Cilium's `clustermesh-cluster-config-enforcer` controller group.
-pub async fn run_cluster_config_enforcer<B: Backend>(
+pub async fn run_cluster_config_enforcer(
     sync: Arc<SyncStore>,
-    backend: Arc<B>,
+    backend: Arc<dyn Backend>,
     key: String,
     interval: Duration,
     runs: ControllerRuns,
@@ -65,9 +65,9 @@ pub async fn run_cluster_config_enforcer<B: Backend>(
 /// Turns `ready` true once the cluster config and every canary in `canaries` are written,
 /// records how long that took, then prunes `prefixes` of keys nothing wants (each listing
 /// retried until it succeeds or shutdown); `None` if shut down before ready.
-pub async fn run_readiness<B: Backend>(
+pub async fn run_readiness(
     sync: Arc<SyncStore>,
-    backend: Arc<B>,
+    backend: Arc<dyn Backend>,
     canaries: Vec<String>,
     prefixes: Vec<&'static str>,
     ready: watch::Sender<bool>,

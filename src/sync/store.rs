@@ -195,11 +195,7 @@ pub struct SyncStats {
 /// listed: a prefix left unlisted would keep the keys of objects deleted meanwhile for as long
 /// as the process runs (found by the chaos test: an etcd member killed during the listing).
 /// `None` once `shutdown` is cancelled.
-pub async fn list_for_prune<B: Backend>(
-    backend: &B,
-    prefix: &str,
-    shutdown: &CancellationToken,
-) -> Option<Vec<String>> {
+pub async fn list_for_prune(backend: &dyn Backend, prefix: &str, shutdown: &CancellationToken) -> Option<Vec<String>> {
     let span = tracing::warn_span!("prune", prefix);
     retry_until_shutdown("listing keys to prune", shutdown, || backend.keys_with_prefix(prefix)).instrument(span).await
 }
@@ -451,7 +447,7 @@ impl SyncStore {
     /// ([`Leases`]), every lease is kept alive, and when one is lost only its keys are
     /// written again, on another lease. Up to [`SyncOptions::max_in_flight`] writes are sent
     /// at once; on shutdown those already sent are answered before this returns.
-    pub async fn run<B: Backend>(self: Arc<Self>, backend: Arc<B>, lease_ttl: Duration, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, backend: Arc<dyn Backend>, lease_ttl: Duration, shutdown: CancellationToken) {
         let mut worker = Worker {
             retry: BACKOFF.start(),
             paused: None,
@@ -547,7 +543,7 @@ impl SyncStore {
 
     /// Adopts what the store holds under the prefixes of [`SyncStore::adopt_on_start`];
     /// false if shut down meanwhile.
-    async fn adopt_found<B: Backend>(&self, backend: &B, leases: &mut Leases, shutdown: &CancellationToken) -> bool {
+    async fn adopt_found(&self, backend: &dyn Backend, leases: &mut Leases, shutdown: &CancellationToken) -> bool {
         let prefixes = std::mem::take(&mut *self.adopt.lock());
         let mut found = Vec::new();
         for prefix in &prefixes {
@@ -633,9 +629,9 @@ impl SyncStore {
     }
 
     /// The lease to put `key` with, granting a new one when every lease is full.
-    async fn lease_for<B: Backend>(
+    async fn lease_for(
         &self,
-        backend: &B,
+        backend: &dyn Backend,
         leases: &mut Leases,
         key: &Key,
         ttl: Duration,
@@ -725,9 +721,9 @@ impl SyncStore {
         }
     }
 
-    async fn write<B: Backend>(
+    async fn write(
         &self,
-        backend: &B,
+        backend: &dyn Backend,
         item: &Item,
         lease: i64,
         queued_at: Option<Instant>,
@@ -798,8 +794,10 @@ impl SyncStore {
 mod tests {
     use std::collections::BTreeMap;
 
+    use futures::future::BoxFuture;
+
     use super::*;
-    use crate::kvstore::Result;
+    use crate::kvstore::{Entry, Result};
 
     /// An in-memory backend that can be told to fail writes or to lose the lease.
     #[derive(Default)]
@@ -848,98 +846,106 @@ mod tests {
     }
 
     impl Backend for Memory {
-        async fn grant_lease(&self, _: Duration) -> Result<i64> {
-            {
-                let mut fail = self.fail_grants.lock();
-                if *fail > 0 {
-                    *fail -= 1;
-                    return Err(Error::Embedded(crate::etcd::Error::NoSpace));
-                }
-            }
-            let mut next = self.next_lease.lock();
-            *next += 1;
-            self.leases.lock().insert(*next);
-            Ok(*next)
-        }
-
-        async fn keep_alive(&self, lease: i64) -> Result<()> {
-            *self.keep_alives.lock() += 1;
-            if self.leases.lock().contains(&lease) { Ok(()) } else { Err(Error::LeaseLost(lease)) }
-        }
-
-        async fn put(&self, key: &str, value: Bytes, lease: i64) -> Result<()> {
-            {
-                let mut fail = self.fail_puts.lock();
-                if *fail > 0 {
-                    *fail -= 1;
-                    return Err(Error::Config { path: key.into(), reason: "injected failure".into() });
-                }
-            }
-            if !self.leases.lock().contains(&lease) {
-                return Err(Error::LeaseLost(lease));
-            }
-            let latency = *self.latency.lock();
-            if let Some(latency) = latency {
-                self.events.lock().push(format!("start {key}"));
+        fn grant_lease(&self, _: Duration) -> BoxFuture<'_, Result<i64>> {
+            Box::pin(async move {
                 {
-                    let mut active = self.active.lock();
-                    if !active.insert(key.to_owned()) {
-                        *self.overlapping_key.lock() = Some(key.to_owned());
+                    let mut fail = self.fail_grants.lock();
+                    if *fail > 0 {
+                        *fail -= 1;
+                        return Err(Error::Embedded(crate::etcd::Error::NoSpace));
                     }
-                    let mut most = self.most_active.lock();
-                    *most = (*most).max(active.len());
                 }
-                tokio::time::sleep(latency).await;
-                self.active.lock().remove(key);
-                self.events.lock().push(format!("done {key}"));
-            }
-            self.puts.lock().push(key.to_owned());
-            self.keys.lock().insert(key.to_owned(), (value, lease));
-            let mut lose = self.lose_answers.lock();
-            if *lose > 0 {
-                *lose -= 1;
-                return Err(Error::Config { path: key.into(), reason: "answer lost".into() });
-            }
-            Ok(())
+                let mut next = self.next_lease.lock();
+                *next += 1;
+                self.leases.lock().insert(*next);
+                Ok(*next)
+            })
         }
 
-        async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-            Ok(self.keys.lock().get(key).map(|(v, _)| v.clone()))
+        fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async move {
+                *self.keep_alives.lock() += 1;
+                if self.leases.lock().contains(&lease) { Ok(()) } else { Err(Error::LeaseLost(lease)) }
+            })
         }
 
-        async fn delete(&self, key: &str) -> Result<()> {
-            self.keys.lock().remove(key);
-            Ok(())
-        }
-
-        async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-            {
-                let mut fail = self.fail_lists.lock();
-                if *fail > 0 {
-                    *fail -= 1;
-                    return Err(Error::Config { path: prefix.into(), reason: "injected failure".into() });
+        fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                {
+                    let mut fail = self.fail_puts.lock();
+                    if *fail > 0 {
+                        *fail -= 1;
+                        return Err(Error::Config { path: key.into(), reason: "injected failure".into() });
+                    }
                 }
-            }
-            Ok(self.keys.lock().keys().filter(|k| k.starts_with(prefix)).cloned().collect())
+                if !self.leases.lock().contains(&lease) {
+                    return Err(Error::LeaseLost(lease));
+                }
+                let latency = *self.latency.lock();
+                if let Some(latency) = latency {
+                    self.events.lock().push(format!("start {key}"));
+                    {
+                        let mut active = self.active.lock();
+                        if !active.insert(key.to_owned()) {
+                            *self.overlapping_key.lock() = Some(key.to_owned());
+                        }
+                        let mut most = self.most_active.lock();
+                        *most = (*most).max(active.len());
+                    }
+                    tokio::time::sleep(latency).await;
+                    self.active.lock().remove(key);
+                    self.events.lock().push(format!("done {key}"));
+                }
+                self.puts.lock().push(key.to_owned());
+                self.keys.lock().insert(key.to_owned(), (value, lease));
+                let mut lose = self.lose_answers.lock();
+                if *lose > 0 {
+                    *lose -= 1;
+                    return Err(Error::Config { path: key.into(), reason: "answer lost".into() });
+                }
+                Ok(())
+            })
         }
 
-        async fn entries_with_prefix(&self, prefix: &str) -> Result<Vec<crate::kvstore::Entry>> {
-            let keys = self.keys.lock();
-            let found = keys.iter().filter(|(k, _)| k.starts_with(prefix));
-            Ok(found
-                .map(|(key, (value, lease))| crate::kvstore::Entry {
-                    key: key.clone(),
-                    value: value.clone(),
-                    lease: *lease,
-                })
-                .collect())
+        fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>> {
+            Box::pin(async move { Ok(self.keys.lock().get(key).map(|(v, _)| v.clone())) })
+        }
+
+        fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                self.keys.lock().remove(key);
+                Ok(())
+            })
+        }
+
+        fn keys_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>>> {
+            Box::pin(async move {
+                {
+                    let mut fail = self.fail_lists.lock();
+                    if *fail > 0 {
+                        *fail -= 1;
+                        return Err(Error::Config { path: prefix.into(), reason: "injected failure".into() });
+                    }
+                }
+                Ok(self.keys.lock().keys().filter(|k| k.starts_with(prefix)).cloned().collect())
+            })
+        }
+
+        fn entries_with_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Entry>>> {
+            Box::pin(async move {
+                let keys = self.keys.lock();
+                let found = keys.iter().filter(|(k, _)| k.starts_with(prefix));
+                Ok(found
+                    .map(|(key, (value, lease))| Entry { key: key.clone(), value: value.clone(), lease: *lease })
+                    .collect())
+            })
         }
     }
 
     fn start(backend: &Arc<Memory>) -> (Arc<SyncStore>, CancellationToken, tokio::task::JoinHandle<()>) {
         let store = SyncStore::new();
         let token = CancellationToken::new();
-        let worker = tokio::spawn(Arc::clone(&store).run(Arc::clone(backend), Duration::from_secs(900), token.clone()));
+        let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         (store, token, worker)
     }
 
@@ -1046,8 +1052,7 @@ mod tests {
         store.upsert("p/changed".into(), Bytes::from_static(b"new"));
         store.upsert("p/added".into(), Bytes::from_static(b"1"));
         let token = CancellationToken::new();
-        let worker =
-            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
         assert_eq!(*backend.puts.lock(), ["p/changed", "p/added"], "p/same is not written again");
         assert_eq!((backend.lease_of("p/changed"), backend.lease_of("p/added")), (Some(7), Some(7)), "no new lease");
@@ -1071,8 +1076,7 @@ mod tests {
         store.adopt_on_start(vec!["p/".to_owned()]);
         store.upsert("p/a".into(), Bytes::from_static(b"1"));
         let token = CancellationToken::new();
-        let worker =
-            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
         assert_eq!(*backend.puts.lock(), ["p/a"]);
         assert_eq!(backend.lease_of("p/a"), Some(8), "on a lease granted now");
@@ -1127,8 +1131,7 @@ mod tests {
         });
         let store = SyncStore::timed(SyncOptions::default(), queue.clone());
         let token = CancellationToken::new();
-        let worker =
-            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         let key = "cilium/state/nodes/v1/c/a";
         store.upsert(key.into(), Bytes::from_static(b"1"));
         // Queued behind the first write, which takes 20 ms.
@@ -1162,8 +1165,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         let store = SyncStore::with_options(SyncOptions { max_keys_per_lease: 1, ..SyncOptions::default() });
         let token = CancellationToken::new();
-        let worker =
-            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         store.upsert("cilium/state/nodes/v1/c/a".into(), Bytes::from_static(b"a"));
         settle().await;
         assert_eq!(backend.lease_of("cilium/state/nodes/v1/c/a"), Some(1));
@@ -1192,8 +1194,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         let store = SyncStore::with_options(SyncOptions { max_keys_per_lease: 2, ..SyncOptions::default() });
         let token = CancellationToken::new();
-        let worker =
-            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         for key in ["k1", "k2", "k3", "k4", "k5"] {
             store.upsert(key.into(), Bytes::from_static(b"v"));
         }
@@ -1223,8 +1224,7 @@ mod tests {
         *backend.latency.lock() = Some(Duration::from_millis(10));
         let store = SyncStore::with_options(SyncOptions { max_in_flight: 4, ..SyncOptions::default() });
         let token = CancellationToken::new();
-        let worker =
-            tokio::spawn(Arc::clone(&store).run(Arc::clone(&backend), Duration::from_secs(900), token.clone()));
+        let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         for i in 0..12 {
             store.upsert(format!("p/k{i}"), Bytes::from_static(b"v1"));
         }

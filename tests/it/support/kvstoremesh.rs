@@ -126,7 +126,7 @@ impl Default for Tuning {
 
 /// The kvstoremesh role of one cluster, in-process.
 pub struct InProcess {
-    pub running: Running<Embedded>,
+    pub running: Running,
     pub registry: Arc<Registry>,
     token: CancellationToken,
     tracker: TaskTracker,
