@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -18,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use clustermesh_client::{Backoff, Retry};
+
+use crate::blob::Blob;
 
 use super::leases::{Leases, MAX_KEYS_PER_LEASE};
 use crate::kvstore::instrumented::{EventsQueue, QueueLabels, operation_scope};
@@ -60,15 +61,15 @@ enum Held {
     /// There, but with content unknown (a write whose answer was lost) or not ours to keep
     /// (found by pruning): written again, or deleted, whatever is desired.
     Unknown,
-    Value(Bytes),
+    Value(Blob),
 }
 
 /// One key the store knows: what is wanted and what is written. When both hold a value they
-/// are usually the same `Bytes`, so the value's bytes are held once.
+/// are usually the same `Blob`, so the value's bytes are held once.
 #[derive(Debug)]
 struct Slot {
     /// `None`: wanted gone.
-    desired: Option<Bytes>,
+    desired: Option<Blob>,
     written: Held,
 }
 
@@ -122,7 +123,7 @@ impl State {
         self.slots.get(key).is_some_and(Slot::needs_write)
     }
 
-    fn desired(&self, key: &str) -> Option<&Bytes> {
+    fn desired(&self, key: &str) -> Option<&Blob> {
         self.slots.get(key)?.desired.as_ref()
     }
 
@@ -311,13 +312,22 @@ impl SyncStore {
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
-    pub fn upsert(&self, key: String, value: Bytes) {
+    pub fn upsert(&self, key: String, value: Blob) {
         let mut state = self.state.lock();
         if state.desired(&key) == Some(&value) {
             return;
         }
         match state.slots.get_mut(key.as_str()) {
-            Some(slot) => slot.desired = Some(value),
+            Some(slot) => {
+                // Equal bytes found written (adopted at start, or read back): one allocation
+                // for both from now on.
+                if let Held::Value(written) = &slot.written
+                    && *written == value
+                {
+                    slot.written = Held::Value(value.clone());
+                }
+                slot.desired = Some(value);
+            }
             None => {
                 state.slots.insert(Key::from(key.as_str()), Slot { desired: Some(value), written: Held::Absent });
             }
@@ -361,9 +371,9 @@ impl SyncStore {
 
     /// Forgets what is believed written for `key` and writes the desired state again: for
     /// keys someone else may have changed (the cluster config) or removed.
-    pub fn rewrite(&self, key: &str, found: Option<Bytes>) {
+    pub fn rewrite(&self, key: &str, found: Option<&[u8]>) {
         let mut state = self.state.lock();
-        state.set_written(key, found.map_or(Held::Absent, Held::Value));
+        state.set_written(key, found.map_or(Held::Absent, |value| Held::Value(Blob::copy_from(value))));
         if state.needs_write(key) {
             state.enqueue(key);
             drop(state);
@@ -400,7 +410,7 @@ impl SyncStore {
         wanted.map(|(key, _)| key.to_string()).collect()
     }
 
-    pub fn desired_value(&self, key: &str) -> Option<Bytes> {
+    pub fn desired_value(&self, key: &str) -> Option<Blob> {
         self.state.lock().desired(key).cloned()
     }
 
@@ -560,7 +570,7 @@ impl SyncStore {
             // A key without a lease was not written by a writer like this one: it is written
             // again (on a lease) if wanted, pruned if not.
             for entry in found.into_iter().filter(|entry| entry.lease != 0) {
-                state.slot(&entry.key).written = Held::Value(entry.value);
+                state.slot(&entry.key).written = Held::Value(Blob::copy_from(&entry.value));
                 leases.adopt(state.shared(&entry.key), entry.lease);
                 adopted.insert(entry.lease);
                 keys += 1;
@@ -773,7 +783,7 @@ impl SyncStore {
             Item::Canary { key, .. } => {
                 // The canary becomes an ordinary desired key, so it is written again with
                 // everything else if the lease is ever lost.
-                let value = Bytes::from(super::rfc3339_now());
+                let value = Blob::from(super::rfc3339_now());
                 self.state.lock().slot(key).desired = Some(value.clone());
                 backend.put(key, value.clone(), lease).await?;
                 let mut state = self.state.lock();
@@ -794,6 +804,7 @@ impl SyncStore {
 mod tests {
     use std::collections::BTreeMap;
 
+    use bytes::Bytes;
     use futures::future::BoxFuture;
 
     use super::*;
@@ -869,7 +880,7 @@ mod tests {
             })
         }
 
-        fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+        fn put<'a>(&'a self, key: &'a str, value: Blob, lease: i64) -> BoxFuture<'a, Result<()>> {
             Box::pin(async move {
                 {
                     let mut fail = self.fail_puts.lock();
@@ -897,7 +908,7 @@ mod tests {
                     self.events.lock().push(format!("done {key}"));
                 }
                 self.puts.lock().push(key.to_owned());
-                self.keys.lock().insert(key.to_owned(), (value, lease));
+                self.keys.lock().insert(key.to_owned(), (value.to_bytes(), lease));
                 let mut lose = self.lose_answers.lock();
                 if *lose > 0 {
                     *lose -= 1;
@@ -987,9 +998,9 @@ mod tests {
     async fn an_unchanged_value_is_not_written_twice() {
         let backend = Arc::new(Memory::default());
         let (store, token, worker) = start(&backend);
-        store.upsert("k".into(), Bytes::from_static(b"v"));
+        store.upsert("k".into(), Blob::from("v"));
         settle().await;
-        store.upsert("k".into(), Bytes::from_static(b"v"));
+        store.upsert("k".into(), Blob::from("v"));
         settle().await;
         assert_eq!(backend.puts.lock().as_slice(), ["k"]);
         token.cancel();
@@ -1001,7 +1012,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         *backend.fail_puts.lock() = 2;
         let (store, token, worker) = start(&backend);
-        store.upsert("cilium/state/nodes/v1/c/n1".into(), Bytes::from_static(b"n1"));
+        store.upsert("cilium/state/nodes/v1/c/n1".into(), Blob::from("n1"));
         store.request_canary("cilium/state/nodes/v1", "cilium/synced/c/cilium/state/nodes/v1");
         settle().await;
         assert_eq!(backend.value("cilium/synced/c/cilium/state/nodes/v1"), None, "canary waits for the failing key");
@@ -1022,7 +1033,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         *backend.lose_answers.lock() = 1;
         let (store, token, worker) = start(&backend);
-        store.upsert("k".into(), Bytes::from_static(b"v"));
+        store.upsert("k".into(), Blob::from("v"));
         settle().await;
         assert_eq!(backend.value("k").as_deref(), Some("v"), "applied, though reported failed");
         store.delete("k");
@@ -1048,9 +1059,9 @@ mod tests {
         previous_run(&backend, 7, &[("p/same", "1"), ("p/changed", "old"), ("p/gone", "x")]);
         let store = SyncStore::new();
         store.adopt_on_start(vec!["p/".to_owned()]);
-        store.upsert("p/same".into(), Bytes::from_static(b"1"));
-        store.upsert("p/changed".into(), Bytes::from_static(b"new"));
-        store.upsert("p/added".into(), Bytes::from_static(b"1"));
+        store.upsert("p/same".into(), Blob::from("1"));
+        store.upsert("p/changed".into(), Blob::from("new"));
+        store.upsert("p/added".into(), Blob::from("1"));
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
@@ -1074,7 +1085,7 @@ mod tests {
         backend.leases.lock().clear();
         let store = SyncStore::new();
         store.adopt_on_start(vec!["p/".to_owned()]);
-        store.upsert("p/a".into(), Bytes::from_static(b"1"));
+        store.upsert("p/a".into(), Blob::from("1"));
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
@@ -1094,7 +1105,7 @@ mod tests {
         let (store, token, worker) = start(&backend);
         store.drained().await;
         for key in ["a", "b", "c"] {
-            store.upsert(key.into(), Bytes::from_static(b"1"));
+            store.upsert(key.into(), Blob::from("1"));
         }
         store.drained().await;
         for key in ["a", "b", "c"] {
@@ -1109,7 +1120,7 @@ mod tests {
     async fn a_lost_lease_gets_every_key_written_again() {
         let backend = Arc::new(Memory::default());
         let (store, token, worker) = start(&backend);
-        store.upsert("a".into(), Bytes::from_static(b"1"));
+        store.upsert("a".into(), Blob::from("1"));
         store.request_canary("a", "synced/a");
         settle().await;
         backend.lose_leases();
@@ -1133,11 +1144,11 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         let key = "cilium/state/nodes/v1/c/a";
-        store.upsert(key.into(), Bytes::from_static(b"1"));
+        store.upsert(key.into(), Blob::from("1"));
         // Queued behind the first write, which takes 20 ms.
-        store.upsert("cilium/state/nodes/v1/c/b".into(), Bytes::from_static(b"1"));
+        store.upsert("cilium/state/nodes/v1/c/b".into(), Blob::from("1"));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        store.upsert(key.into(), Bytes::from_static(b"2"));
+        store.upsert(key.into(), Blob::from("2"));
         tokio::time::sleep(Duration::from_millis(100)).await;
         store.delete(key);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1166,12 +1177,12 @@ mod tests {
         let store = SyncStore::with_options(SyncOptions { max_keys_per_lease: 1, ..SyncOptions::default() });
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
-        store.upsert("cilium/state/nodes/v1/c/a".into(), Bytes::from_static(b"a"));
+        store.upsert("cilium/state/nodes/v1/c/a".into(), Blob::from("a"));
         settle().await;
         assert_eq!(backend.lease_of("cilium/state/nodes/v1/c/a"), Some(1));
 
         *backend.fail_grants.lock() = usize::MAX;
-        store.upsert("cilium/state/nodes/v1/c/b".into(), Bytes::from_static(b"b"));
+        store.upsert("cilium/state/nodes/v1/c/b".into(), Blob::from("b"));
         tokio::time::sleep(Duration::from_secs(2 * 900)).await;
         settle().await;
         assert!(*backend.keep_alives.lock() >= 5, "lease 1 renewed every 300 s meanwhile");
@@ -1196,7 +1207,7 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         for key in ["k1", "k2", "k3", "k4", "k5"] {
-            store.upsert(key.into(), Bytes::from_static(b"v"));
+            store.upsert(key.into(), Blob::from("v"));
         }
         settle().await;
         let leases: Vec<_> = ["k1", "k2", "k3", "k4", "k5"].map(|k| backend.lease_of(k).unwrap()).into();
@@ -1226,13 +1237,13 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         for i in 0..12 {
-            store.upsert(format!("p/k{i}"), Bytes::from_static(b"v1"));
+            store.upsert(format!("p/k{i}"), Blob::from("v1"));
         }
         store.request_canary("p", "synced/p");
-        store.upsert("q/after".into(), Bytes::from_static(b"v1"));
+        store.upsert("q/after".into(), Blob::from("v1"));
         settle().await;
         // k0 is in flight now; its next value must follow, not overtake, that write.
-        store.upsert("p/k0".into(), Bytes::from_static(b"v2"));
+        store.upsert("p/k0".into(), Blob::from("v2"));
         tokio::time::sleep(Duration::from_secs(1)).await;
         settle().await;
 
@@ -1258,7 +1269,7 @@ mod tests {
         backend.keys.lock().insert("p/stale".into(), (Bytes::from_static(b"old"), 0));
         backend.keys.lock().insert("p/kept".into(), (Bytes::from_static(b"old"), 0));
         let (store, token, worker) = start(&backend);
-        store.upsert("p/kept".into(), Bytes::from_static(b"new"));
+        store.upsert("p/kept".into(), Blob::from("new"));
         settle().await;
         let present = backend.keys_with_prefix("p/").await.unwrap();
         assert_eq!(store.prune(present), 1);

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::{JsonWriter, go_net_ip, parse_ip};
 use super::{Entry, Error, IPCACHE_PREFIX, Result};
@@ -219,7 +219,7 @@ fn ip_identity_pair(
         w.end_array();
     }
     w.end_object();
-    (format!("{IPCACHE_PREFIX}/{ip_text}"), Bytes::from(w.finish()))
+    (format!("{IPCACHE_PREFIX}/{ip_text}"), Blob::from(w.finish()))
 }
 
 fn numeric_identity(id: i64, field: &str) -> Result<u32> {

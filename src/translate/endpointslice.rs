@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::{go_netip, parse_ip};
 use super::service::L4Addr;
@@ -148,7 +148,7 @@ pub(crate) fn parse(slice: &EndpointSlice, settings: &Settings) -> Result<Parsed
         name: name.into(),
         service,
         backends,
-        export: Some((endpoint_slice_key(settings, namespace, name), Bytes::from(value))),
+        export: Some((endpoint_slice_key(settings, namespace, name), Blob::from(value))),
     })
 }
 

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::endpoint::{self, EndpointEntries};
 use super::endpointslice::{self, ParsedSlice, endpoint_slice_key};
@@ -293,7 +293,7 @@ impl Object {
 /// model wanted before; keys are unique across both lists and sorted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub upserts: Vec<(String, Bytes)>,
+    pub upserts: Vec<(String, Blob)>,
     pub deletes: Vec<String>,
     /// Objects found invalid by this event, with the reason (one warn line and one counter bump
     /// each). Their keys are gone, as if they had been deleted.
@@ -309,11 +309,11 @@ impl Changes {
 /// Pending writes of one event: the last intended value per key (`None` = absent).
 #[derive(Default)]
 pub(crate) struct Tx {
-    writes: BTreeMap<String, Option<Bytes>>,
+    writes: BTreeMap<String, Option<Blob>>,
 }
 
 impl Tx {
-    pub(crate) fn put(&mut self, key: String, value: Bytes) {
+    pub(crate) fn put(&mut self, key: String, value: Blob) {
         self.writes.insert(key, Some(value));
     }
 
@@ -322,7 +322,7 @@ impl Tx {
     }
 
     #[cfg(test)]
-    pub(crate) fn into_writes(self) -> BTreeMap<String, Option<Bytes>> {
+    pub(crate) fn into_writes(self) -> BTreeMap<String, Option<Blob>> {
         self.writes
     }
 }
@@ -341,7 +341,7 @@ type NamespacedName = (String, String);
 /// See the module documentation.
 pub struct Model {
     settings: Settings,
-    desired: BTreeMap<String, Bytes>,
+    desired: BTreeMap<String, Blob>,
     /// Valid namespaces and their `clustermesh.cilium.io/global` annotation, if any.
     namespaces: BTreeMap<String, Option<bool>>,
     identities: BTreeMap<String, IdentityEntry>,
@@ -378,7 +378,7 @@ impl Model {
     }
 
     /// Every key the model wants in the store now, with its exact value.
-    pub fn desired(&self) -> BTreeMap<String, Bytes> {
+    pub fn desired(&self) -> BTreeMap<String, Blob> {
         self.desired.clone()
     }
 
@@ -718,7 +718,7 @@ mod tests {
     /// shadow store yields exactly `desired()`: the diffs are complete and minimal.
     struct Harness {
         model: Model,
-        store: BTreeMap<String, Bytes>,
+        store: BTreeMap<String, Blob>,
     }
 
     impl Harness {

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::{JsonWriter, base64, go_net_ip, parse_ip, unmap};
 use super::{Entry, Error, NODES_PREFIX, Result, Settings};
@@ -104,7 +104,7 @@ pub fn node_entry(node: &CiliumNode, settings: &Settings) -> Result<Entry> {
     w.field_str("BootID", spec.boot_id.as_deref().unwrap_or(""));
     w.end_object();
 
-    Ok((node_key(settings, name), Bytes::from(w.finish())))
+    Ok((node_key(settings, name), Blob::from(w.finish())))
 }
 
 /// A parsed pod CIDR: the masked network address and the prefix length.

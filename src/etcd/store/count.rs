@@ -143,7 +143,7 @@ pub fn count(cache: &parking_lot::Mutex<CountCache>, keyspace: &Keyspace, range:
 
 #[cfg(test)]
 mod tests {
-    use super::super::blob::Blob;
+    use crate::blob::Blob;
     use super::*;
 
     /// Keys k00..k99 put at revisions 2..101, then every even one deleted at 102..151.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::blob::Blob;
+use crate::blob::Blob;
 use super::versions::{Version, Versions};
 use crate::etcd::pb::mvccpb::KeyValue;
 

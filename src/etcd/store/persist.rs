@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::blob::Blob;
+use crate::blob::Blob;
 use super::history::Change;
 use super::versions::{Version, Versions};
 use super::{Identity, Limits, State, Store, Write};

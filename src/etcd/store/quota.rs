@@ -72,7 +72,7 @@ pub fn exceeds(used: usize, cost: usize, limit: Option<usize>) -> bool {
 mod tests {
     use super::*;
     use crate::etcd::pb::etcdserverpb::DeleteRangeRequest;
-    use crate::etcd::store::blob::Blob;
+    use crate::blob::Blob;
 
     fn put(key: &str, value: &str) -> RequestOp {
         RequestOp {
