@@ -312,12 +312,14 @@ impl SyncStore {
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
-    pub fn upsert(&self, key: String, value: Blob) {
+    /// The key's handle is kept as given (the translation model's own, so no copy).
+    pub fn upsert(&self, key: impl Into<Key>, value: Blob) {
+        let key: Key = key.into();
         let mut state = self.state.lock();
         if state.desired(&key) == Some(&value) {
             return;
         }
-        match state.slots.get_mut(key.as_str()) {
+        match state.slots.get_mut(&*key) {
             Some(slot) => {
                 // Equal bytes found written (adopted at start, or read back): one allocation
                 // for both from now on.
@@ -329,7 +331,7 @@ impl SyncStore {
                 slot.desired = Some(value);
             }
             None => {
-                state.slots.insert(Key::from(key.as_str()), Slot { desired: Some(value), written: Held::Absent });
+                state.slots.insert(Arc::clone(&key), Slot { desired: Some(value), written: Held::Absent });
             }
         }
         if state.needs_write(&key) {
@@ -998,9 +1000,9 @@ mod tests {
     async fn an_unchanged_value_is_not_written_twice() {
         let backend = Arc::new(Memory::default());
         let (store, token, worker) = start(&backend);
-        store.upsert("k".into(), Blob::from("v"));
+        store.upsert("k", Blob::from("v"));
         settle().await;
-        store.upsert("k".into(), Blob::from("v"));
+        store.upsert("k", Blob::from("v"));
         settle().await;
         assert_eq!(backend.puts.lock().as_slice(), ["k"]);
         token.cancel();
@@ -1012,7 +1014,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         *backend.fail_puts.lock() = 2;
         let (store, token, worker) = start(&backend);
-        store.upsert("cilium/state/nodes/v1/c/n1".into(), Blob::from("n1"));
+        store.upsert("cilium/state/nodes/v1/c/n1", Blob::from("n1"));
         store.request_canary("cilium/state/nodes/v1", "cilium/synced/c/cilium/state/nodes/v1");
         settle().await;
         assert_eq!(backend.value("cilium/synced/c/cilium/state/nodes/v1"), None, "canary waits for the failing key");
@@ -1033,7 +1035,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         *backend.lose_answers.lock() = 1;
         let (store, token, worker) = start(&backend);
-        store.upsert("k".into(), Blob::from("v"));
+        store.upsert("k", Blob::from("v"));
         settle().await;
         assert_eq!(backend.value("k").as_deref(), Some("v"), "applied, though reported failed");
         store.delete("k");
@@ -1059,9 +1061,9 @@ mod tests {
         previous_run(&backend, 7, &[("p/same", "1"), ("p/changed", "old"), ("p/gone", "x")]);
         let store = SyncStore::new();
         store.adopt_on_start(vec!["p/".to_owned()]);
-        store.upsert("p/same".into(), Blob::from("1"));
-        store.upsert("p/changed".into(), Blob::from("new"));
-        store.upsert("p/added".into(), Blob::from("1"));
+        store.upsert("p/same", Blob::from("1"));
+        store.upsert("p/changed", Blob::from("new"));
+        store.upsert("p/added", Blob::from("1"));
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
@@ -1085,7 +1087,7 @@ mod tests {
         backend.leases.lock().clear();
         let store = SyncStore::new();
         store.adopt_on_start(vec!["p/".to_owned()]);
-        store.upsert("p/a".into(), Blob::from("1"));
+        store.upsert("p/a", Blob::from("1"));
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
@@ -1105,7 +1107,7 @@ mod tests {
         let (store, token, worker) = start(&backend);
         store.drained().await;
         for key in ["a", "b", "c"] {
-            store.upsert(key.into(), Blob::from("1"));
+            store.upsert(key, Blob::from("1"));
         }
         store.drained().await;
         for key in ["a", "b", "c"] {
@@ -1120,7 +1122,7 @@ mod tests {
     async fn a_lost_lease_gets_every_key_written_again() {
         let backend = Arc::new(Memory::default());
         let (store, token, worker) = start(&backend);
-        store.upsert("a".into(), Blob::from("1"));
+        store.upsert("a", Blob::from("1"));
         store.request_canary("a", "synced/a");
         settle().await;
         backend.lose_leases();
@@ -1144,11 +1146,11 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         let key = "cilium/state/nodes/v1/c/a";
-        store.upsert(key.into(), Blob::from("1"));
+        store.upsert(key, Blob::from("1"));
         // Queued behind the first write, which takes 20 ms.
-        store.upsert("cilium/state/nodes/v1/c/b".into(), Blob::from("1"));
+        store.upsert("cilium/state/nodes/v1/c/b", Blob::from("1"));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        store.upsert(key.into(), Blob::from("2"));
+        store.upsert(key, Blob::from("2"));
         tokio::time::sleep(Duration::from_millis(100)).await;
         store.delete(key);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1177,12 +1179,12 @@ mod tests {
         let store = SyncStore::with_options(SyncOptions { max_keys_per_lease: 1, ..SyncOptions::default() });
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
-        store.upsert("cilium/state/nodes/v1/c/a".into(), Blob::from("a"));
+        store.upsert("cilium/state/nodes/v1/c/a", Blob::from("a"));
         settle().await;
         assert_eq!(backend.lease_of("cilium/state/nodes/v1/c/a"), Some(1));
 
         *backend.fail_grants.lock() = usize::MAX;
-        store.upsert("cilium/state/nodes/v1/c/b".into(), Blob::from("b"));
+        store.upsert("cilium/state/nodes/v1/c/b", Blob::from("b"));
         tokio::time::sleep(Duration::from_secs(2 * 900)).await;
         settle().await;
         assert!(*backend.keep_alives.lock() >= 5, "lease 1 renewed every 300 s meanwhile");
@@ -1207,7 +1209,7 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         for key in ["k1", "k2", "k3", "k4", "k5"] {
-            store.upsert(key.into(), Blob::from("v"));
+            store.upsert(key, Blob::from("v"));
         }
         settle().await;
         let leases: Vec<_> = ["k1", "k2", "k3", "k4", "k5"].map(|k| backend.lease_of(k).unwrap()).into();
@@ -1240,10 +1242,10 @@ mod tests {
             store.upsert(format!("p/k{i}"), Blob::from("v1"));
         }
         store.request_canary("p", "synced/p");
-        store.upsert("q/after".into(), Blob::from("v1"));
+        store.upsert("q/after", Blob::from("v1"));
         settle().await;
         // k0 is in flight now; its next value must follow, not overtake, that write.
-        store.upsert("p/k0".into(), Blob::from("v2"));
+        store.upsert("p/k0", Blob::from("v2"));
         tokio::time::sleep(Duration::from_secs(1)).await;
         settle().await;
 
@@ -1269,7 +1271,7 @@ mod tests {
         backend.keys.lock().insert("p/stale".into(), (Bytes::from_static(b"old"), 0));
         backend.keys.lock().insert("p/kept".into(), (Bytes::from_static(b"old"), 0));
         let (store, token, worker) = start(&backend);
-        store.upsert("p/kept".into(), Blob::from("new"));
+        store.upsert("p/kept", Blob::from("new"));
         settle().await;
         let present = backend.keys_with_prefix("p/").await.unwrap();
         assert_eq!(store.prune(present), 1);

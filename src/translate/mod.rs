@@ -56,7 +56,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A key and the exact bytes to store under it.
-pub type Entry = (String, Blob);
+/// A store key and its value. The key is shared by every structure that refers to it (the
+/// model's maps, the sync store, the lease bookkeeping): its bytes are held once.
+pub type Entry = (StoreKey, Blob);
+
+/// A store key as the pipeline holds it; see [`Entry`].
+pub type StoreKey = std::sync::Arc<str>;
 
 // The key layout is the client library's (`clustermesh_client::wire`), the one owner of what a
 // Cilium peer can see; the writer uses it as the readers do.

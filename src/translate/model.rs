@@ -26,7 +26,7 @@ use super::service::{self, ClusterServiceTemplate, service_key};
 use super::serviceexport::{self, ExportTemplate, ServiceTemplate, service_export_key};
 use super::{
     ENDPOINT_SLICES_PREFIX, Error, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, SERVICE_EXPORTS_PREFIX,
-    SERVICES_PREFIX,
+    SERVICES_PREFIX, StoreKey,
 };
 use crate::k8s::{
     CiliumEndpoint, CiliumEndpointSlice, CiliumIdentity, CiliumNode, EndpointSlice, Namespace, Service, ServiceExport,
@@ -293,7 +293,7 @@ impl Object {
 /// model wanted before; keys are unique across both lists and sorted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub upserts: Vec<(String, Blob)>,
+    pub upserts: Vec<(StoreKey, Blob)>,
     pub deletes: Vec<String>,
     /// Objects found invalid by this event, with the reason (one warn line and one counter bump
     /// each). Their keys are gone, as if they had been deleted.
@@ -309,21 +309,21 @@ impl Changes {
 /// Pending writes of one event: the last intended value per key (`None` = absent).
 #[derive(Default)]
 pub(crate) struct Tx {
-    writes: BTreeMap<String, Option<Blob>>,
+    writes: BTreeMap<StoreKey, Option<Blob>>,
 }
 
 impl Tx {
-    pub(crate) fn put(&mut self, key: String, value: Blob) {
-        self.writes.insert(key, Some(value));
+    pub(crate) fn put(&mut self, key: impl Into<StoreKey>, value: Blob) {
+        self.writes.insert(key.into(), Some(value));
     }
 
     pub(crate) fn delete(&mut self, key: &str) {
-        self.writes.insert(key.to_string(), None);
+        self.writes.insert(key.into(), None);
     }
 
     #[cfg(test)]
     pub(crate) fn into_writes(self) -> BTreeMap<String, Option<Blob>> {
-        self.writes
+        self.writes.into_iter().map(|(key, value)| (key.to_string(), value)).collect()
     }
 }
 
@@ -341,7 +341,7 @@ type NamespacedName = (String, String);
 /// See the module documentation.
 pub struct Model {
     settings: Settings,
-    desired: BTreeMap<String, Blob>,
+    desired: BTreeMap<StoreKey, Blob>,
     /// Valid namespaces and their `clustermesh.cilium.io/global` annotation, if any.
     namespaces: BTreeMap<String, Option<bool>>,
     identities: BTreeMap<String, IdentityEntry>,
@@ -379,7 +379,7 @@ impl Model {
 
     /// Every key the model wants in the store now, with its exact value.
     pub fn desired(&self) -> BTreeMap<String, Blob> {
-        self.desired.clone()
+        self.desired.iter().map(|(key, value)| (key.to_string(), value.clone())).collect()
     }
 
     /// The store prefixes this configuration writes (without trailing slash); each gets a
@@ -540,7 +540,7 @@ impl Model {
                 }
                 None => {
                     if self.desired.remove(&key).is_some() {
-                        changes.deletes.push(key);
+                        changes.deletes.push(key.to_string());
                     }
                 }
             }
@@ -743,8 +743,8 @@ mod tests {
 
         fn replay(&mut self, changes: &Changes) {
             for (key, value) in &changes.upserts {
-                assert_ne!(self.store.get(key), Some(value), "{key} re-upserted with an unchanged value");
-                self.store.insert(key.clone(), value.clone());
+                assert_ne!(self.store.get(&**key), Some(value), "{key} re-upserted with an unchanged value");
+                self.store.insert(key.to_string(), value.clone());
             }
             for key in &changes.deletes {
                 assert!(self.store.remove(key).is_some(), "{key} deleted but was never written");

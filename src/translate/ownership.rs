@@ -11,14 +11,15 @@ use crate::blob::Blob;
 use foldhash::HashMap;
 
 use super::model::{ObjectKey, Tx};
+use super::{Entry, StoreKey};
 
 #[derive(Default)]
 pub(crate) struct Ownership {
     /// Every claimant's current entries, primary or pending, sorted by key. A vector, not a
     /// map: nearly every endpoint claims one or two IPs, and a B-tree spends a whole ~600-byte
     /// node on one entry (160 MiB over 250k CiliumEndpoints).
-    claims: BTreeMap<ObjectKey, Vec<(String, Blob)>>,
-    groups: HashMap<String, Group>,
+    claims: BTreeMap<ObjectKey, Vec<Entry>>,
+    groups: HashMap<StoreKey, Group>,
 }
 
 struct Group {
@@ -32,7 +33,7 @@ impl Ownership {
     ///
     /// New claims are processed before released ones, as in Cilium, so an owner that moves an IP
     /// within one update keeps ownership of the IPs it still lists.
-    pub(crate) fn set(&mut self, owner: &ObjectKey, entries: Vec<(String, Blob)>, tx: &mut Tx) {
+    pub(crate) fn set(&mut self, owner: &ObjectKey, entries: Vec<Entry>, tx: &mut Tx) {
         let old = self.claims.remove(owner).unwrap_or_default();
         for (key, value) in &entries {
             let group =
@@ -79,7 +80,7 @@ impl Ownership {
 }
 
 /// `entries` sorted by key, one per key: the last listed, as sequential upserts would leave it.
-fn by_key_last_wins(mut entries: Vec<(String, Blob)>) -> Vec<(String, Blob)> {
+fn by_key_last_wins(mut entries: Vec<Entry>) -> Vec<Entry> {
     entries.reverse();
     // Stable: among equal keys the last listed stays first, and `dedup_by` keeps the first.
     entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -88,8 +89,8 @@ fn by_key_last_wins(mut entries: Vec<(String, Blob)>) -> Vec<(String, Blob)> {
     entries
 }
 
-fn lookup<'a>(entries: &'a [(String, Blob)], key: &str) -> Option<&'a Blob> {
-    entries.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok().map(|i| &entries[i].1)
+fn lookup<'a>(entries: &'a [Entry], key: &str) -> Option<&'a Blob> {
+    entries.binary_search_by(|(k, _)| (**k).cmp(key)).ok().map(|i| &entries[i].1)
 }
 
 #[cfg(test)]
@@ -103,7 +104,7 @@ mod tests {
 
     fn claim(ownership: &mut Ownership, who: &str, keys: &[(&str, &str)]) -> BTreeMap<String, Option<String>> {
         let mut tx = Tx::default();
-        let entries = keys.iter().map(|(k, v)| (k.to_string(), Blob::from(v.to_string()))).collect();
+        let entries = keys.iter().map(|(k, v)| (StoreKey::from(*k), Blob::from(*v))).collect();
         ownership.set(&owner(who), entries, &mut tx);
         tx.into_writes()
             .into_iter()
