@@ -168,12 +168,14 @@ pub const ALL_KINDS: [Kind; 8] = [
     Kind::Namespace,
 ];
 
-/// Identifies a Kubernetes object; `namespace` is `None` for cluster-scoped kinds.
+/// Identifies a Kubernetes object; `namespace` is `None` for cluster-scoped kinds. The names
+/// are shared handles: the model keys several maps by the same object (its entries, its claims
+/// on ipcache keys, the owner of each claimed key), and a clone costs no copy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
     pub kind: Kind,
-    pub namespace: Option<String>,
-    pub name: String,
+    pub namespace: Option<std::sync::Arc<str>>,
+    pub name: std::sync::Arc<str>,
 }
 
 impl fmt::Display for ObjectKey {
@@ -243,8 +245,8 @@ impl Object {
         let metadata = self.metadata();
         ObjectKey {
             kind,
-            namespace: if kind.is_namespaced() { metadata.namespace.clone() } else { None },
-            name: metadata.name.clone().unwrap_or_default(),
+            namespace: if kind.is_namespaced() { metadata.namespace.as_deref().map(Into::into) } else { None },
+            name: metadata.name.as_deref().unwrap_or_default().into(),
         }
     }
 
@@ -415,7 +417,12 @@ impl Model {
 
     /// Adds or updates an object.
     pub fn apply(&mut self, object: Object) -> Changes {
-        let key = object.key();
+        self.apply_as(object.key(), object)
+    }
+
+    /// [`Model::apply`] with the object's key already made (`object.key()`), so that a caller
+    /// that keeps the key too shares its names with the model's maps.
+    pub fn apply_as(&mut self, key: ObjectKey, object: Object) -> Changes {
         if !self.reads(key.kind) {
             return Changes::default();
         }
@@ -440,7 +447,7 @@ impl Model {
             },
             Object::CiliumIdentity(identity) => {
                 let (parsed, outcome) = split(identity::parse(&identity));
-                store(&mut self.identities, key.name.clone(), parsed);
+                store(&mut self.identities, key.name.to_string(), parsed);
                 self.sync_identity(&key.name, &mut tx);
                 outcome
             }
@@ -505,7 +512,7 @@ impl Model {
         match key.kind {
             Kind::CiliumNode => tx.delete(&node_key(&self.settings, &key.name)),
             Kind::CiliumIdentity => {
-                if self.identities.remove(&key.name).is_some() {
+                if self.identities.remove(&*key.name).is_some() {
                     self.sync_identity(&key.name, &mut tx);
                 }
             }
@@ -707,7 +714,7 @@ fn store<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
 }
 
 fn namespaced(key: &ObjectKey) -> NamespacedName {
-    (key.namespace.clone().unwrap_or_default(), key.name.clone())
+    (key.namespace.as_deref().unwrap_or_default().to_owned(), key.name.to_string())
 }
 
 #[cfg(test)]
