@@ -102,8 +102,7 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         ))
     });
-    let mut mirror =
-        Mirror::new(Model::new(Settings::new("cluster1", 1)), Arc::clone(&sync), MirrorMetrics::default());
+    let mut mirror = Mirror::new(Model::new(Settings::new("cluster1", 1)), Arc::clone(&sync), MirrorMetrics::default());
     let mut feed = |kind: Kind, count: usize, make: &dyn Fn(usize) -> Value| {
         mirror.handle(SourceEvent::Init(kind));
         for i in 0..count {

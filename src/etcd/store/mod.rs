@@ -44,8 +44,8 @@ use super::pb::etcdserverpb::{
     ResponseHeader, TxnRequest, TxnResponse,
 };
 use super::pb::mvccpb::{Event, KeyValue, event::EventType};
-use alarm::Alarms;
 use crate::blob::Blob;
+use alarm::Alarms;
 use count::CountCache;
 use counters::Counters;
 use history::{Change, History};
