@@ -8,6 +8,7 @@
 //! ```
 
 pub mod app;
+pub mod blob;
 pub mod certs;
 pub mod clustermesh;
 pub mod config;

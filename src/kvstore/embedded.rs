@@ -1,5 +1,6 @@
 //! The embedded store as a backend: direct calls, no network hop, no serialisation.
 
+use crate::blob::Blob;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use futures::future::BoxFuture;
 
 use super::{Backend, Error, Result};
 use crate::etcd::auth::prefix_end;
-use crate::etcd::pb::etcdserverpb::{DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest};
+use crate::etcd::pb::etcdserverpb::{DeleteRangeRequest, LeaseGrantRequest, RangeRequest};
 use crate::etcd::store::Store;
 
 /// Writes go straight into the store, as its administrator: the mirror is the store's
@@ -40,11 +41,9 @@ impl Backend for Embedded {
         Box::pin(async move { self.store.lease_keep_alive(lease).map(|_| ()).ok_or(Error::LeaseLost(lease)) })
     }
 
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+    fn put<'a>(&'a self, key: &'a str, value: Blob, lease: i64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let request =
-                PutRequest { key: Bytes::copy_from_slice(key.as_bytes()), value, lease, ..Default::default() };
-            match self.store.put(request) {
+            match self.store.put_shared(key.as_bytes(), value, lease) {
                 Ok(_) => Ok(()),
                 Err(crate::etcd::Error::LeaseNotFound) => Err(Error::LeaseLost(lease)),
                 Err(error) => Err(embedded(error)),

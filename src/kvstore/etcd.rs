@@ -2,6 +2,7 @@
 //! client file. The file is read, and becomes a connection, exactly as for a remote cluster:
 //! by the client library's `EtcdConfig` and `dial_client`.
 
+use crate::blob::Blob;
 use std::path::Path;
 use std::time::Duration;
 
@@ -89,7 +90,7 @@ impl Backend for Etcd {
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+    fn put<'a>(&'a self, key: &'a str, value: Blob, lease: i64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
             match self.client.clone().put(key, value.to_vec(), options).await {

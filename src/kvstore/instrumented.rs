@@ -13,6 +13,7 @@
 //! its write answered, `action` `create`, `modify` or `delete` as Cilium's event types
 //! (see [`crate::sync::store::SyncStore::timed`]).
 
+use crate::blob::Blob;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -161,7 +162,7 @@ impl Backend for Instrumented {
         self.inner.keep_alive(lease)
     }
 
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+    fn put<'a>(&'a self, key: &'a str, value: Blob, lease: i64) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.timed(key, "set", "Update", self.inner.put(key, value, lease)))
     }
 

@@ -10,6 +10,7 @@
 
 mod metrics;
 
+use crate::blob::Blob;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
@@ -161,7 +162,7 @@ impl Backend for RateLimited {
         self.inner.keep_alive(lease)
     }
 
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+    fn put<'a>(&'a self, key: &'a str, value: Blob, lease: i64) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.limiter.run(self.inner.put(key, value, lease)))
     }
 

@@ -18,6 +18,8 @@ pub mod quorum;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::blob::Blob;
 use futures::future::BoxFuture;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +45,8 @@ pub trait Backend: Send + Sync + 'static {
     fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<()>>;
     /// Writes the key with the lease attached (0 for none); [`Error::LeaseLost`] when the
     /// lease no longer exists.
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>>;
+    /// The value is a [`Blob`]: the embedded store keeps the writer's allocation.
+    fn put<'a>(&'a self, key: &'a str, value: Blob, lease: i64) -> BoxFuture<'a, Result<()>>;
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>>>;
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>>;
     /// The keys under `prefix` now (for pruning what no object wants after a restart).

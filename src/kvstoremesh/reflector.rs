@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use crate::blob::Blob;
 use clustermesh_client::raw::RawSink;
 use clustermesh_client::wire::{CACHE_PREFIX, Capabilities, ClusterConfig, canary_prefix, cluster_config_key};
 use clustermesh_client::{ClusterName, Kind};
@@ -47,7 +49,7 @@ impl CachePaths {
 /// forced on (Go's `CiliumClusterConfig` field order and omitempty rules; Cilium's
 /// `kvstoremesh/remote_cluster.go`, `Run`). `endpointSlicesExportMode` is not copied, as in the
 /// Cilium source read: endpoint slices are not reflected, so agents must not look for them.
-pub fn cached_cluster_config(remote: &ClusterConfig) -> Bytes {
+pub fn cached_cluster_config(remote: &ClusterConfig) -> Blob {
     let cached = ClusterConfig {
         id: remote.id,
         capabilities: Capabilities {
@@ -58,7 +60,7 @@ pub fn cached_cluster_config(remote: &ClusterConfig) -> Bytes {
             endpoint_slices_export_mode: None,
         },
     };
-    Bytes::from(cached.encode())
+    Blob::from(cached.encode())
 }
 
 /// The [`RawSink`] of one remote cluster: every report becomes a desired key of the cluster's
@@ -164,7 +166,8 @@ impl RawSink for Reflector {
     }
 
     fn upsert(&self, kind: Kind, key: &str, value: &Bytes) {
-        self.sync.upsert(format!("{}{key}", self.paths[&kind].prefix), value.clone());
+        // A copy the local store keeps (the remote cache holds the received bytes).
+        self.sync.upsert(format!("{}{key}", self.paths[&kind].prefix), Blob::copy_from(value));
     }
 
     fn delete(&self, kind: Kind, key: &str) {

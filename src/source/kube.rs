@@ -20,7 +20,11 @@ use super::guard::Guarded;
 use crate::translate::model::{Kind, Object, ObjectKey};
 
 fn object_key(kind: Kind, meta: &ObjectMeta) -> ObjectKey {
-    ObjectKey { kind, namespace: meta.namespace.clone(), name: meta.name.clone().unwrap_or_default() }
+    ObjectKey {
+        kind,
+        namespace: meta.namespace.as_deref().map(Into::into),
+        name: meta.name.as_deref().unwrap_or_default().into(),
+    }
 }
 
 /// Starts one watcher per kind in `kinds`, all feeding `events`, each listing what `filter`

@@ -160,6 +160,9 @@ fn decode(mut value: serde_json::Value) -> Result<Document, String> {
     }
     Ok(match Object::from_value(kind, value) {
         Ok(object) => Document::Valid(Box::new(object)),
-        Err(reason) => Document::Invalid { key: ObjectKey { kind, namespace, name }, reason },
+        Err(reason) => Document::Invalid {
+            key: ObjectKey { kind, namespace: namespace.map(Into::into), name: name.into() },
+            reason,
+        },
     })
 }

@@ -156,7 +156,7 @@ impl Mirror {
 
     fn apply(&mut self, object: Object) {
         let key = object.key();
-        let changes = self.model.apply(object);
+        let changes = self.model.apply_as(key.clone(), object);
         self.known.entry(key.kind).or_default().insert(key);
         self.push(changes);
     }

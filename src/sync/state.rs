@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ pub async fn run_heartbeat(sync: Arc<SyncStore>, interval: Duration, shutdown: C
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticks.tick() => sync.upsert(HEARTBEAT_KEY.to_owned(), Bytes::from(super::rfc3339_now())),
+            _ = ticks.tick() => sync.upsert(HEARTBEAT_KEY.to_owned(), Blob::from(super::rfc3339_now())),
         }
     }
 }
@@ -52,9 +52,9 @@ pub async fn run_cluster_config_enforcer(
         let found = backend.get(&key).await;
         runs.record(CLUSTER_CONFIG_ENFORCER, found.is_ok());
         match found {
-            Ok(found) if found.as_ref() != Some(&desired) && sync.stats().queued == 0 => {
+            Ok(found) if found.as_deref() != Some(&desired[..]) && sync.stats().queued == 0 => {
                 tracing::warn!(key = %key, "cluster config changed outside this server; restoring it");
-                sync.rewrite(&key, found);
+                sync.rewrite(&key, found.as_deref());
             }
             Ok(_) => {}
             Err(error) => tracing::debug!(error = %crate::error_chain(&error), "reading the cluster config failed"),

@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use foldhash::{HashMap as FastMap, HashSet as FastSet};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -18,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use clustermesh_client::{Backoff, Retry};
+
+use crate::blob::Blob;
 
 use super::leases::{Leases, MAX_KEYS_PER_LEASE};
 use crate::kvstore::instrumented::{EventsQueue, QueueLabels, operation_scope};
@@ -39,29 +40,60 @@ pub fn scope(key: &str) -> &str {
     &rest[..end]
 }
 
+/// A store key, shared by the slot map, the queue and the lease bookkeeping: its bytes are
+/// held once however many of them refer to it.
+type Key = Arc<str>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Item {
-    Key(String),
+    Key(Key),
     /// Written once no key under `prefix` that was queued before it is still unwritten.
     Canary {
         prefix: String,
-        key: String,
+        key: Key,
     },
+}
+
+/// What the backend holds for a key, as far as this process knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    Absent,
+    /// There, but with content unknown (a write whose answer was lost) or not ours to keep
+    /// (found by pruning): written again, or deleted, whatever is desired.
+    Unknown,
+    Value(Blob),
+}
+
+/// One key the store knows: what is wanted and what is written. When both hold a value they
+/// are usually the same `Blob`, so the value's bytes are held once.
+#[derive(Debug)]
+struct Slot {
+    /// `None`: wanted gone.
+    desired: Option<Blob>,
+    written: Held,
+}
+
+impl Slot {
+    fn needs_write(&self) -> bool {
+        match (&self.desired, &self.written) {
+            (Some(want), Held::Value(have)) => want != have,
+            (None, Held::Absent) => false,
+            _ => true,
+        }
+    }
 }
 
 /// The per-key maps use foldhash, not SipHash: they are hashed several times per key on
 /// every write (see Cargo.toml).
 #[derive(Default)]
 struct State {
-    desired: FastMap<String, Bytes>,
-    /// What the backend holds, as far as this process knows. `None` marks a key that is
-    /// there but not ours to keep (found by pruning): the worker deletes it.
-    written: FastMap<String, Option<Bytes>>,
+    /// One slot per key wanted or written; a key neither wanted nor written has none.
+    slots: FastMap<Key, Slot>,
     queue: VecDeque<Item>,
     /// The keys in `queue`, and since when.
-    queued: FastMap<String, Instant>,
+    queued: FastMap<Key, Instant>,
     /// Keys whose last write failed; a canary waits for them.
-    failing: FastSet<String>,
+    failing: FastSet<Key>,
     canary_keys: FastSet<String>,
     /// Writes taken from the queue and not yet answered; counted as queued, so a drain waits
     /// for them.
@@ -73,18 +105,55 @@ struct State {
 }
 
 impl State {
-    fn enqueue(&mut self, key: String) {
-        if let std::collections::hash_map::Entry::Vacant(entry) = self.queued.entry(key) {
-            self.queue.push_back(Item::Key(entry.key().clone()));
-            entry.insert(Instant::now());
+    fn enqueue(&mut self, key: &str) {
+        if self.queued.contains_key(key) {
+            return;
         }
+        let key = self.shared(key);
+        self.queued.insert(Arc::clone(&key), Instant::now());
+        self.queue.push_back(Item::Key(key));
+    }
+
+    /// The slot map's handle of `key` (a new one for a key without a slot).
+    fn shared(&self, key: &str) -> Key {
+        self.slots.get_key_value(key).map_or_else(|| Key::from(key), |(key, _)| Arc::clone(key))
     }
 
     fn needs_write(&self, key: &str) -> bool {
-        match (self.desired.get(key), self.written.get(key)) {
-            (Some(want), Some(Some(have))) => want != have,
-            (None, None) => false,
-            _ => true,
+        self.slots.get(key).is_some_and(Slot::needs_write)
+    }
+
+    fn desired(&self, key: &str) -> Option<&Blob> {
+        self.slots.get(key)?.desired.as_ref()
+    }
+
+    /// The slot of `key`, made if missing (neither wanted nor written yet).
+    fn slot(&mut self, key: &str) -> &mut Slot {
+        if !self.slots.contains_key(key) {
+            self.slots.insert(Key::from(key), Slot { desired: None, written: Held::Absent });
+        }
+        self.slots.get_mut(key).expect("inserted above")
+    }
+
+    fn set_written(&mut self, key: &str, held: Held) {
+        self.slot(key).written = held;
+        self.forget_if_idle(key);
+    }
+
+    /// Drops the slot of a key neither wanted nor written.
+    fn forget_if_idle(&mut self, key: &str) {
+        if self.slots.get(key).is_some_and(|slot| slot.desired.is_none() && slot.written == Held::Absent) {
+            self.slots.remove(key);
+        }
+    }
+
+    /// After the queue empties, gives back the room a burst (an initial sync) grew it to.
+    fn shrink_if_drained(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 1024 {
+            self.queue.shrink_to_fit();
+        }
+        if self.queued.is_empty() && self.queued.capacity() > 1024 {
+            self.queued.shrink_to_fit();
         }
     }
 }
@@ -103,7 +172,7 @@ struct Worker {
     paused: Option<tokio::time::Instant>,
     leases: Leases,
     /// Keys with a write sent and unanswered: a key has one write in flight at a time.
-    in_flight_keys: HashSet<String>,
+    in_flight_keys: HashSet<Key>,
 }
 
 impl Worker {
@@ -243,14 +312,30 @@ impl SyncStore {
     }
 
     /// Wants `key` to hold `value`; a value equal to what is written costs nothing.
-    pub fn upsert(&self, key: String, value: Bytes) {
+    /// The key's handle is kept as given (the translation model's own, so no copy).
+    pub fn upsert(&self, key: impl Into<Key>, value: Blob) {
+        let key: Key = key.into();
         let mut state = self.state.lock();
-        if state.desired.get(&key) == Some(&value) {
+        if state.desired(&key) == Some(&value) {
             return;
         }
-        state.desired.insert(key.clone(), value);
+        match state.slots.get_mut(&*key) {
+            Some(slot) => {
+                // Equal bytes found written (adopted at start, or read back): one allocation
+                // for both from now on.
+                if let Held::Value(written) = &slot.written
+                    && *written == value
+                {
+                    slot.written = Held::Value(value.clone());
+                }
+                slot.desired = Some(value);
+            }
+            None => {
+                state.slots.insert(Arc::clone(&key), Slot { desired: Some(value), written: Held::Absent });
+            }
+        }
         if state.needs_write(&key) {
-            state.enqueue(key);
+            state.enqueue(&key);
         }
         drop(state);
         self.wake.notify_one();
@@ -259,11 +344,12 @@ impl SyncStore {
     /// Wants `key` gone.
     pub fn delete(&self, key: &str) {
         let mut state = self.state.lock();
-        if state.desired.remove(key).is_none() && !state.written.contains_key(key) {
-            return;
-        }
-        if state.needs_write(key) {
-            state.enqueue(key.to_owned());
+        let Some(slot) = state.slots.get_mut(key) else { return };
+        slot.desired = None;
+        if slot.needs_write() {
+            state.enqueue(key);
+        } else {
+            state.forget_if_idle(key);
         }
         drop(state);
         self.wake.notify_one();
@@ -274,7 +360,7 @@ impl SyncStore {
     pub fn request_canary(&self, prefix: &str, canary_key: &str) {
         let mut state = self.state.lock();
         state.canary_keys.insert(canary_key.to_owned());
-        state.queue.push_back(Item::Canary { prefix: prefix.to_owned(), key: canary_key.to_owned() });
+        state.queue.push_back(Item::Canary { prefix: prefix.to_owned(), key: Key::from(canary_key) });
         drop(state);
         self.wake.notify_one();
     }
@@ -287,14 +373,11 @@ impl SyncStore {
 
     /// Forgets what is believed written for `key` and writes the desired state again: for
     /// keys someone else may have changed (the cluster config) or removed.
-    pub fn rewrite(&self, key: &str, found: Option<Bytes>) {
+    pub fn rewrite(&self, key: &str, found: Option<&[u8]>) {
         let mut state = self.state.lock();
-        match found {
-            Some(value) => state.written.insert(key.to_owned(), Some(value)),
-            None => state.written.remove(key),
-        };
+        state.set_written(key, found.map_or(Held::Absent, |value| Held::Value(Blob::copy_from(value))));
         if state.needs_write(key) {
-            state.enqueue(key.to_owned());
+            state.enqueue(key);
             drop(state);
             self.wake.notify_one();
         }
@@ -306,12 +389,15 @@ impl SyncStore {
         let mut state = self.state.lock();
         let mut pruned = 0;
         for key in present {
-            if state.desired.contains_key(&key) || state.queued.contains_key(&key) {
+            if state.desired(&key).is_some() || state.queued.contains_key(key.as_str()) {
                 continue;
             }
             // Unknown here, or adopted at start and wanted by nothing since.
-            state.written.entry(key.clone()).or_insert(None);
-            state.enqueue(key);
+            let slot = state.slot(&key);
+            if slot.written == Held::Absent {
+                slot.written = Held::Unknown;
+            }
+            state.enqueue(&key);
             pruned += 1;
         }
         drop(state);
@@ -321,11 +407,13 @@ impl SyncStore {
 
     /// The keys wanted under `prefix`.
     pub fn desired_keys_with_prefix(&self, prefix: &str) -> Vec<String> {
-        self.state.lock().desired.keys().filter(|k| k.starts_with(prefix)).cloned().collect()
+        let state = self.state.lock();
+        let wanted = state.slots.iter().filter(|(key, slot)| slot.desired.is_some() && key.starts_with(prefix));
+        wanted.map(|(key, _)| key.to_string()).collect()
     }
 
-    pub fn desired_value(&self, key: &str) -> Option<Bytes> {
-        self.state.lock().desired.get(key).cloned()
+    pub fn desired_value(&self, key: &str) -> Option<Blob> {
+        self.state.lock().desired(key).cloned()
     }
 
     pub fn stats(&self) -> SyncStats {
@@ -393,8 +481,8 @@ impl SyncStore {
                 self.state.lock().in_flight += 1;
                 // Only puts take a lease: a delete must not grant one when all are full.
                 let (key, puts) = match &item {
-                    Item::Key(key) => (key.clone(), self.state.lock().desired.contains_key(key)),
-                    Item::Canary { key, .. } => (key.clone(), true),
+                    Item::Key(key) => (Arc::clone(key), self.state.lock().desired(key).is_some()),
+                    Item::Canary { key, .. } => (Arc::clone(key), true),
                 };
                 let lease = if puts {
                     let lease = tokio::select! {
@@ -484,9 +572,9 @@ impl SyncStore {
             // A key without a lease was not written by a writer like this one: it is written
             // again (on a lease) if wanted, pruned if not.
             for entry in found.into_iter().filter(|entry| entry.lease != 0) {
-                leases.adopt(&entry.key, entry.lease);
+                state.slot(&entry.key).written = Held::Value(Blob::copy_from(&entry.value));
+                leases.adopt(state.shared(&entry.key), entry.lease);
                 adopted.insert(entry.lease);
-                state.written.insert(entry.key, Some(entry.value));
                 keys += 1;
             }
         }
@@ -557,7 +645,7 @@ impl SyncStore {
         &self,
         backend: &dyn Backend,
         leases: &mut Leases,
-        key: &str,
+        key: &Key,
         ttl: Duration,
     ) -> Result<i64, Error> {
         if let Some(lease) = leases.assign(key) {
@@ -576,9 +664,9 @@ impl SyncStore {
         tracing::warn!(lease = format_args!("{lease:x}"), keys = keys.len(), "lease lost; writing its keys again");
         let mut state = self.state.lock();
         for key in keys {
-            state.written.remove(&key);
+            state.set_written(&key, Held::Absent);
             if state.needs_write(&key) {
-                state.enqueue(key);
+                state.enqueue(&key);
             }
         }
     }
@@ -587,11 +675,14 @@ impl SyncStore {
     /// again if it still differs, which keeps one write per key in flight, in order. A
     /// canary waits until nothing is in flight.
     /// A key comes with the time it was queued.
-    fn next_item(&self, in_flight: &HashSet<String>) -> Option<(Item, Option<Instant>)> {
+    fn next_item(&self, in_flight: &HashSet<Key>) -> Option<(Item, Option<Instant>)> {
         let mut state = self.state.lock();
         let mut skipped = 0;
         loop {
-            let item = state.queue.pop_front()?;
+            let Some(item) = state.queue.pop_front() else {
+                state.shrink_if_drained();
+                return None;
+            };
             match &item {
                 Item::Key(key) => {
                     let queued_at = state.queued.remove(key);
@@ -630,13 +721,13 @@ impl SyncStore {
         match item {
             Item::Key(key) => {
                 if failed {
-                    state.failing.insert(key.clone());
+                    state.failing.insert(Arc::clone(&key));
                     // A failed request may still have been applied (the answer was lost, not
                     // the request): the key's content is unknown now, so whatever is desired
                     // next, even its absence, is written again.
-                    state.written.insert(key.clone(), None);
+                    state.slot(&key).written = Held::Unknown;
                 }
-                state.enqueue(key);
+                state.enqueue(&key);
             }
             canary @ Item::Canary { .. } => state.queue.push_back(canary),
         }
@@ -653,8 +744,9 @@ impl SyncStore {
             Item::Key(key) => {
                 let (want, action) = {
                     let state = self.state.lock();
-                    let want = state.desired.get(key).cloned();
-                    let action = match (&want, state.written.contains_key(key)) {
+                    let want = state.desired(key).cloned();
+                    let written = state.slots.get(&**key).is_some_and(|slot| slot.written != Held::Absent);
+                    let action = match (&want, written) {
                         (None, _) => "delete",
                         (Some(_), false) => "create",
                         (Some(_), true) => "modify",
@@ -669,16 +761,13 @@ impl SyncStore {
                 tracing::debug!(key = %key, deleted, "kvstore write");
                 let mut state = self.state.lock();
                 state.failing.remove(key);
-                match want {
-                    Some(value) => state.written.insert(key.clone(), Some(value)),
-                    None => state.written.remove(key),
-                };
+                state.set_written(key, want.map_or(Held::Absent, Held::Value));
                 // The desired value may have changed while the write was in flight.
                 if state.needs_write(key) {
-                    state.enqueue(key.clone());
+                    state.enqueue(key);
                 }
                 state.writes += 1;
-                let canary = state.canary_keys.contains(key);
+                let canary = state.canary_keys.contains(&**key);
                 drop(state);
                 if let (Some(histograms), Some(queued_at)) = (&self.queue_seconds, queued_at) {
                     let labels = QueueLabels { scope: operation_scope(key), action };
@@ -686,7 +775,7 @@ impl SyncStore {
                 }
                 if canary {
                     self.canaries_tx.send_modify(|written| {
-                        written.insert(key.clone());
+                        written.insert(key.to_string());
                     });
                 }
                 if deleted {
@@ -696,16 +785,16 @@ impl SyncStore {
             Item::Canary { key, .. } => {
                 // The canary becomes an ordinary desired key, so it is written again with
                 // everything else if the lease is ever lost.
-                let value = Bytes::from(super::rfc3339_now());
-                self.state.lock().desired.insert(key.clone(), value.clone());
+                let value = Blob::from(super::rfc3339_now());
+                self.state.lock().slot(key).desired = Some(value.clone());
                 backend.put(key, value.clone(), lease).await?;
                 let mut state = self.state.lock();
-                state.written.insert(key.clone(), Some(value));
+                state.slot(key).written = Held::Value(value);
                 state.writes += 1;
                 drop(state);
                 tracing::info!(canary = %key, "initial sync written");
                 self.canaries_tx.send_modify(|written| {
-                    written.insert(key.clone());
+                    written.insert(key.to_string());
                 });
             }
         }
@@ -717,6 +806,7 @@ impl SyncStore {
 mod tests {
     use std::collections::BTreeMap;
 
+    use bytes::Bytes;
     use futures::future::BoxFuture;
 
     use super::*;
@@ -792,7 +882,7 @@ mod tests {
             })
         }
 
-        fn put<'a>(&'a self, key: &'a str, value: Bytes, lease: i64) -> BoxFuture<'a, Result<()>> {
+        fn put<'a>(&'a self, key: &'a str, value: Blob, lease: i64) -> BoxFuture<'a, Result<()>> {
             Box::pin(async move {
                 {
                     let mut fail = self.fail_puts.lock();
@@ -820,7 +910,7 @@ mod tests {
                     self.events.lock().push(format!("done {key}"));
                 }
                 self.puts.lock().push(key.to_owned());
-                self.keys.lock().insert(key.to_owned(), (value, lease));
+                self.keys.lock().insert(key.to_owned(), (value.to_bytes(), lease));
                 let mut lose = self.lose_answers.lock();
                 if *lose > 0 {
                     *lose -= 1;
@@ -910,9 +1000,9 @@ mod tests {
     async fn an_unchanged_value_is_not_written_twice() {
         let backend = Arc::new(Memory::default());
         let (store, token, worker) = start(&backend);
-        store.upsert("k".into(), Bytes::from_static(b"v"));
+        store.upsert("k", Blob::from("v"));
         settle().await;
-        store.upsert("k".into(), Bytes::from_static(b"v"));
+        store.upsert("k", Blob::from("v"));
         settle().await;
         assert_eq!(backend.puts.lock().as_slice(), ["k"]);
         token.cancel();
@@ -924,7 +1014,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         *backend.fail_puts.lock() = 2;
         let (store, token, worker) = start(&backend);
-        store.upsert("cilium/state/nodes/v1/c/n1".into(), Bytes::from_static(b"n1"));
+        store.upsert("cilium/state/nodes/v1/c/n1", Blob::from("n1"));
         store.request_canary("cilium/state/nodes/v1", "cilium/synced/c/cilium/state/nodes/v1");
         settle().await;
         assert_eq!(backend.value("cilium/synced/c/cilium/state/nodes/v1"), None, "canary waits for the failing key");
@@ -945,7 +1035,7 @@ mod tests {
         let backend = Arc::new(Memory::default());
         *backend.lose_answers.lock() = 1;
         let (store, token, worker) = start(&backend);
-        store.upsert("k".into(), Bytes::from_static(b"v"));
+        store.upsert("k", Blob::from("v"));
         settle().await;
         assert_eq!(backend.value("k").as_deref(), Some("v"), "applied, though reported failed");
         store.delete("k");
@@ -971,9 +1061,9 @@ mod tests {
         previous_run(&backend, 7, &[("p/same", "1"), ("p/changed", "old"), ("p/gone", "x")]);
         let store = SyncStore::new();
         store.adopt_on_start(vec!["p/".to_owned()]);
-        store.upsert("p/same".into(), Bytes::from_static(b"1"));
-        store.upsert("p/changed".into(), Bytes::from_static(b"new"));
-        store.upsert("p/added".into(), Bytes::from_static(b"1"));
+        store.upsert("p/same", Blob::from("1"));
+        store.upsert("p/changed", Blob::from("new"));
+        store.upsert("p/added", Blob::from("1"));
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
@@ -997,7 +1087,7 @@ mod tests {
         backend.leases.lock().clear();
         let store = SyncStore::new();
         store.adopt_on_start(vec!["p/".to_owned()]);
-        store.upsert("p/a".into(), Bytes::from_static(b"1"));
+        store.upsert("p/a", Blob::from("1"));
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         settle().await;
@@ -1017,7 +1107,7 @@ mod tests {
         let (store, token, worker) = start(&backend);
         store.drained().await;
         for key in ["a", "b", "c"] {
-            store.upsert(key.into(), Bytes::from_static(b"1"));
+            store.upsert(key, Blob::from("1"));
         }
         store.drained().await;
         for key in ["a", "b", "c"] {
@@ -1032,7 +1122,7 @@ mod tests {
     async fn a_lost_lease_gets_every_key_written_again() {
         let backend = Arc::new(Memory::default());
         let (store, token, worker) = start(&backend);
-        store.upsert("a".into(), Bytes::from_static(b"1"));
+        store.upsert("a", Blob::from("1"));
         store.request_canary("a", "synced/a");
         settle().await;
         backend.lose_leases();
@@ -1056,11 +1146,11 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         let key = "cilium/state/nodes/v1/c/a";
-        store.upsert(key.into(), Bytes::from_static(b"1"));
+        store.upsert(key, Blob::from("1"));
         // Queued behind the first write, which takes 20 ms.
-        store.upsert("cilium/state/nodes/v1/c/b".into(), Bytes::from_static(b"1"));
+        store.upsert("cilium/state/nodes/v1/c/b", Blob::from("1"));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        store.upsert(key.into(), Bytes::from_static(b"2"));
+        store.upsert(key, Blob::from("2"));
         tokio::time::sleep(Duration::from_millis(100)).await;
         store.delete(key);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1089,12 +1179,12 @@ mod tests {
         let store = SyncStore::with_options(SyncOptions { max_keys_per_lease: 1, ..SyncOptions::default() });
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
-        store.upsert("cilium/state/nodes/v1/c/a".into(), Bytes::from_static(b"a"));
+        store.upsert("cilium/state/nodes/v1/c/a", Blob::from("a"));
         settle().await;
         assert_eq!(backend.lease_of("cilium/state/nodes/v1/c/a"), Some(1));
 
         *backend.fail_grants.lock() = usize::MAX;
-        store.upsert("cilium/state/nodes/v1/c/b".into(), Bytes::from_static(b"b"));
+        store.upsert("cilium/state/nodes/v1/c/b", Blob::from("b"));
         tokio::time::sleep(Duration::from_secs(2 * 900)).await;
         settle().await;
         assert!(*backend.keep_alives.lock() >= 5, "lease 1 renewed every 300 s meanwhile");
@@ -1119,7 +1209,7 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         for key in ["k1", "k2", "k3", "k4", "k5"] {
-            store.upsert(key.into(), Bytes::from_static(b"v"));
+            store.upsert(key, Blob::from("v"));
         }
         settle().await;
         let leases: Vec<_> = ["k1", "k2", "k3", "k4", "k5"].map(|k| backend.lease_of(k).unwrap()).into();
@@ -1149,13 +1239,13 @@ mod tests {
         let token = CancellationToken::new();
         let worker = tokio::spawn(Arc::clone(&store).run(backend.clone(), Duration::from_secs(900), token.clone()));
         for i in 0..12 {
-            store.upsert(format!("p/k{i}"), Bytes::from_static(b"v1"));
+            store.upsert(format!("p/k{i}"), Blob::from("v1"));
         }
         store.request_canary("p", "synced/p");
-        store.upsert("q/after".into(), Bytes::from_static(b"v1"));
+        store.upsert("q/after", Blob::from("v1"));
         settle().await;
         // k0 is in flight now; its next value must follow, not overtake, that write.
-        store.upsert("p/k0".into(), Bytes::from_static(b"v2"));
+        store.upsert("p/k0", Blob::from("v2"));
         tokio::time::sleep(Duration::from_secs(1)).await;
         settle().await;
 
@@ -1181,7 +1271,7 @@ mod tests {
         backend.keys.lock().insert("p/stale".into(), (Bytes::from_static(b"old"), 0));
         backend.keys.lock().insert("p/kept".into(), (Bytes::from_static(b"old"), 0));
         let (store, token, worker) = start(&backend);
-        store.upsert("p/kept".into(), Bytes::from_static(b"new"));
+        store.upsert("p/kept", Blob::from("new"));
         settle().await;
         let present = backend.keys_with_prefix("p/").await.unwrap();
         assert_eq!(store.prune(present), 1);

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::{JsonWriter, go_net_ip, parse_ip};
 use super::{Entry, Error, IPCACHE_PREFIX, Result};
@@ -122,7 +122,7 @@ struct Metadata<'a> {
 struct Collector {
     namespace: String,
     entries: Vec<Entry>,
-    positions: HashMap<String, usize>,
+    positions: HashMap<super::StoreKey, usize>,
 }
 
 impl Collector {
@@ -219,7 +219,7 @@ fn ip_identity_pair(
         w.end_array();
     }
     w.end_object();
-    (format!("{IPCACHE_PREFIX}/{ip_text}"), Bytes::from(w.finish()))
+    (format!("{IPCACHE_PREFIX}/{ip_text}").into(), Blob::from(w.finish()))
 }
 
 fn numeric_identity(id: i64, field: &str) -> Result<u32> {
@@ -286,7 +286,7 @@ mod tests {
     }
 
     fn values(entries: &[Entry]) -> Vec<(&str, &str)> {
-        entries.iter().map(|(k, v)| (k.as_str(), std::str::from_utf8(v).expect("utf-8"))).collect()
+        entries.iter().map(|(k, v)| (&**k, std::str::from_utf8(v).expect("utf-8"))).collect()
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::{go_netip, parse_ip};
 use super::service::L4Addr;
@@ -148,7 +148,7 @@ pub(crate) fn parse(slice: &EndpointSlice, settings: &Settings) -> Result<Parsed
         name: name.into(),
         service,
         backends,
-        export: Some((endpoint_slice_key(settings, namespace, name), Bytes::from(value))),
+        export: Some((endpoint_slice_key(settings, namespace, name).into(), Blob::from(value))),
     })
 }
 
@@ -588,7 +588,7 @@ mod tests {
         ] {
             let (slice, vector, settings) = vector_slice(key);
             let (stored_key, value) = endpoint_slice_export(&slice, &settings).expect("valid").expect("exported");
-            assert_eq!(stored_key, key);
+            assert_eq!(&*stored_key, key);
             assert_eq!(view::json_view(&value).expect("decodes"), vector["value"].as_str().expect("value"));
             // The reference zstd CLI output decodes to the same view with our test decoder.
             let example = base64_decode(vector["stored_value_base64_example"].as_str().expect("example"));

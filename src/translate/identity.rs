@@ -4,7 +4,7 @@
 //! sorted by label key, every item (the last one too) terminated by `;`. Agents parse it back
 //! into a label set and require `k8s:io.cilium.k8s.policy.cluster=<cluster>` in it.
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::{Entry, Error, IDENTITIES_PREFIX, Result};
 use crate::k8s::CiliumIdentity;
@@ -61,7 +61,7 @@ pub(crate) fn parse(identity: &CiliumIdentity) -> Result<IdentityEntry> {
 
     Ok(IdentityEntry {
         namespace: namespace.clone(),
-        entry: (identity_key(name), Bytes::from(format_labels(labels.iter()))),
+        entry: (identity_key(name).into(), Blob::from(format_labels(labels.iter()))),
     })
 }
 
@@ -128,7 +128,7 @@ mod tests {
         ))
         .expect("valid identity");
         assert_eq!(namespace, "shop");
-        assert_eq!(key, "cilium/state/identities/v1/id/65792");
+        assert_eq!(&*key, "cilium/state/identities/v1/id/65792");
         assert_eq!(
             value,
             "k8s:app=frontend;k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=shop;k8s:io.cilium.k8s.policy.cluster=cluster1;k8s:io.cilium.k8s.policy.serviceaccount=frontend;k8s:io.kubernetes.pod.namespace=shop;"

@@ -28,7 +28,7 @@ mod serviceexport;
 #[cfg(test)]
 mod golden_tests;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 pub use endpoint::{cilium_endpoint_entries, cilium_endpoint_slice_entries};
 pub use endpointslice::endpoint_slice_export;
@@ -56,7 +56,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A key and the exact bytes to store under it.
-pub type Entry = (String, Bytes);
+/// A store key and its value. The key is shared by every structure that refers to it (the
+/// model's maps, the sync store, the lease bookkeeping): its bytes are held once.
+pub type Entry = (StoreKey, Blob);
+
+/// A store key as the pipeline holds it; see [`Entry`].
+pub type StoreKey = std::sync::Arc<str>;
 
 // The key layout is the client library's (`clustermesh_client::wire`), the one owner of what a
 // Cilium peer can see; the writer uses it as the readers do.
@@ -74,7 +79,7 @@ pub fn cluster_config_key(settings: &Settings) -> String {
 /// The value of `cilium/cluster-config/<cluster>`: this apiserver always writes per-prefix
 /// canaries and always sets the `serviceExportsEnabled` tri-state; `endpointSlicesExportMode`
 /// tells 1.20+ agents whether legacy services are still exported.
-pub fn cluster_config(settings: &Settings) -> Bytes {
+pub fn cluster_config(settings: &Settings) -> Blob {
     let config = ClusterConfig {
         id: ClusterId(settings.cluster_id),
         capabilities: Capabilities {
@@ -85,7 +90,7 @@ pub fn cluster_config(settings: &Settings) -> Bytes {
             endpoint_slices_export_mode: Some(settings.service_v2_mode.export_mode().to_owned()),
         },
     };
-    Bytes::from(config.encode())
+    Blob::from(config.encode())
 }
 
 /// `cilium/synced/<cluster>/<canary name>` for a store prefix.

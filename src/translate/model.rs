@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::endpoint::{self, EndpointEntries};
 use super::endpointslice::{self, ParsedSlice, endpoint_slice_key};
@@ -26,7 +26,7 @@ use super::service::{self, ClusterServiceTemplate, service_key};
 use super::serviceexport::{self, ExportTemplate, ServiceTemplate, service_export_key};
 use super::{
     ENDPOINT_SLICES_PREFIX, Error, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, SERVICE_EXPORTS_PREFIX,
-    SERVICES_PREFIX,
+    SERVICES_PREFIX, StoreKey,
 };
 use crate::k8s::{
     CiliumEndpoint, CiliumEndpointSlice, CiliumIdentity, CiliumNode, EndpointSlice, Namespace, Service, ServiceExport,
@@ -168,12 +168,14 @@ pub const ALL_KINDS: [Kind; 8] = [
     Kind::Namespace,
 ];
 
-/// Identifies a Kubernetes object; `namespace` is `None` for cluster-scoped kinds.
+/// Identifies a Kubernetes object; `namespace` is `None` for cluster-scoped kinds. The names
+/// are shared handles: the model keys several maps by the same object (its entries, its claims
+/// on ipcache keys, the owner of each claimed key), and a clone costs no copy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
     pub kind: Kind,
-    pub namespace: Option<String>,
-    pub name: String,
+    pub namespace: Option<std::sync::Arc<str>>,
+    pub name: std::sync::Arc<str>,
 }
 
 impl fmt::Display for ObjectKey {
@@ -243,8 +245,8 @@ impl Object {
         let metadata = self.metadata();
         ObjectKey {
             kind,
-            namespace: if kind.is_namespaced() { metadata.namespace.clone() } else { None },
-            name: metadata.name.clone().unwrap_or_default(),
+            namespace: if kind.is_namespaced() { metadata.namespace.as_deref().map(Into::into) } else { None },
+            name: metadata.name.as_deref().unwrap_or_default().into(),
         }
     }
 
@@ -293,7 +295,7 @@ impl Object {
 /// model wanted before; keys are unique across both lists and sorted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub upserts: Vec<(String, Bytes)>,
+    pub upserts: Vec<(StoreKey, Blob)>,
     pub deletes: Vec<String>,
     /// Objects found invalid by this event, with the reason (one warn line and one counter bump
     /// each). Their keys are gone, as if they had been deleted.
@@ -309,21 +311,21 @@ impl Changes {
 /// Pending writes of one event: the last intended value per key (`None` = absent).
 #[derive(Default)]
 pub(crate) struct Tx {
-    writes: BTreeMap<String, Option<Bytes>>,
+    writes: BTreeMap<StoreKey, Option<Blob>>,
 }
 
 impl Tx {
-    pub(crate) fn put(&mut self, key: String, value: Bytes) {
-        self.writes.insert(key, Some(value));
+    pub(crate) fn put(&mut self, key: impl Into<StoreKey>, value: Blob) {
+        self.writes.insert(key.into(), Some(value));
     }
 
     pub(crate) fn delete(&mut self, key: &str) {
-        self.writes.insert(key.to_string(), None);
+        self.writes.insert(key.into(), None);
     }
 
     #[cfg(test)]
-    pub(crate) fn into_writes(self) -> BTreeMap<String, Option<Bytes>> {
-        self.writes
+    pub(crate) fn into_writes(self) -> BTreeMap<String, Option<Blob>> {
+        self.writes.into_iter().map(|(key, value)| (key.to_string(), value)).collect()
     }
 }
 
@@ -341,7 +343,7 @@ type NamespacedName = (String, String);
 /// See the module documentation.
 pub struct Model {
     settings: Settings,
-    desired: BTreeMap<String, Bytes>,
+    desired: BTreeMap<StoreKey, Blob>,
     /// Valid namespaces and their `clustermesh.cilium.io/global` annotation, if any.
     namespaces: BTreeMap<String, Option<bool>>,
     identities: BTreeMap<String, IdentityEntry>,
@@ -378,8 +380,8 @@ impl Model {
     }
 
     /// Every key the model wants in the store now, with its exact value.
-    pub fn desired(&self) -> BTreeMap<String, Bytes> {
-        self.desired.clone()
+    pub fn desired(&self) -> BTreeMap<String, Blob> {
+        self.desired.iter().map(|(key, value)| (key.to_string(), value.clone())).collect()
     }
 
     /// The store prefixes this configuration writes (without trailing slash); each gets a
@@ -415,7 +417,12 @@ impl Model {
 
     /// Adds or updates an object.
     pub fn apply(&mut self, object: Object) -> Changes {
-        let key = object.key();
+        self.apply_as(object.key(), object)
+    }
+
+    /// [`Model::apply`] with the object's key already made (`object.key()`), so that a caller
+    /// that keeps the key too shares its names with the model's maps.
+    pub fn apply_as(&mut self, key: ObjectKey, object: Object) -> Changes {
         if !self.reads(key.kind) {
             return Changes::default();
         }
@@ -440,7 +447,7 @@ impl Model {
             },
             Object::CiliumIdentity(identity) => {
                 let (parsed, outcome) = split(identity::parse(&identity));
-                store(&mut self.identities, key.name.clone(), parsed);
+                store(&mut self.identities, key.name.to_string(), parsed);
                 self.sync_identity(&key.name, &mut tx);
                 outcome
             }
@@ -505,7 +512,7 @@ impl Model {
         match key.kind {
             Kind::CiliumNode => tx.delete(&node_key(&self.settings, &key.name)),
             Kind::CiliumIdentity => {
-                if self.identities.remove(&key.name).is_some() {
+                if self.identities.remove(&*key.name).is_some() {
                     self.sync_identity(&key.name, &mut tx);
                 }
             }
@@ -540,7 +547,7 @@ impl Model {
                 }
                 None => {
                     if self.desired.remove(&key).is_some() {
-                        changes.deletes.push(key);
+                        changes.deletes.push(key.to_string());
                     }
                 }
             }
@@ -707,7 +714,7 @@ fn store<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
 }
 
 fn namespaced(key: &ObjectKey) -> NamespacedName {
-    (key.namespace.clone().unwrap_or_default(), key.name.clone())
+    (key.namespace.as_deref().unwrap_or_default().to_owned(), key.name.to_string())
 }
 
 #[cfg(test)]
@@ -718,7 +725,7 @@ mod tests {
     /// shadow store yields exactly `desired()`: the diffs are complete and minimal.
     struct Harness {
         model: Model,
-        store: BTreeMap<String, Bytes>,
+        store: BTreeMap<String, Blob>,
     }
 
     impl Harness {
@@ -743,8 +750,8 @@ mod tests {
 
         fn replay(&mut self, changes: &Changes) {
             for (key, value) in &changes.upserts {
-                assert_ne!(self.store.get(key), Some(value), "{key} re-upserted with an unchanged value");
-                self.store.insert(key.clone(), value.clone());
+                assert_ne!(self.store.get(&**key), Some(value), "{key} re-upserted with an unchanged value");
+                self.store.insert(key.to_string(), value.clone());
             }
             for key in &changes.deletes {
                 assert!(self.store.remove(key).is_some(), "{key} deleted but was never written");

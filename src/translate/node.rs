@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::{JsonWriter, base64, go_net_ip, parse_ip, unmap};
 use super::{Entry, Error, NODES_PREFIX, Result, Settings};
@@ -104,7 +104,7 @@ pub fn node_entry(node: &CiliumNode, settings: &Settings) -> Result<Entry> {
     w.field_str("BootID", spec.boot_id.as_deref().unwrap_or(""));
     w.end_object();
 
-    Ok((node_key(settings, name), Bytes::from(w.finish())))
+    Ok((node_key(settings, name).into(), Blob::from(w.finish())))
 }
 
 /// A parsed pod CIDR: the masked network address and the prefix length.
@@ -252,7 +252,7 @@ mod tests {
             map(&[("network.cilium.io/wg-pub-key", "q0K1xRKbrNnO0wVZ0xk1fV1tA2Tn8yR4y2aC3oD5Ysk=")]);
 
         let (key, value) = node_entry(&node, &Settings::new("cluster2", 2)).expect("valid node");
-        assert_eq!(key, "cilium/state/nodes/v1/cluster2/k8s-node-b7");
+        assert_eq!(&*key, "cilium/state/nodes/v1/cluster2/k8s-node-b7");
         assert_eq!(
             value,
             r#"{"Name":"k8s-node-b7","Cluster":"cluster2","IPAddresses":[{"Type":"InternalIP","IP":"172.18.0.7"},{"Type":"InternalIP","IP":"fc00:c111::7"},{"Type":"CiliumInternalIP","IP":"10.2.3.1"},{"Type":"CiliumInternalIP","IP":"fd00:10:2:3::1f0e"}],"IPv4AllocCIDR":{"IP":"10.2.3.0","Mask":"////AA=="},"IPv4SecondaryAllocCIDRs":[{"IP":"10.2.200.0","Mask":"////wA=="}],"IPv6AllocCIDR":{"IP":"fd00:10:2:3::","Mask":"//////////8AAAAAAAAAAA=="},"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"10.2.3.77","IPv6HealthIP":"fd00:10:2:3::9a1","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":2,"Source":"custom-resource","EncryptionKey":3,"Labels":{"kubernetes.io/hostname":"k8s-node-b7","node-role.kubernetes.io/worker":""},"Annotations":{"network.cilium.io/wg-pub-key":"q0K1xRKbrNnO0wVZ0xk1fV1tA2Tn8yR4y2aC3oD5Ysk="},"WireguardPubKey":"q0K1xRKbrNnO0wVZ0xk1fV1tA2Tn8yR4y2aC3oD5Ysk=","BootID":"b2d9c1e4-7a3f-4f0e-8c5b-91e7d6a2f3c8"}"#

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::{JsonWriter, parse_ip};
 use super::endpointslice::{Backend, ParsedSlice};
@@ -207,7 +207,7 @@ pub(crate) fn render<'a>(
     w.field_bool("shared", true);
     w.field_uint("clusterID", u64::from(settings.cluster_id));
     w.end_object();
-    (service_key(settings, &template.namespace, &template.name), Bytes::from(w.finish()))
+    (service_key(settings, &template.namespace, &template.name).into(), Blob::from(w.finish()))
 }
 
 /// `PortConfiguration`: port name → `{"Protocol": ..., "Port": ...}` (Go `L4Addr`, no tags).

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
+use crate::blob::Blob;
 
 use super::encode::JsonWriter;
 use super::{Entry, Error, Result, SERVICE_EXPORTS_PREFIX, Settings};
@@ -159,7 +159,7 @@ pub(crate) fn render(
         w.field_str("trafficDistribution", distribution);
     }
     w.end_object();
-    Some((service_export_key(settings, namespace, name), Bytes::from(w.finish())))
+    Some((service_export_key(settings, namespace, name).into(), Blob::from(w.finish())))
 }
 
 /// Translates a Service and its ServiceExport (same namespace and name). `Ok(None)` for
@@ -235,7 +235,7 @@ mod tests {
         )
         .expect("valid")
         .expect("exported");
-        assert_eq!(key, "cilium/state/serviceexports/v1/cluster2/payments/db");
+        assert_eq!(&*key, "cilium/state/serviceexports/v1/cluster2/payments/db");
         assert_eq!(
             text(
                 service_export_entry(

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use clustermesh_apiserver::blob::Blob;
 use clustermesh_apiserver::kvstore::etcd::Etcd;
 use clustermesh_apiserver::sync::leases::MAX_KEYS_PER_LEASE;
 use clustermesh_apiserver::sync::store::{ETCD_MAX_IN_FLIGHT, SyncOptions, SyncStore};
@@ -45,7 +45,7 @@ async fn more_than_a_thousand_keys_spread_over_leases_and_a_lost_lease_rewrites_
     let writer =
         tokio::spawn(Arc::clone(&sync).run(Arc::new(Etcd::new(client.clone())), Duration::from_secs(3), token.clone()));
     for i in 0..KEYS {
-        sync.upsert(format!("{PREFIX}10.0.{}.{}", i / 256, i % 256), Bytes::from(format!("{{\"n\":{i}}}")));
+        sync.upsert(format!("{PREFIX}10.0.{}.{}", i / 256, i % 256), Blob::from(format!("{{\"n\":{i}}}")));
     }
     eventually("every key to be written", Duration::from_secs(60), || async { count(&client).await == KEYS }).await;
 

@@ -143,8 +143,8 @@ pub fn count(cache: &parking_lot::Mutex<CountCache>, keyspace: &Keyspace, range:
 
 #[cfg(test)]
 mod tests {
-    use super::super::blob::Blob;
     use super::*;
+    use crate::blob::Blob;
 
     /// Keys k00..k99 put at revisions 2..101, then every even one deleted at 102..151.
     fn keyspace() -> Keyspace {

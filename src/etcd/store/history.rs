@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 
-use super::blob::Blob;
+use crate::blob::Blob;
 
 /// One key's change at one revision: a put or a delete.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::blob::Blob;
 use super::versions::{Version, Versions};
+use crate::blob::Blob;
 use crate::etcd::pb::mvccpb::KeyValue;
 
 /// Which keys a request addresses, in etcd's encoding: an empty `range_end` is the single

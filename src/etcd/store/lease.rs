@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::blob::Blob;
+use crate::blob::Blob;
 use crate::etcd::error::{Error, Result};
 
 /// A lease's keys. Hashed with foldhash: keys are written by authenticated clients, and a

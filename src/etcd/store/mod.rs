@@ -5,7 +5,6 @@
 //! services only add transport concerns (authorisation, size limits, streaming).
 
 mod alarm;
-mod blob;
 mod count;
 mod counters;
 mod history;
@@ -45,8 +44,8 @@ use super::pb::etcdserverpb::{
     ResponseHeader, TxnRequest, TxnResponse,
 };
 use super::pb::mvccpb::{Event, KeyValue, event::EventType};
+use crate::blob::Blob;
 use alarm::Alarms;
-use blob::Blob;
 use count::CountCache;
 use counters::Counters;
 use history::{Change, History};
@@ -345,12 +344,26 @@ impl Store {
     }
 
     pub fn put(&self, request: PutRequest) -> Result<PutResponse> {
+        self.put_with(request, None)
+    }
+
+    /// A put from inside this process whose value is already a [`Blob`]: the store keeps that
+    /// allocation rather than a copy, so the bytes are held once by the writer and the store.
+    pub fn put_shared(&self, key: &[u8], value: Blob, lease: i64) -> Result<PutResponse> {
+        // The request sees the same bytes (for the checks and the quota), without a copy.
+        let request =
+            PutRequest { key: Bytes::copy_from_slice(key), value: value.to_bytes(), lease, ..Default::default() };
+        self.put_with(request, Some(value))
+    }
+
+    /// `value`, when given, holds the request's value bytes.
+    fn put_with(&self, request: PutRequest, value: Option<Blob>) -> Result<PutResponse> {
         txn::check_put(&request)?;
         let mut state = self.state.write();
         let cost = quota::put_cost(&state.keyspace, &request);
         self.admit(&mut state, cost)?;
         let mut write = Write::begin(&mut state, self.logging());
-        let mut response = write.put(request)?;
+        let mut response = write.put(request, value)?;
         let committed = write.commit(self);
         drop(state);
         self.durable(committed.logged);
@@ -651,7 +664,8 @@ impl<'a> Write<'a> {
         self.state.compact_revision
     }
 
-    fn put(&mut self, request: PutRequest) -> Result<PutResponse> {
+    /// `value`, when given, holds the request's value bytes (see [`Store::put_shared`]).
+    fn put(&mut self, request: PutRequest, value: Option<Blob>) -> Result<PutResponse> {
         // etcd looks the lease up before the key (found by differential_prop).
         if request.lease != 0 && !self.state.leases.contains(request.lease) {
             return Err(Error::LeaseNotFound);
@@ -662,7 +676,7 @@ impl<'a> Write<'a> {
         }
         let value = match (existing, request.ignore_value) {
             (Some(prev), true) => prev.value.clone(),
-            _ => Blob::copy_from(&request.value),
+            _ => value.unwrap_or_else(|| Blob::copy_from(&request.value)),
         };
         let lease = match (existing, request.ignore_lease) {
             (Some(prev), true) => prev.lease,

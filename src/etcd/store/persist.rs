@@ -13,10 +13,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::blob::Blob;
 use super::history::Change;
 use super::versions::{Version, Versions};
 use super::{Identity, Limits, State, Store, Write};
+use crate::blob::Blob;
 use crate::etcd::auth::AuthStore;
 use crate::etcd::wal::record::{self, entry, op};
 use crate::etcd::wal::{self, FsyncPolicy, Log, Owner, Replay, SnapshotSink, WalConfig, WalError};

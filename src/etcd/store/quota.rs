@@ -71,8 +71,8 @@ pub fn exceeds(used: usize, cost: usize, limit: Option<usize>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blob::Blob;
     use crate::etcd::pb::etcdserverpb::DeleteRangeRequest;
-    use crate::etcd::store::blob::Blob;
 
     fn put(key: &str, value: &str) -> RequestOp {
         RequestOp {

@@ -334,7 +334,7 @@ fn execute_op(write: &mut Write<'_>, op: RequestOp, path: &mut impl Iterator<Ite
             Response::ResponseRange(response)
         }
         Some(Request::RequestPut(p)) => {
-            let mut response = write.put(p)?;
+            let mut response = write.put(p, None)?;
             response.header = Some(inner_header(write.revision));
             Response::ResponsePut(response)
         }

@@ -6,7 +6,7 @@
 //! the allocator's header) on the first push; inline storage of the single version saves it
 //! (about 250 of the 1,000 bytes per key saved with the history's change, see `history.rs`).
 
-use super::blob::Blob;
+use crate::blob::Blob;
 
 /// One version of a key: what it held from `mod_revision` until the next version.
 ///

@@ -67,7 +67,7 @@ impl Target {
     }
 
     pub async fn put(&self, key: &str, value: &str) {
-        let value = bytes::Bytes::copy_from_slice(value.as_bytes());
+        let value = clustermesh_apiserver::blob::Blob::from(value);
         match self {
             Target::Embedded(store) => Embedded::new(Arc::clone(store)).put(key, value, 0).await,
             Target::Etcd(client) => Etcd::new((**client).clone()).put(key, value, 0).await,

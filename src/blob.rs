@@ -1,4 +1,6 @@
-//! The store's keys and values: immutable byte strings shared by reference count.
+//! Immutable byte strings shared by reference count: the store's keys and values, and the
+//! values the mirror translates, which the embedded store keeps without copying them (one
+//! allocation per value for the translation model, the sync store and the store).
 //!
 //! A key is held three times (by the keyspace, by the history for as long as its changes
 //! are kept, and by its lease), a value by every version that wrote it. `Bytes` costs 32
@@ -51,6 +53,31 @@ impl Blob {
     }
 }
 
+/// Exact-size copies, for values built in a growable buffer.
+impl From<String> for Blob {
+    fn from(value: String) -> Self {
+        Self::copy_from(value.as_bytes())
+    }
+}
+
+impl From<Vec<u8>> for Blob {
+    fn from(value: Vec<u8>) -> Self {
+        Self::copy_from(&value)
+    }
+}
+
+impl From<&str> for Blob {
+    fn from(value: &str) -> Self {
+        Self::copy_from(value.as_bytes())
+    }
+}
+
+impl From<&[u8]> for Blob {
+    fn from(value: &[u8]) -> Self {
+        Self::copy_from(value)
+    }
+}
+
 impl AsRef<[u8]> for Blob {
     fn as_ref(&self) -> &[u8] {
         self.as_slice()
@@ -80,6 +107,31 @@ impl PartialEq for Blob {
 }
 
 impl Eq for Blob {}
+
+// Against other byte strings, as `Bytes` compares (assertions read values as text).
+impl PartialEq<[u8]> for Blob {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl PartialEq<str> for Blob {
+    fn eq(&self, other: &str) -> bool {
+        self.as_slice() == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for Blob {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_slice() == other.as_bytes()
+    }
+}
+
+impl PartialEq<String> for Blob {
+    fn eq(&self, other: &String) -> bool {
+        self.as_slice() == other.as_bytes()
+    }
+}
 
 impl PartialOrd for Blob {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
