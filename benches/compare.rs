@@ -26,6 +26,8 @@ mod e2e;
 mod fake_k8s;
 #[path = "compare/kv.rs"]
 mod kv;
+#[path = "compare/objects.rs"]
+mod objects;
 #[path = "compare/report.rs"]
 mod report;
 #[path = "compare/servers.rs"]

@@ -3,11 +3,20 @@
 //! process (no Kubernetes HTTP, no gRPC), printing the RSS after each stage.
 //!
 //! ```text
-//! cargo run --release --example bootstrap_memory -- [endpoints nodes identities]
+//! cargo run --release --example bootstrap_memory -- [endpoints nodes identities] [--no-store]
 //! ```
+//!
+//! Each part is weighed by dropping it: the model and the mirror first, then the sync store,
+//! then the store. A value's bytes are shared by all three and counted with the last holder
+//! (the store). Run with `_RJEM_MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0` so that freed
+//! pages go back to the kernel at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "../benches/compare/objects.rs"]
+#[allow(dead_code)]
+mod objects;
 
 use clustermesh_apiserver::etcd::auth::AuthStore;
 use clustermesh_apiserver::etcd::store::{Identity, Limits, Store};
@@ -16,7 +25,7 @@ use clustermesh_apiserver::source::SourceEvent;
 use clustermesh_apiserver::sync::mirror::{Mirror, MirrorMetrics};
 use clustermesh_apiserver::sync::store::SyncStore;
 use clustermesh_apiserver::translate::model::{Kind, Model, Object, Settings};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 // The server's allocator, so that the figures are the server's (see src/main.rs).
@@ -32,55 +41,6 @@ fn rss_mib() -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     kib / 1024.0
-}
-
-const NAMESPACE: &str = "default";
-
-fn node(i: usize) -> Value {
-    let name = format!("node-{i:06}");
-    let (a, b) = ((i >> 8) & 0xff, i & 0xff);
-    json!({
-        "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-        "spec": {
-            "addresses": [
-                {"ip": format!("172.16.{a}.{b}"), "type": "InternalIP"},
-                {"ip": format!("10.{}.{a}.1", 64 + (b & 0x3f)), "type": "CiliumInternalIP"},
-            ],
-            "bootid": format!("570d3fd1-93db-4862-ba99-{i:012x}"),
-            "health": {"ipv4": format!("10.{}.{a}.2", 64 + (b & 0x3f))},
-            "ipam": {"podCIDRs": [format!("10.{}.{a}.0/24", 64 + (b & 0x3f))]},
-        }
-    })
-}
-
-fn identity(i: usize) -> Value {
-    json!({
-        "apiVersion": "cilium.io/v2", "kind": "CiliumIdentity",
-        "metadata": {"name": (65_536 + i).to_string(), "labels": {"io.kubernetes.pod.namespace": NAMESPACE}},
-        "security-labels": {
-            "k8s:app": format!("app-{i}"),
-            "k8s:io.cilium.k8s.policy.cluster": "cluster1",
-            "k8s:io.kubernetes.pod.namespace": NAMESPACE,
-        }
-    })
-}
-
-fn endpoint(seq: usize, identities: usize) -> Value {
-    json!({
-        "apiVersion": "cilium.io/v2", "kind": "CiliumEndpoint",
-        "metadata": {"name": format!("cep-{seq:07}"), "namespace": NAMESPACE},
-        "status": {
-            "id": seq % 65_000 + 1,
-            "identity": {"id": 65_536 + seq % identities.max(1), "labels": [format!("k8s:app=app-{}", seq % 100)]},
-            "networking": {
-                "addressing": [{"ipv4": format!("10.{}.{}.{}", 128 + ((seq >> 16) & 0x7f), (seq >> 8) & 0xff, seq & 0xff)}],
-                "node": format!("172.16.{}.{}", (seq / 250) % 250, seq % 250 + 1),
-            },
-            "service-account": "default",
-            "state": "ready",
-        }
-    })
 }
 
 #[tokio::main]
@@ -102,7 +62,8 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         ))
     });
-    let mut mirror = Mirror::new(Model::new(Settings::new("cluster1", 1)), Arc::clone(&sync), MirrorMetrics::default());
+    let mut mirror =
+        Mirror::new(Model::new(Settings::new(objects::CLUSTER, 1)), Arc::clone(&sync), MirrorMetrics::default());
     let mut feed = |kind: Kind, count: usize, make: &dyn Fn(usize) -> Value| {
         mirror.handle(SourceEvent::Init(kind));
         for i in 0..count {
@@ -110,10 +71,10 @@ async fn main() -> anyhow::Result<()> {
         }
         mirror.handle(SourceEvent::InitDone(kind));
     };
-    feed(Kind::Namespace, 1, &|_| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}));
-    feed(Kind::CiliumNode, nodes, &node);
-    feed(Kind::CiliumIdentity, identities, &identity);
-    feed(Kind::CiliumEndpoint, endpoints, &|i| endpoint(i, identities));
+    feed(Kind::Namespace, 1, &|_| objects::namespace());
+    feed(Kind::CiliumNode, nodes, &objects::node);
+    feed(Kind::CiliumIdentity, identities, &objects::identity);
+    feed(Kind::CiliumEndpoint, endpoints, &|i| objects::endpoint(i, identities));
     for kind in [Kind::Service, Kind::EndpointSlice] {
         mirror.handle(SourceEvent::Init(kind));
         mirror.handle(SourceEvent::InitDone(kind));

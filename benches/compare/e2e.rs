@@ -19,7 +19,7 @@ use axum::http::{StatusCode, Uri, header};
 use axum::response::Response;
 use bytes::Bytes;
 use etcd_client::{GetOptions, WatchOptions};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::certs::Pki;
 use crate::data::{self, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, Sizes};
@@ -27,8 +27,7 @@ use crate::report::{Better, Percentiles, Report, Target, mib, ms};
 use crate::servers::{self, ClientTls, Lineup, Memory, OUR_BINARY, Server, Which};
 use crate::{Config, for_each_server, progress};
 
-const CLUSTER: &str = "cluster1";
-const NAMESPACE: &str = "bench";
+use crate::objects::{CLUSTER, endpoint, identity, namespace, node, seq_of_ip};
 
 /// One clustermesh-apiserver process, and the etcd it writes to when it is not using its own
 /// store. Killed and reaped on drop.
@@ -150,40 +149,6 @@ impl Drop for Apiserver {
 
 // ---------------------------------------------------------------------------------------------
 // 6. Kubernetes events -> remote client
-
-fn endpoint_ip(seq: usize) -> String {
-    format!("10.{}.{}.{}", 128 + ((seq >> 16) & 0x7f), (seq >> 8) & 0xff, seq & 0xff)
-}
-
-fn seq_of_ip(ip: &str) -> Option<usize> {
-    let parts: Vec<usize> = ip.split('.').map(|p| p.parse().ok()).collect::<Option<_>>()?;
-    match parts.as_slice() {
-        [10, a, b, c] if *a >= 128 => Some(((a - 128) << 16) | (b << 8) | c),
-        _ => None,
-    }
-}
-
-fn endpoint(seq: usize, identities: usize) -> Value {
-    json!({
-        "apiVersion": "cilium.io/v2",
-        "kind": "CiliumEndpoint",
-        "metadata": {"name": format!("cep-{seq:07}"), "namespace": NAMESPACE},
-        "status": {
-            "id": seq % 65_000 + 1,
-            "identity": {"id": 65_536 + seq % identities.max(1), "labels": [format!("k8s:app=app-{}", seq % 100)]},
-            "networking": {
-                "addressing": [{"ipv4": endpoint_ip(seq)}],
-                "node": format!("172.16.{}.{}", (seq / 250) % 250, seq % 250 + 1),
-            },
-            "service-account": "default",
-            "state": "ready",
-        }
-    })
-}
-
-fn namespace() -> Value {
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-}
 
 struct E2e {
     events: usize,
@@ -500,36 +465,4 @@ async fn list_handler(State(state): State<Arc<ListState>>, uri: Uri) -> Response
     }
     body.push_str("]}");
     json(StatusCode::OK, body)
-}
-
-fn node(i: usize) -> Value {
-    let name = format!("node-{i:06}");
-    let (a, b) = ((i >> 8) & 0xff, i & 0xff);
-    json!({
-        "apiVersion": "cilium.io/v2",
-        "kind": "CiliumNode",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
-        "spec": {
-            "addresses": [
-                {"ip": format!("172.16.{a}.{b}"), "type": "InternalIP"},
-                {"ip": format!("10.{}.{a}.1", 64 + (b & 0x3f)), "type": "CiliumInternalIP"},
-            ],
-            "bootid": format!("570d3fd1-93db-4862-ba99-{i:012x}"),
-            "health": {"ipv4": format!("10.{}.{a}.2", 64 + (b & 0x3f))},
-            "ipam": {"podCIDRs": [format!("10.{}.{a}.0/24", 64 + (b & 0x3f))]},
-        }
-    })
-}
-
-fn identity(i: usize) -> Value {
-    json!({
-        "apiVersion": "cilium.io/v2",
-        "kind": "CiliumIdentity",
-        "metadata": {"name": (65_536 + i).to_string(), "labels": {"io.kubernetes.pod.namespace": NAMESPACE}},
-        "security-labels": {
-            "k8s:app": format!("app-{i}"),
-            "k8s:io.cilium.k8s.policy.cluster": CLUSTER,
-            "k8s:io.kubernetes.pod.namespace": NAMESPACE,
-        }
-    })
 }
