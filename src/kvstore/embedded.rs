@@ -1,6 +1,5 @@
 //! The embedded store as a backend: direct calls, no network hop, no serialisation.
 
-use crate::blob::Blob;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +7,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use super::{Backend, Error, Result};
+use crate::blob::Blob;
 use crate::etcd::auth::prefix_end;
 use crate::etcd::pb::etcdserverpb::{DeleteRangeRequest, LeaseGrantRequest, RangeRequest};
 use crate::etcd::store::Store;

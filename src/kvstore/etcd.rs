@@ -2,7 +2,6 @@
 //! client file. The file is read, and becomes a connection, exactly as for a remote cluster:
 //! by the client library's `EtcdConfig` and `dial_client`.
 
-use crate::blob::Blob;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use etcd_client::{Client, DeleteOptions, GetOptions, LeaseGrantOptions, PutOptio
 use futures::future::BoxFuture;
 
 use super::{Backend, Error, Result};
+use crate::blob::Blob;
 
 /// Cilium's etcd client configuration file (`--kvstore-opt etcd.config=FILE`).
 #[derive(Debug, Clone, PartialEq, Eq)]

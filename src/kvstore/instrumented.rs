@@ -13,21 +13,20 @@
 //! its write answered, `action` `create`, `modify` or `delete` as Cilium's event types
 //! (see [`crate::sync::store::SyncStore::timed`]).
 
-use crate::blob::Blob;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use futures::future::BoxFuture;
-
 use super::{Backend, Result};
+use crate::blob::Blob;
 
 /// Prometheus' `DefBuckets`, which Cilium's histogram inherits.
 const DEFAULT_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

@@ -10,7 +10,6 @@
 
 mod metrics;
 
-use crate::blob::Blob;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
@@ -18,12 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use futures::future::BoxFuture;
-
 use super::{Backend, Result};
+use crate::blob::Blob;
 
 pub use metrics::LimiterCollector;
 

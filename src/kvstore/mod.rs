@@ -18,9 +18,9 @@ pub mod quorum;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 
 use crate::blob::Blob;
-use futures::future::BoxFuture;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -7,8 +7,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-
-use crate::blob::Blob;
 use clustermesh_client::raw::RawSink;
 use clustermesh_client::wire::{CACHE_PREFIX, Capabilities, ClusterConfig, canary_prefix, cluster_config_key};
 use clustermesh_client::{ClusterName, Kind};
@@ -17,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::blob::Blob;
 use crate::kvstore::Backend;
 use crate::sync::store::{SyncStore, list_for_prune};
 

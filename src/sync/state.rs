@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::blob::Blob;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::store::{SyncStore, list_for_prune};
+use crate::blob::Blob;
 use crate::controllers::{CLUSTER_CONFIG_ENFORCER, ControllerRuns};
 use crate::kvstore::Backend;
 
