@@ -25,7 +25,7 @@ use super::ownership::Ownership;
 use super::service::{self, ClusterServiceTemplate, service_key};
 use super::serviceexport::{self, ExportTemplate, ServiceTemplate, service_export_key};
 use super::{
-    ENDPOINT_SLICES_PREFIX, Error, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, SERVICE_EXPORTS_PREFIX,
+    ENDPOINT_SLICES_PREFIX, Entry, Error, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, SERVICE_EXPORTS_PREFIX,
     SERVICES_PREFIX, StoreKey,
 };
 use crate::k8s::{
@@ -556,10 +556,7 @@ impl Model {
     }
 
     fn is_global(&self, namespace: &str) -> bool {
-        match self.namespaces.get(namespace) {
-            Some(annotation) => annotation.unwrap_or(self.settings.default_global_namespace),
-            None => false,
-        }
+        is_global(&self.namespaces, &self.settings, namespace)
     }
 
     // ----- Per-unit synchronisation: compute what one unit wants and record it in `tx`. -----
@@ -572,16 +569,19 @@ impl Model {
     }
 
     fn set_endpoint(&mut self, key: &ObjectKey, entries: Option<EndpointEntries>, tx: &mut Tx) {
+        let old = claims(&self.endpoints, &self.namespaces, &self.settings, key).to_vec();
         store(&mut self.endpoints, key.clone(), entries);
-        self.sync_endpoint(key, tx);
+        self.sync_endpoint(key, &old, tx);
     }
 
-    fn sync_endpoint(&mut self, key: &ObjectKey, tx: &mut Tx) {
-        let claims = match self.endpoints.get(key) {
-            Some(endpoint) if self.is_global(&endpoint.namespace) => endpoint.entries.clone(),
-            _ => Vec::new(),
+    /// Tells the ipcache ownership what `key` claims now, where it claimed `old` before.
+    fn sync_endpoint(&mut self, key: &ObjectKey, old: &[Entry], tx: &mut Tx) {
+        let Model { settings, namespaces, endpoints, ownership, .. } = self;
+        let claims_of = |owner: &ObjectKey| claims(endpoints, namespaces, settings, owner);
+        let claimed = |owner: &ObjectKey, ip_key: &str| {
+            claims_of(owner).iter().find(|(k, _)| &**k == ip_key).map(|(_, value)| value.clone())
         };
-        self.ownership.set(key, claims, tx);
+        ownership.set(key, old, claims_of(key), claimed, tx);
     }
 
     fn set_namespace(&mut self, name: &str, annotation: Option<Option<bool>>, tx: &mut Tx) {
@@ -598,7 +598,8 @@ impl Model {
         let endpoints: Vec<ObjectKey> =
             self.endpoints.iter().filter(|(_, e)| e.namespace == name).map(|(k, _)| k.clone()).collect();
         for key in endpoints {
-            self.sync_endpoint(&key, tx);
+            let old = if was_global { self.endpoints[&key].entries.clone() } else { Vec::new() };
+            self.sync_endpoint(&key, &old, tx);
         }
         let in_namespace = |id: &&NamespacedName| id.0 == name;
         let services: Vec<NamespacedName> = self.services.keys().filter(in_namespace).cloned().collect();
@@ -695,6 +696,26 @@ impl Model {
             Some((key, value)) => tx.put(key, value),
             None => tx.delete(&service_export_key(&self.settings, namespace, name)),
         }
+    }
+}
+
+fn is_global(namespaces: &BTreeMap<String, Option<bool>>, settings: &Settings, namespace: &str) -> bool {
+    match namespaces.get(namespace) {
+        Some(annotation) => annotation.unwrap_or(settings.default_global_namespace),
+        None => false,
+    }
+}
+
+/// The ipcache entries `owner` claims: its own, while its namespace is global.
+fn claims<'a>(
+    endpoints: &'a BTreeMap<ObjectKey, EndpointEntries>,
+    namespaces: &BTreeMap<String, Option<bool>>,
+    settings: &Settings,
+    owner: &ObjectKey,
+) -> &'a [Entry] {
+    match endpoints.get(owner) {
+        Some(endpoint) if is_global(namespaces, settings, &endpoint.namespace) => &endpoint.entries,
+        _ => &[],
     }
 }
 
