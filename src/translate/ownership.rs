@@ -4,12 +4,12 @@
 //! claimant stays authoritative; later claimants queue up in arrival order, and when the owner
 //! lets the IP go the next claimant's entry is written (Cilium `CachedConverter`/`entryGroup`).
 
-use crate::blob::Blob;
 // foldhash, not SipHash: every ipcache key is looked up here on every endpoint update.
 use foldhash::{HashMap, HashSet};
 
 use super::model::{ObjectKey, Tx};
 use super::{Entry, StoreKey};
+use crate::blob::Blob;
 
 /// Who owns each claimed ipcache key, and who waits for it. The claims themselves are the
 /// model's (each endpoint's own entries, while its namespace is global): holding them here too

@@ -350,17 +350,14 @@ impl Store {
     /// A put from inside this process whose value is already a [`Blob`]: the store keeps that
     /// allocation rather than a copy, so the bytes are held once by the writer and the store.
     pub fn put_shared(&self, key: &[u8], value: Blob, lease: i64) -> Result<PutResponse> {
-        // The request sees the same bytes (for the checks and the quota), without a copy.
-        let request =
-            PutRequest { key: Bytes::copy_from_slice(key), value: value.to_bytes(), lease, ..Default::default() };
-        self.put_with(request, Some(value))
+        self.put_with(PutRequest { key: Bytes::copy_from_slice(key), lease, ..Default::default() }, Some(value))
     }
 
-    /// `value`, when given, holds the request's value bytes.
+    /// `value`, when given, is the value, and the request's own is empty.
     fn put_with(&self, request: PutRequest, value: Option<Blob>) -> Result<PutResponse> {
         txn::check_put(&request)?;
         let mut state = self.state.write();
-        let cost = quota::put_cost(&state.keyspace, &request);
+        let cost = quota::put_cost(&state.keyspace, &request) + value.as_ref().map_or(0, |value| value.len());
         self.admit(&mut state, cost)?;
         let mut write = Write::begin(&mut state, self.logging());
         let mut response = write.put(request, value)?;
@@ -664,7 +661,7 @@ impl<'a> Write<'a> {
         self.state.compact_revision
     }
 
-    /// `value`, when given, holds the request's value bytes (see [`Store::put_shared`]).
+    /// `value`, when given, is the value and the request's own is empty (see [`Store::put_shared`]).
     fn put(&mut self, request: PutRequest, value: Option<Blob>) -> Result<PutResponse> {
         // etcd looks the lease up before the key (found by differential_prop).
         if request.lease != 0 && !self.state.leases.contains(request.lease) {
