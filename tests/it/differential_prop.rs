@@ -92,6 +92,30 @@ struct TxnSpec {
     failure: Vec<TOp>,
 }
 
+impl TxnSpec {
+    /// Whether some branch could delete a key and put it again in the same revision (told
+    /// conservatively: a delete and a put anywhere in the transaction).
+    fn may_recreate_a_key(&self) -> bool {
+        fn visit(ops: &[TOp], deletes: &mut bool, puts: &mut bool) {
+            for op in ops {
+                match op {
+                    TOp::Put(..) => *puts = true,
+                    TOp::Delete(..) => *deletes = true,
+                    TOp::Get(..) => {}
+                    TOp::Txn(spec) => {
+                        visit(&spec.success, deletes, puts);
+                        visit(&spec.failure, deletes, puts);
+                    }
+                }
+            }
+        }
+        let (mut deletes, mut puts) = (false, false);
+        visit(&self.success, &mut deletes, &mut puts);
+        visit(&self.failure, &mut deletes, &mut puts);
+        deletes && puts
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Put { key: &'static str, value: &'static str, lease: Option<i64>, prev_kv: bool, ignore_value: bool },
@@ -553,16 +577,36 @@ fn random_operation_sequences_get_the_same_answers_from_our_store_as_from_etcd()
     let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes));
     let steps = std::cell::Cell::new(0usize);
     let first_divergence = std::cell::Cell::new(false);
+    let skipped_compactions = std::cell::Cell::new(0usize);
     let result = runner.run(&proptest::collection::vec(op(), 1..24), |ops| {
         let mut servers = servers.borrow_mut();
         let (etcd, ours) = &mut *servers;
         runtime.block_on(async {
             etcd.wipe().await.map_err(|e| TestCaseError::fail(format!("wiping etcd: {e:#}")))?;
             ours.wipe().await.map_err(|e| TestCaseError::fail(format!("wiping our store: {e:#}")))?;
+            // Revisions (relative) at which a transaction may have deleted and re-created a key.
+            let mut recreated_at = std::collections::BTreeSet::new();
             for (i, op) in ops.iter().enumerate() {
                 steps.set(steps.get() + 1);
+                if let Op::Compact { revision, .. } = op
+                    && recreated_at.contains(revision)
+                {
+                    // etcd 3.5.15 and later lose such a key's live value when compacted at exactly
+                    // that revision and die at the next read of it ("range failed to find revision
+                    // pair", etcd-io/etcd#22376, a regression from #18274; open). Our store keeps
+                    // the value; the case goes on without that compaction on either server.
+                    skipped_compactions.set(skipped_compactions.get() + 1);
+                    continue;
+                }
+                let before = etcd.last;
                 let want = etcd.run(op).await;
                 let got = ours.run(op).await;
+                if let Op::Txn(spec) = op
+                    && etcd.last > before
+                    && spec.may_recreate_a_key()
+                {
+                    recreated_at.insert(etcd.rel(etcd.last));
+                }
                 if want != got {
                     if !first_divergence.replace(true) {
                         // Shown at once: shrinking can take a while.
@@ -577,9 +621,10 @@ fn random_operation_sequences_get_the_same_answers_from_our_store_as_from_etcd()
         })
     });
     println!(
-        "differential_prop: seed={seed} sequences={cases} steps={} divergences={}",
+        "differential_prop: seed={seed} sequences={cases} steps={} divergences={} compactions skipped (etcd-io/etcd#22376)={}",
         steps.get(),
-        u8::from(result.is_err())
+        u8::from(result.is_err()),
+        skipped_compactions.get()
     );
     match result {
         Ok(()) => {}

@@ -1040,6 +1040,42 @@ mod tests {
         assert_eq!(store.range(&future).unwrap_err(), Error::FutureRev);
     }
 
+    /// etcd lets a txn put a key that a from-key delete of the same txn removed (its duplicate
+    /// check reads `[key, "\0")` as an empty interval). Compacted at exactly that revision, etcd
+    /// 3.5.15 and later lose the key's value and die at the next read of it (etcd-io/etcd#22376),
+    /// which is why the differential test leaves such compactions out.
+    #[test]
+    fn a_key_deleted_and_put_again_in_one_txn_survives_a_compaction_at_that_revision() {
+        let store = store();
+        put(&store, "k", "old");
+        let ops = vec![
+            RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                    key: b"k".to_vec().into(),
+                    range_end: b"\0".to_vec().into(),
+                    ..Default::default()
+                })),
+            },
+            RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: b"k".to_vec().into(),
+                    value: b"new".to_vec().into(),
+                    ..Default::default()
+                })),
+            },
+        ];
+        store.txn(TxnRequest { compare: vec![], success: ops, failure: vec![] }).expect("txn");
+        let recreated = store.revision();
+        store.compact(&CompactionRequest { revision: recreated, physical: true }).expect("compact");
+        let kv = get(&store, "k").expect("the key outlives the compaction");
+        assert_eq!(
+            (kv.value, kv.create_revision, kv.mod_revision, kv.version),
+            (Bytes::from_static(b"new"), recreated, recreated, 1)
+        );
+        let at = RangeRequest { key: b"k".to_vec().into(), revision: recreated, ..Default::default() };
+        assert_eq!(store.range(&at).expect("readable at the compaction").kvs.len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_expired_lease_takes_its_keys_with_it() {
         let store = store();
