@@ -563,6 +563,7 @@ fn random_operation_sequences_get_the_same_answers_from_our_store_as_from_etcd()
     });
     let (reference, candidate) =
         runtime.block_on(async { (etcd.client(&pki, "root").await, ours.client(&pki, "root").await) });
+    let etcd_process = &etcd;
     let servers = std::cell::RefCell::new((
         Server { client: reference, base: 0, last: 0 },
         Server { client: candidate, base: 0, last: 0 },
@@ -611,6 +612,13 @@ fn random_operation_sequences_get_the_same_answers_from_our_store_as_from_etcd()
                     if !first_divergence.replace(true) {
                         // Shown at once: shrinking can take a while.
                         println!("differential_prop: divergence before shrinking at step {i} ({op:?})\n  etcd: {want}\n  ours: {got}");
+                        // An etcd that died answers every later case with a transport error:
+                        // its own last words tell whether it hit one of its bugs.
+                        let log = etcd_process.log_tail(20);
+                        let last_words = log.lines().rfind(|l| l.contains(r#""level":"fatal""#) || l.contains("panic"));
+                        if let Some(fatal) = last_words {
+                            println!("differential_prop: etcd's log: {fatal}\n  the case: {ops:?}");
+                        }
                     }
                     return Err(TestCaseError::fail(format!(
                         "step {i} ({op:?}) differs\n  etcd: {want}\n  ours: {got}"
