@@ -68,8 +68,8 @@ pub struct Mirror {
     metrics: MirrorMetrics,
     /// The kinds the sources deliver; a kind not delivered never gates a canary.
     kinds: Vec<Kind>,
-    known: HashMap<Kind, FastSet<ObjectKey>>,
-    /// During a relist of a kind: the objects seen so far.
+    /// During a relist of a kind: the objects seen so far. Those the model knows (it remembers
+    /// every object it was given) and the relist did not bring were deleted meanwhile.
     relisting: HashMap<Kind, FastSet<ObjectKey>>,
     listed: HashSet<Kind>,
     /// Prefixes whose canary is still to be requested.
@@ -81,16 +81,7 @@ impl Mirror {
     pub fn new(model: Model, sync: Arc<SyncStore>, metrics: MirrorMetrics) -> Self {
         let waiting = model.prefixes().into_iter().collect();
         let kinds = ALL_KINDS.iter().copied().filter(|&k| model.reads(k)).collect();
-        Self {
-            model,
-            sync,
-            metrics,
-            kinds,
-            known: HashMap::new(),
-            relisting: HashMap::new(),
-            listed: HashSet::new(),
-            waiting,
-        }
+        Self { model, sync, metrics, kinds, relisting: HashMap::new(), listed: HashSet::new(), waiting }
     }
 
     /// The canary keys this mirror will write, for readiness.
@@ -127,14 +118,14 @@ impl Mirror {
                 self.relisting.insert(kind, FastSet::default());
             }
             SourceEvent::InitApply(object) => {
-                let key = object.key();
-                self.relisting.entry(key.kind).or_default().insert(key);
-                self.apply(object);
+                let key = self.model.key_of(&object);
+                self.relisting.entry(key.kind).or_default().insert(key.clone());
+                self.apply_as(key, object);
             }
             SourceEvent::InitDone(kind) => {
                 let seen = self.relisting.remove(&kind).unwrap_or_default();
                 let vanished: Vec<ObjectKey> =
-                    self.known.get(&kind).map(|known| known.difference(&seen).cloned().collect()).unwrap_or_default();
+                    self.model.objects(kind).into_iter().filter(|key| !seen.contains(key)).collect();
                 if !vanished.is_empty() {
                     tracing::info!(?kind, deleted = vanished.len(), "relist: objects deleted while not watching");
                 }
@@ -146,7 +137,10 @@ impl Mirror {
                     self.request_ready_canaries();
                 }
             }
-            SourceEvent::Apply(object) => self.apply(object),
+            SourceEvent::Apply(object) => {
+                let key = self.model.key_of(&object);
+                self.apply_as(key, object);
+            }
             SourceEvent::Delete(key) => self.delete(&key),
             SourceEvent::Invalid { key, reason } => {
                 self.report_invalid(&key, &reason);
@@ -158,17 +152,12 @@ impl Mirror {
         }
     }
 
-    fn apply(&mut self, object: Object) {
-        let key = object.key();
-        let changes = self.model.apply_as(key.clone(), object);
-        self.known.entry(key.kind).or_default().insert(key);
+    fn apply_as(&mut self, key: ObjectKey, object: Object) {
+        let changes = self.model.apply_as(key, object);
         self.push(changes);
     }
 
     fn delete(&mut self, key: &ObjectKey) {
-        if let Some(known) = self.known.get_mut(&key.kind) {
-            known.remove(key);
-        }
         let changes = self.model.delete(key);
         self.push(changes);
     }

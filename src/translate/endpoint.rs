@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::blob::Blob;
 
@@ -17,7 +18,8 @@ use crate::k8s::{CiliumEndpoint, CiliumEndpointSlice, EncryptionSpec, EndpointNe
 /// filter looks at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct EndpointEntries {
-    pub(crate) namespace: String,
+    /// Shared with every other holder of the name once the model keeps the entries.
+    pub(crate) namespace: Arc<str>,
     /// In input order; when the object lists an IP twice the later endpoint's value wins, as
     /// sequential upserts would in Cilium.
     pub(crate) entries: Vec<Entry>,
@@ -28,14 +30,14 @@ pub(crate) struct EndpointEntries {
 /// Returns the endpoint's namespace and the entries (none while the endpoint has no networking).
 pub fn cilium_endpoint_entries(endpoint: &CiliumEndpoint) -> Result<(String, Vec<Entry>)> {
     let parsed = parse_cilium_endpoint(endpoint)?;
-    Ok((parsed.namespace, parsed.entries))
+    Ok((parsed.namespace.to_string(), parsed.entries))
 }
 
 /// The ipcache entries of every endpoint in a CiliumEndpointSlice; the namespace is the slice's
 /// top-level `namespace` field.
 pub fn cilium_endpoint_slice_entries(slice: &CiliumEndpointSlice) -> Result<(String, Vec<Entry>)> {
     let parsed = parse_cilium_endpoint_slice(slice)?;
-    Ok((parsed.namespace, parsed.entries))
+    Ok((parsed.namespace.to_string(), parsed.entries))
 }
 
 pub(crate) fn parse_cilium_endpoint(endpoint: &CiliumEndpoint) -> Result<EndpointEntries> {
@@ -120,14 +122,14 @@ struct Metadata<'a> {
 }
 
 struct Collector {
-    namespace: String,
+    namespace: Arc<str>,
     entries: Vec<Entry>,
     positions: HashMap<super::StoreKey, usize>,
 }
 
 impl Collector {
     fn new(namespace: &str) -> Self {
-        Self { namespace: namespace.to_string(), entries: Vec::new(), positions: HashMap::new() }
+        Self { namespace: namespace.into(), entries: Vec::new(), positions: HashMap::new() }
     }
 
     fn add(

@@ -19,6 +19,7 @@ mod endpoint;
 mod endpointslice;
 mod identity;
 pub mod model;
+mod names;
 mod namespace;
 mod node;
 mod ownership;

@@ -19,6 +19,7 @@ use crate::blob::Blob;
 use super::endpoint::{self, EndpointEntries};
 use super::endpointslice::{self, ParsedSlice, endpoint_slice_key};
 use super::identity::{self, IdentityEntry, identity_key};
+use super::names::Names;
 use super::namespace::global_annotation;
 use super::node::{node_entry, node_key};
 use super::ownership::Ownership;
@@ -241,11 +242,16 @@ impl Object {
 
     /// The object's key; the name is empty when the object has none (it is then invalid).
     pub fn key(&self) -> ObjectKey {
+        self.key_with(|namespace| namespace.into())
+    }
+
+    /// [`Object::key`] with the namespace's handle from `namespace`.
+    fn key_with(&self, namespace: impl FnOnce(&str) -> std::sync::Arc<str>) -> ObjectKey {
         let kind = self.kind();
         let metadata = self.metadata();
         ObjectKey {
             kind,
-            namespace: if kind.is_namespaced() { metadata.namespace.as_deref().map(Into::into) } else { None },
+            namespace: if kind.is_namespaced() { metadata.namespace.as_deref().map(namespace) } else { None },
             name: metadata.name.as_deref().unwrap_or_default().into(),
         }
     }
@@ -344,6 +350,8 @@ type NamespacedName = (String, String);
 pub struct Model {
     settings: Settings,
     desired: BTreeMap<StoreKey, Blob>,
+    /// CiliumNodes given (valid or not): a node's key is all the model needs of it otherwise.
+    nodes: BTreeSet<std::sync::Arc<str>>,
     /// Valid namespaces and their `clustermesh.cilium.io/global` annotation, if any.
     namespaces: BTreeMap<String, Option<bool>>,
     identities: BTreeMap<String, IdentityEntry>,
@@ -356,6 +364,8 @@ pub struct Model {
     slices_by_service: BTreeMap<NamespacedName, BTreeSet<String>>,
     exports: BTreeMap<NamespacedName, ExportTemplate>,
     invalid: BTreeMap<ObjectKey, String>,
+    /// The namespace names that keys and endpoints share.
+    names: Names,
 }
 
 impl Model {
@@ -363,6 +373,7 @@ impl Model {
         Model {
             settings,
             desired: BTreeMap::new(),
+            nodes: BTreeSet::new(),
             namespaces: BTreeMap::new(),
             identities: BTreeMap::new(),
             endpoints: BTreeMap::new(),
@@ -372,6 +383,7 @@ impl Model {
             slices_by_service: BTreeMap::new(),
             exports: BTreeMap::new(),
             invalid: BTreeMap::new(),
+            names: Names::default(),
         }
     }
 
@@ -415,13 +427,20 @@ impl Model {
         self.invalid.iter().map(|(key, reason)| (key, reason.as_str()))
     }
 
-    /// Adds or updates an object.
-    pub fn apply(&mut self, object: Object) -> Changes {
-        self.apply_as(object.key(), object)
+    /// `object.key()`, its namespace shared with every other key and endpoint in it: keys that
+    /// a caller keeps beside the model should come from here.
+    pub fn key_of(&mut self, object: &Object) -> ObjectKey {
+        object.key_with(|namespace| self.names.get(namespace))
     }
 
-    /// [`Model::apply`] with the object's key already made (`object.key()`), so that a caller
-    /// that keeps the key too shares its names with the model's maps.
+    /// Adds or updates an object.
+    pub fn apply(&mut self, object: Object) -> Changes {
+        let key = self.key_of(&object);
+        self.apply_as(key, object)
+    }
+
+    /// [`Model::apply`] with the object's key already made ([`Model::key_of`]), so that a
+    /// caller that keeps the key too shares its names with the model's maps.
     pub fn apply_as(&mut self, key: ObjectKey, object: Object) -> Changes {
         if !self.reads(key.kind) {
             return Changes::default();
@@ -434,6 +453,9 @@ impl Model {
             return Changes { invalid, ..Changes::default() };
         }
 
+        if key.kind == Kind::CiliumNode {
+            self.nodes.insert(key.name.clone());
+        }
         let outcome: Result<(), Error> = match object {
             Object::CiliumNode(node) => match node_entry(&node, &self.settings) {
                 Ok((k, v)) => {
@@ -510,7 +532,10 @@ impl Model {
         let mut tx = Tx::default();
         self.invalid.remove(key);
         match key.kind {
-            Kind::CiliumNode => tx.delete(&node_key(&self.settings, &key.name)),
+            Kind::CiliumNode => {
+                self.nodes.remove(&key.name);
+                tx.delete(&node_key(&self.settings, &key.name));
+            }
             Kind::CiliumIdentity => {
                 if self.identities.remove(&*key.name).is_some() {
                     self.sync_identity(&key.name, &mut tx);
@@ -532,6 +557,35 @@ impl Model {
             }
         }
         self.commit(tx, Vec::new())
+    }
+
+    /// Every object of `kind` given and not deleted since, valid or not: what a relist of the
+    /// kind must find again (objects without a name, which have no keys, aside).
+    pub fn objects(&self, kind: Kind) -> Vec<ObjectKey> {
+        let cluster_scoped = |name: &str| ObjectKey { kind, namespace: None, name: name.into() };
+        let namespaced = |(namespace, name): &NamespacedName| ObjectKey {
+            kind,
+            namespace: Some(namespace.as_str().into()),
+            name: name.as_str().into(),
+        };
+        let mut keys: Vec<ObjectKey> = match kind {
+            Kind::CiliumNode => {
+                self.nodes.iter().map(|name| ObjectKey { kind, namespace: None, name: name.clone() }).collect()
+            }
+            Kind::CiliumIdentity => self.identities.keys().map(|name| cluster_scoped(name)).collect(),
+            Kind::Namespace => self.namespaces.keys().map(|name| cluster_scoped(name)).collect(),
+            Kind::CiliumEndpoint | Kind::CiliumEndpointSlice => {
+                self.endpoints.keys().filter(|key| key.kind == kind).cloned().collect()
+            }
+            Kind::Service => self.services.keys().map(namespaced).collect(),
+            Kind::EndpointSlice => self.slices.keys().map(namespaced).collect(),
+            Kind::ServiceExport => self.exports.keys().map(namespaced).collect(),
+        };
+        // A Service with an invalid global part is kept and listed as invalid too.
+        keys.extend(self.invalid.keys().filter(|key| key.kind == kind).cloned());
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 
     /// Turns pending writes into the minimal diff against `desired` and applies it.
@@ -568,7 +622,10 @@ impl Model {
         }
     }
 
-    fn set_endpoint(&mut self, key: &ObjectKey, entries: Option<EndpointEntries>, tx: &mut Tx) {
+    fn set_endpoint(&mut self, key: &ObjectKey, mut entries: Option<EndpointEntries>, tx: &mut Tx) {
+        if let Some(entries) = &mut entries {
+            entries.namespace = self.names.get(&entries.namespace);
+        }
         let old = claims(&self.endpoints, &self.namespaces, &self.settings, key).to_vec();
         store(&mut self.endpoints, key.clone(), entries);
         self.sync_endpoint(key, &old, tx);
@@ -596,7 +653,7 @@ impl Model {
             self.sync_identity(&id, tx);
         }
         let endpoints: Vec<ObjectKey> =
-            self.endpoints.iter().filter(|(_, e)| e.namespace == name).map(|(k, _)| k.clone()).collect();
+            self.endpoints.iter().filter(|(_, e)| &*e.namespace == name).map(|(k, _)| k.clone()).collect();
         for key in endpoints {
             let old = if was_global { self.endpoints[&key].entries.clone() } else { Vec::new() };
             self.sync_endpoint(&key, &old, tx);
@@ -888,6 +945,25 @@ status:
         h.apply_yaml(ENDPOINT);
         assert_eq!(h.keys("cilium/state/ip/").len(), 2);
         assert_eq!(h.model.invalid_objects().count(), 0);
+    }
+
+    /// What the mirror compares a relist with: nothing is forgotten while it is invalid, and
+    /// nothing is remembered once deleted.
+    #[test]
+    fn the_model_remembers_every_object_given_valid_or_not_until_it_is_deleted() {
+        let mut h = Harness::new(settings());
+        h.apply_yaml(NAMESPACE);
+        h.apply_yaml(ENDPOINT);
+        h.apply_yaml("apiVersion: cilium.io/v2\nkind: CiliumNode\nmetadata: {name: n1}\nspec: {}\n");
+        let names = |h: &Harness, kind| h.model.objects(kind).iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(names(&h, Kind::CiliumEndpoint), ["CiliumEndpoint shop/web-0"]);
+        assert_eq!(names(&h, Kind::CiliumNode), ["CiliumNode n1"]);
+        assert_eq!(names(&h, Kind::Namespace), ["Namespace shop"]);
+        h.apply_yaml(&ENDPOINT.replace("10.1.4.7", "10.1.4.700"));
+        assert_eq!(names(&h, Kind::CiliumEndpoint), ["CiliumEndpoint shop/web-0"], "invalid, still known");
+        h.delete(Kind::CiliumEndpoint, Some("shop"), "web-0");
+        h.delete(Kind::CiliumNode, None, "n1");
+        assert!(names(&h, Kind::CiliumEndpoint).is_empty() && names(&h, Kind::CiliumNode).is_empty());
     }
 
     #[test]
