@@ -21,8 +21,9 @@ pub(crate) struct EndpointEntries {
     /// Shared with every other holder of the name once the model keeps the entries.
     pub(crate) namespace: Arc<str>,
     /// In input order; when the object lists an IP twice the later endpoint's value wins, as
-    /// sequential upserts would in Cilium.
-    pub(crate) entries: Vec<Entry>,
+    /// sequential upserts would in Cilium. Exactly sized: kept for every endpoint, mostly one
+    /// entry each, where a grown vector reserves four.
+    pub(crate) entries: Box<[Entry]>,
 }
 
 /// The ipcache entries of a CiliumEndpoint: one per non-empty IPv4/IPv6 of
@@ -30,14 +31,14 @@ pub(crate) struct EndpointEntries {
 /// Returns the endpoint's namespace and the entries (none while the endpoint has no networking).
 pub fn cilium_endpoint_entries(endpoint: &CiliumEndpoint) -> Result<(String, Vec<Entry>)> {
     let parsed = parse_cilium_endpoint(endpoint)?;
-    Ok((parsed.namespace.to_string(), parsed.entries))
+    Ok((parsed.namespace.to_string(), parsed.entries.into_vec()))
 }
 
 /// The ipcache entries of every endpoint in a CiliumEndpointSlice; the namespace is the slice's
 /// top-level `namespace` field.
 pub fn cilium_endpoint_slice_entries(slice: &CiliumEndpointSlice) -> Result<(String, Vec<Entry>)> {
     let parsed = parse_cilium_endpoint_slice(slice)?;
-    Ok((parsed.namespace.to_string(), parsed.entries))
+    Ok((parsed.namespace.to_string(), parsed.entries.into_vec()))
 }
 
 pub(crate) fn parse_cilium_endpoint(endpoint: &CiliumEndpoint) -> Result<EndpointEntries> {
@@ -173,7 +174,7 @@ impl Collector {
     }
 
     fn finish(self) -> EndpointEntries {
-        EndpointEntries { namespace: self.namespace, entries: self.entries }
+        EndpointEntries { namespace: self.namespace, entries: self.entries.into_boxed_slice() }
     }
 }
 

@@ -655,7 +655,7 @@ impl Model {
         let endpoints: Vec<ObjectKey> =
             self.endpoints.iter().filter(|(_, e)| &*e.namespace == name).map(|(k, _)| k.clone()).collect();
         for key in endpoints {
-            let old = if was_global { self.endpoints[&key].entries.clone() } else { Vec::new() };
+            let old = if was_global { self.endpoints[&key].entries.to_vec() } else { Vec::new() };
             self.sync_endpoint(&key, &old, tx);
         }
         let in_namespace = |id: &&NamespacedName| id.0 == name;
