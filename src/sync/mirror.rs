@@ -132,6 +132,7 @@ impl Mirror {
                 for key in vanished {
                     self.delete(&key);
                 }
+                self.model.settle(kind);
                 if self.listed.insert(kind) {
                     tracing::info!(?kind, objects = seen.len(), "initial list complete");
                     self.request_ready_canaries();
