@@ -272,7 +272,15 @@ struct Bootstrap {
     counts: Vec<(&'static str, usize)>,
     memory: Memory,
     tmpfs: u64,
+    /// Memory once the bootstrap's garbage has gone back to the kernel (see `SETTLE`).
+    settled: Memory,
 }
+
+/// How long after readiness the settled RSS is read: our allocator (jemalloc) hands freed
+/// pages back within 10 s, Go's scavenger within a few minutes. Operators see this figure for
+/// as long as the process runs; the one at readiness includes what the bootstrap just freed.
+const SETTLE: Duration = Duration::from_secs(15);
+const SETTLE_QUICK: Duration = Duration::from_secs(1);
 
 pub async fn scenario_bootstrap(
     config: &Config,
@@ -282,6 +290,7 @@ pub async fn scenario_bootstrap(
 ) -> anyhow::Result<()> {
     const S: &str = "7 bootstrap";
     let sizes = config.sizes;
+    let settle = if config.quick { SETTLE_QUICK } else { SETTLE };
     let kube = ListServer::start(&sizes).await?;
     let kube_url = kube.url();
     let kube_url = kube_url.as_str();
@@ -294,7 +303,7 @@ pub async fn scenario_bootstrap(
             sizes.nodes,
             sizes.identities
         ));
-        Ok(bootstrap_one(which, &config.lineup, pki, tls, kube_url, config.bootstrap_timeout).await)
+        Ok(bootstrap_one(which, &config.lineup, pki, tls, kube_url, config.bootstrap_timeout, settle).await)
     })
     .await?;
     let unknown = kube.unknown_paths();
@@ -329,7 +338,16 @@ pub async fn scenario_bootstrap(
     );
     let rss = |r: &anyhow::Result<Bootstrap>| r.as_ref().ok().map(|r| mib(r.memory.rss));
     let total = |r: &anyhow::Result<Bootstrap>| r.as_ref().ok().map(|r| mib(r.memory.private() + r.tmpfs));
+    let settled = |r: &anyhow::Result<Bootstrap>| r.as_ref().ok().map(|r| mib(r.settled.rss));
     report.row(S, "RSS of the mesh's processes", "MiB", Better::Lower, results.figures(rss), None);
+    report.row(
+        S,
+        &format!("RSS of the mesh's processes {} s later", settle.as_secs()),
+        "MiB",
+        Better::Lower,
+        results.figures(settled),
+        Some(Target::OursAtMost { value: 300.0 }),
+    );
     report.row(S, "RSS + data on tmpfs", "MiB", Better::Lower, results.figures(total), None);
     kube.stop();
     Ok(())
@@ -342,6 +360,7 @@ async fn bootstrap_one(
     tls: &ClientTls,
     kube_url: &str,
     timeout: Duration,
+    settle: Duration,
 ) -> anyhow::Result<Bootstrap> {
     // For etcd, the etcd process is up before the clock starts, as a sidecar would be.
     let mut apiserver = Apiserver::start(which, lineup, pki, kube_url).await?;
@@ -354,7 +373,9 @@ async fn bootstrap_one(
         counts.push((prefix, usize::try_from(count).unwrap_or(0)));
     }
     let (memory, tmpfs) = apiserver.memory()?;
-    Ok(Bootstrap { elapsed, counts, memory, tmpfs })
+    tokio::time::sleep(settle).await;
+    let (settled, _) = apiserver.memory()?;
+    Ok(Bootstrap { elapsed, counts, memory, tmpfs, settled })
 }
 
 /// Serves LISTs of pre-rendered objects with `limit`/`continue`, empty lists for every other
