@@ -181,7 +181,7 @@ pub async fn scenario_e2e(config: &Config, pki: &Pki, tls: &ClientTls, report: &
         "ms",
         Better::Lower,
         results.figures(|r| ms(r.latency.p99)),
-        Some(Target::OursAtMost { value: 50.0 }),
+        Some(Target::OursAtMost { value: 10.0 }),
     );
     report.row(S, "events applied/s (achieved)", "1/s", Better::Higher, results.figures(|r| r.rate), None);
     Ok(())
