@@ -32,6 +32,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::Response;
+use axum::serve::ListenerExt as _;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
@@ -190,6 +191,12 @@ impl FakeApiServer {
         let listener =
             tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the fake API server on 127.0.0.1");
         let addr = listener.local_addr().expect("local address of the fake API server");
+        // As kube-apiserver (Go sets TCP_NODELAY on every connection). Without it a watch's
+        // lines, one small write each, wait in Nagle's buffer for the client's delayed ACK:
+        // up to 40 ms on Linux, which was most of scenario 6's latency.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let (signal, _) = watch::channel(Signal::default());
         let store = Store {
             resources: options.resources.clone(),
