@@ -62,7 +62,7 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Scenarios to run (1-9, comma-separated); default all.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(1..=9))]
     only: Vec<u8>,
     /// Cilium test vectors to take value shapes from.
     #[arg(long)]
