@@ -24,6 +24,11 @@ use crate::translate::{
     canary_key,
 };
 
+/// The most events handled as one run ([`Mirror::handle_all`]): what the source's channel
+/// holds (1,024) is taken in a few runs, so that the writer starts on the first keys while
+/// the rest are translated.
+const EVENTS_AT_ONCE: usize = 256;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
@@ -111,12 +116,25 @@ impl Mirror {
     pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, shutdown: CancellationToken) {
         // Prefixes fed by no delivered kind are complete (empty) from the start.
         self.request_ready_canaries();
+        let mut batch = Vec::with_capacity(EVENTS_AT_ONCE);
         loop {
-            let event = tokio::select! {
+            let received = tokio::select! {
                 () = shutdown.cancelled() => return,
-                event = events.recv() => event,
+                received = events.recv_many(&mut batch, EVENTS_AT_ONCE) => received,
             };
-            let Some(event) = event else { return };
+            if received == 0 {
+                return;
+            }
+            self.handle_all(batch.drain(..));
+        }
+    }
+
+    /// Handles a run of events, waking the sync store's writer for a batch of keys rather
+    /// than for each ([`SyncStore::hold_wakes`]).
+    pub fn handle_all(&mut self, events: impl IntoIterator<Item = SourceEvent>) {
+        let sync = Arc::clone(&self.sync);
+        let _held = sync.hold_wakes();
+        for event in events {
             self.handle(event);
         }
     }
