@@ -67,6 +67,37 @@ fn feeding_kinds(prefix: &str, kinds: &[Kind]) -> Vec<Kind> {
     wanted.iter().copied().filter(|k| kinds.contains(k)).collect()
 }
 
+/// What a listing in progress has seen of its kind. Keys, to find at its end the objects
+/// known before it that it did not list (deleted while not watching); on a listing that starts
+/// with none known (the first), only a count: a set of every key for nothing to compare with
+/// cost the initial sync a hash insert per object and a pass over them all at the end.
+enum Seen {
+    Counted(usize),
+    Keys(FastSet<ObjectKey>),
+}
+
+impl Seen {
+    fn keys() -> Self {
+        Seen::Keys(FastSet::default())
+    }
+
+    fn insert(&mut self, key: ObjectKey) {
+        match self {
+            Seen::Counted(count) => *count += 1,
+            Seen::Keys(keys) => {
+                keys.insert(key);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Seen::Counted(count) => *count,
+            Seen::Keys(keys) => keys.len(),
+        }
+    }
+}
+
 pub struct Mirror {
     model: Model,
     sync: Arc<SyncStore>,
@@ -75,7 +106,7 @@ pub struct Mirror {
     kinds: Vec<Kind>,
     known: HashMap<Kind, FastSet<ObjectKey>>,
     /// During a relist of a kind: the objects seen so far.
-    relisting: HashMap<Kind, FastSet<ObjectKey>>,
+    relisting: HashMap<Kind, Seen>,
     listed: HashSet<Kind>,
     /// Prefixes whose canary is still to be requested.
     waiting: BTreeSet<&'static str>,
@@ -142,17 +173,20 @@ impl Mirror {
     pub fn handle(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::Init(kind) => {
-                self.relisting.insert(kind, FastSet::default());
+                let first = self.known.get(&kind).is_none_or(FastSet::is_empty);
+                self.relisting.insert(kind, if first { Seen::Counted(0) } else { Seen::Keys(FastSet::default()) });
             }
             SourceEvent::InitApply(object) => {
                 let key = object.key();
-                self.relisting.entry(key.kind).or_default().insert(key);
+                self.relisting.entry(key.kind).or_insert_with(Seen::keys).insert(key);
                 self.apply(object);
             }
             SourceEvent::InitDone(kind) => {
-                let seen = self.relisting.remove(&kind).unwrap_or_default();
-                let vanished: Vec<ObjectKey> =
-                    self.known.get(&kind).map(|known| known.difference(&seen).cloned().collect()).unwrap_or_default();
+                let seen = self.relisting.remove(&kind).unwrap_or_else(Seen::keys);
+                let vanished: Vec<ObjectKey> = match (&seen, self.known.get(&kind)) {
+                    (Seen::Keys(seen), Some(known)) => known.difference(seen).cloned().collect(),
+                    _ => Vec::new(),
+                };
                 if !vanished.is_empty() {
                     tracing::info!(?kind, deleted = vanished.len(), "relist: objects deleted while not watching");
                 }
