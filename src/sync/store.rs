@@ -141,6 +141,15 @@ impl State {
         self.queue.push_back(Item::Key(key));
     }
 
+    /// [`State::enqueue`] of a key by its slot map handle: one hash of the key, not three,
+    /// for each key an initial sync brings.
+    fn enqueue_handle(&mut self, key: Key) {
+        if let std::collections::hash_map::Entry::Vacant(vacant) = self.queued.entry(Arc::clone(&key)) {
+            vacant.insert(Instant::now());
+            self.queue.push_back(Item::Key(key));
+        }
+    }
+
     /// The slot map's handle of `key` (a new one for a key without a slot).
     fn shared(&self, key: &str) -> Key {
         self.slots.get_key_value(key).map_or_else(|| Key::from(key), |(key, _)| Arc::clone(key))
@@ -387,11 +396,11 @@ impl SyncStore {
     pub fn upsert(&self, key: impl Into<Key>, value: Blob) {
         let key: Key = key.into();
         let mut state = self.state.lock();
-        if state.desired(&key) == Some(&value) {
-            return;
-        }
         match state.slots.get_mut(&*key) {
             Some(slot) => {
+                if slot.desired.as_ref() == Some(&value) {
+                    return;
+                }
                 // Equal bytes found written (adopted at start, or read back): one allocation
                 // for both from now on.
                 if let Held::Value(written) = &slot.written
@@ -400,13 +409,14 @@ impl SyncStore {
                     slot.written = Held::Value(value.clone());
                 }
                 slot.desired = Some(value);
+                if slot.needs_write() {
+                    state.enqueue(&key);
+                }
             }
             None => {
                 state.slots.insert(Arc::clone(&key), Slot { desired: Some(value), written: Held::Absent });
+                state.enqueue_handle(key);
             }
-        }
-        if state.needs_write(&key) {
-            state.enqueue(&key);
         }
         let queued = state.queue.len();
         drop(state);
