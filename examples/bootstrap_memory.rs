@@ -66,8 +66,11 @@ async fn main() -> anyhow::Result<()> {
         Mirror::new(Model::new(Settings::new(objects::CLUSTER, 1)), Arc::clone(&sync), MirrorMetrics::default());
     let mut feed = |kind: Kind, count: usize, make: &dyn Fn(usize) -> Value| {
         mirror.handle(SourceEvent::Init(kind));
-        for i in 0..count {
-            mirror.handle(SourceEvent::InitApply(Object::from_value(kind, make(i)).expect("decodes")));
+        // In runs, as the mirror takes them from its channel.
+        for start in (0..count).step_by(256) {
+            let objects = (start..count.min(start + 256))
+                .map(|i| SourceEvent::InitApply(Object::from_value(kind, make(i)).expect("decodes")));
+            mirror.handle_all(objects);
         }
         mirror.handle(SourceEvent::InitDone(kind));
     };

@@ -24,6 +24,11 @@ use crate::translate::{
     canary_key,
 };
 
+/// The most events handled as one run ([`Mirror::handle_all`]): what the source's channel
+/// holds (1,024) is taken in a few runs, so that the writer starts on the first keys while
+/// the rest are translated.
+const EVENTS_AT_ONCE: usize = 256;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
@@ -62,15 +67,46 @@ fn feeding_kinds(prefix: &str, kinds: &[Kind]) -> Vec<Kind> {
     wanted.iter().copied().filter(|k| kinds.contains(k)).collect()
 }
 
+/// What a listing in progress has seen of its kind. Keys, to find at its end the objects
+/// known before it that it did not list (deleted while not watching); on a listing that starts
+/// with none known (the first), only a count: a set of every key for nothing to compare with
+/// cost the initial sync a hash insert per object and a pass over them all at the end.
+enum Seen {
+    Counted(usize),
+    Keys(FastSet<ObjectKey>),
+}
+
+impl Seen {
+    fn keys() -> Self {
+        Seen::Keys(FastSet::default())
+    }
+
+    fn insert(&mut self, key: ObjectKey) {
+        match self {
+            Seen::Counted(count) => *count += 1,
+            Seen::Keys(keys) => {
+                keys.insert(key);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Seen::Counted(count) => *count,
+            Seen::Keys(keys) => keys.len(),
+        }
+    }
+}
+
 pub struct Mirror {
     model: Model,
     sync: Arc<SyncStore>,
     metrics: MirrorMetrics,
     /// The kinds the sources deliver; a kind not delivered never gates a canary.
     kinds: Vec<Kind>,
-    /// During a relist of a kind: the objects seen so far. Those the model knows (it remembers
-    /// every object it was given) and the relist did not bring were deleted meanwhile.
-    relisting: HashMap<Kind, FastSet<ObjectKey>>,
+    /// During a listing of a kind: what it has seen so far. Objects that the model knows (it
+    /// remembers every object it was given) and the listing did not bring were deleted meanwhile.
+    relisting: HashMap<Kind, Seen>,
     listed: HashSet<Kind>,
     /// Prefixes whose canary is still to be requested.
     waiting: BTreeSet<&'static str>,
@@ -102,12 +138,25 @@ impl Mirror {
     pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, shutdown: CancellationToken) {
         // Prefixes fed by no delivered kind are complete (empty) from the start.
         self.request_ready_canaries();
+        let mut batch = Vec::with_capacity(EVENTS_AT_ONCE);
         loop {
-            let event = tokio::select! {
+            let received = tokio::select! {
                 () = shutdown.cancelled() => return,
-                event = events.recv() => event,
+                received = events.recv_many(&mut batch, EVENTS_AT_ONCE) => received,
             };
-            let Some(event) = event else { return };
+            if received == 0 {
+                return;
+            }
+            self.handle_all(batch.drain(..));
+        }
+    }
+
+    /// Handles a run of events, waking the sync store's writer for a batch of keys rather
+    /// than for each ([`SyncStore::hold_wakes`]).
+    pub fn handle_all(&mut self, events: impl IntoIterator<Item = SourceEvent>) {
+        let sync = Arc::clone(&self.sync);
+        let _held = sync.hold_wakes();
+        for event in events {
             self.handle(event);
         }
     }
@@ -115,17 +164,22 @@ impl Mirror {
     pub fn handle(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::Init(kind) => {
-                self.relisting.insert(kind, FastSet::default());
+                let first = !self.model.knows_any(kind);
+                self.relisting.insert(kind, if first { Seen::Counted(0) } else { Seen::Keys(FastSet::default()) });
             }
             SourceEvent::InitApply(object) => {
                 let key = self.model.key_of(&object);
-                self.relisting.entry(key.kind).or_default().insert(key.clone());
+                self.relisting.entry(key.kind).or_insert_with(Seen::keys).insert(key.clone());
                 self.apply_as(key, object);
             }
             SourceEvent::InitDone(kind) => {
-                let seen = self.relisting.remove(&kind).unwrap_or_default();
-                let vanished: Vec<ObjectKey> =
-                    self.model.objects(kind).into_iter().filter(|key| !seen.contains(key)).collect();
+                let seen = self.relisting.remove(&kind).unwrap_or_else(Seen::keys);
+                let vanished: Vec<ObjectKey> = match &seen {
+                    Seen::Keys(seen) => {
+                        self.model.objects(kind).into_iter().filter(|key| !seen.contains(key)).collect()
+                    }
+                    Seen::Counted(_) => Vec::new(),
+                };
                 if !vanished.is_empty() {
                     tracing::info!(?kind, deleted = vanished.len(), "relist: objects deleted while not watching");
                 }

@@ -585,6 +585,20 @@ impl Model {
         }
     }
 
+    /// Whether [`Model::objects`] of `kind` would list anything.
+    pub fn knows_any(&self, kind: Kind) -> bool {
+        let found = match kind {
+            Kind::CiliumNode => !self.nodes.is_empty(),
+            Kind::CiliumIdentity => !self.identities.is_empty(),
+            Kind::Namespace => !self.namespaces.is_empty(),
+            Kind::CiliumEndpoint | Kind::CiliumEndpointSlice => self.endpoints.keys().any(|key| key.kind == kind),
+            Kind::Service => !self.services.is_empty(),
+            Kind::EndpointSlice => !self.slices.is_empty(),
+            Kind::ServiceExport => !self.exports.is_empty(),
+        };
+        found || self.invalid.keys().any(|key| key.kind == kind)
+    }
+
     /// Every object of `kind` given and not deleted since, valid or not: what a relist of the
     /// kind must find again (objects without a name, which have no keys, aside).
     pub fn objects(&self, kind: Kind) -> Vec<ObjectKey> {
@@ -1000,11 +1014,13 @@ status:
         assert_eq!(names(&h, Kind::CiliumEndpoint), ["CiliumEndpoint shop/web-0"]);
         assert_eq!(names(&h, Kind::CiliumNode), ["CiliumNode n1"]);
         assert_eq!(names(&h, Kind::Namespace), ["Namespace shop"]);
+        assert!(h.model.knows_any(Kind::CiliumNode) && !h.model.knows_any(Kind::Service));
         h.apply_yaml(&ENDPOINT.replace("10.1.4.7", "10.1.4.700"));
         assert_eq!(names(&h, Kind::CiliumEndpoint), ["CiliumEndpoint shop/web-0"], "invalid, still known");
         h.delete(Kind::CiliumEndpoint, Some("shop"), "web-0");
         h.delete(Kind::CiliumNode, None, "n1");
         assert!(names(&h, Kind::CiliumEndpoint).is_empty() && names(&h, Kind::CiliumNode).is_empty());
+        assert!(!h.model.knows_any(Kind::CiliumEndpoint) && !h.model.knows_any(Kind::CiliumNode));
     }
 
     #[test]
