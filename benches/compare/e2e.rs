@@ -335,7 +335,7 @@ pub async fn scenario_bootstrap(
         "s",
         Better::Lower,
         results.figures(secs),
-        Some(Target::OursAtMost { value: 10.0 }),
+        Some(Target::OursAtMost { value: 3.0 }),
     );
     let rss = |r: &anyhow::Result<Bootstrap>| r.as_ref().ok().map(|r| mib(r.memory.rss));
     let total = |r: &anyhow::Result<Bootstrap>| r.as_ref().ok().map(|r| mib(r.memory.private() + r.tmpfs));
