@@ -81,11 +81,11 @@ impl Seen {
         Seen::Keys(FastSet::default())
     }
 
-    fn insert(&mut self, key: ObjectKey) {
+    fn insert(&mut self, key: &ObjectKey) {
         match self {
             Seen::Counted(count) => *count += 1,
             Seen::Keys(keys) => {
-                keys.insert(key);
+                keys.insert(key.clone());
             }
         }
     }
@@ -165,11 +165,11 @@ impl Mirror {
         match event {
             SourceEvent::Init(kind) => {
                 let first = !self.model.knows_any(kind);
-                self.relisting.insert(kind, if first { Seen::Counted(0) } else { Seen::Keys(FastSet::default()) });
+                self.relisting.insert(kind, if first { Seen::Counted(0) } else { Seen::keys() });
             }
             SourceEvent::InitApply(object) => {
                 let key = self.model.key_of(&object);
-                self.relisting.entry(key.kind).or_insert_with(Seen::keys).insert(key.clone());
+                self.relisting.entry(key.kind).or_insert_with(Seen::keys).insert(&key);
                 self.apply_as(key, object);
             }
             SourceEvent::InitDone(kind) => {
@@ -200,7 +200,7 @@ impl Mirror {
             SourceEvent::Invalid { key, reason } => {
                 self.report_invalid(&key, &reason);
                 if let Some(seen) = self.relisting.get_mut(&key.kind) {
-                    seen.insert(key.clone());
+                    seen.insert(&key);
                 }
                 self.delete(&key);
             }

@@ -133,12 +133,10 @@ struct State {
 
 impl State {
     fn enqueue(&mut self, key: &str) {
-        if self.queued.contains_key(key) {
-            return;
+        if !self.queued.contains_key(key) {
+            let key = self.shared(key);
+            self.enqueue_handle(key);
         }
-        let key = self.shared(key);
-        self.queued.insert(Arc::clone(&key), Instant::now());
-        self.queue.push_back(Item::Key(key));
     }
 
     /// [`State::enqueue`] of a key by its slot map handle: one hash of the key, not three,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::blob::Blob;
 
 use super::encode::{JsonWriter, go_net_ip, parse_ip};
+use super::names::Names;
 use super::{Entry, Error, IPCACHE_PREFIX, Result};
 use crate::k8s::{CiliumEndpoint, CiliumEndpointSlice, EncryptionSpec, EndpointNetworking, NamedPort};
 
@@ -18,7 +19,7 @@ use crate::k8s::{CiliumEndpoint, CiliumEndpointSlice, EncryptionSpec, EndpointNe
 /// filter looks at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct EndpointEntries {
-    /// Shared with every other holder of the name once the model keeps the entries.
+    /// Shared with every other holder of the name (see [`Names`]).
     pub(crate) namespace: Arc<str>,
     /// In input order; when the object lists an IP twice the later endpoint's value wins, as
     /// sequential upserts would in Cilium. Exactly sized: kept for every endpoint, mostly one
@@ -30,18 +31,19 @@ pub(crate) struct EndpointEntries {
 /// `status.networking.addressing`, with the pod UID taken from a `Pod` owner reference.
 /// Returns the endpoint's namespace and the entries (none while the endpoint has no networking).
 pub fn cilium_endpoint_entries(endpoint: &CiliumEndpoint) -> Result<(String, Vec<Entry>)> {
-    let parsed = parse_cilium_endpoint(endpoint)?;
+    let parsed = parse_cilium_endpoint(endpoint, &mut Names::default())?;
     Ok((parsed.namespace.to_string(), parsed.entries.into_vec()))
 }
 
 /// The ipcache entries of every endpoint in a CiliumEndpointSlice; the namespace is the slice's
 /// top-level `namespace` field.
 pub fn cilium_endpoint_slice_entries(slice: &CiliumEndpointSlice) -> Result<(String, Vec<Entry>)> {
-    let parsed = parse_cilium_endpoint_slice(slice)?;
+    let parsed = parse_cilium_endpoint_slice(slice, &mut Names::default())?;
     Ok((parsed.namespace.to_string(), parsed.entries.into_vec()))
 }
 
-pub(crate) fn parse_cilium_endpoint(endpoint: &CiliumEndpoint) -> Result<EndpointEntries> {
+/// The namespace's handle comes from `names`, shared with the model's other holders.
+pub(crate) fn parse_cilium_endpoint(endpoint: &CiliumEndpoint, names: &mut Names) -> Result<EndpointEntries> {
     let name = endpoint
         .metadata
         .name
@@ -63,7 +65,7 @@ pub(crate) fn parse_cilium_endpoint(endpoint: &CiliumEndpoint) -> Result<Endpoin
         .find(|owner| owner.kind == "Pod")
         .map_or("", |owner| owner.uid.as_str());
 
-    let mut out = Collector::new(namespace);
+    let mut out = Collector::new(names.get(namespace));
     let Some(status) = endpoint.status.as_ref() else { return Ok(out.finish()) };
     let identity = match status.identity.as_ref().and_then(|i| i.id) {
         None => 0,
@@ -88,12 +90,12 @@ pub(crate) fn parse_cilium_endpoint(endpoint: &CiliumEndpoint) -> Result<Endpoin
     Ok(out.finish())
 }
 
-pub(crate) fn parse_cilium_endpoint_slice(slice: &CiliumEndpointSlice) -> Result<EndpointEntries> {
+pub(crate) fn parse_cilium_endpoint_slice(slice: &CiliumEndpointSlice, names: &mut Names) -> Result<EndpointEntries> {
     slice.metadata.name.as_deref().filter(|n| !n.is_empty()).ok_or(Error::MissingField { field: "metadata.name" })?;
     let namespace =
         slice.spec.namespace.as_deref().filter(|n| !n.is_empty()).ok_or(Error::MissingField { field: "namespace" })?;
 
-    let mut out = Collector::new(namespace);
+    let mut out = Collector::new(names.get(namespace));
     for (i, endpoint) in slice.spec.endpoints.as_deref().unwrap_or_default().iter().enumerate() {
         let workload = endpoint.workload.as_ref();
         let meta = Metadata {
@@ -129,8 +131,8 @@ struct Collector {
 }
 
 impl Collector {
-    fn new(namespace: &str) -> Self {
-        Self { namespace: namespace.into(), entries: Vec::new(), positions: HashMap::new() }
+    fn new(namespace: Arc<str>) -> Self {
+        Self { namespace, entries: Vec::new(), positions: HashMap::new() }
     }
 
     fn add(

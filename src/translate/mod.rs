@@ -56,7 +56,6 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A key and the exact bytes to store under it.
 /// A store key and its value. The key is shared by every structure that refers to it (the
 /// model's maps, the sync store, the lease bookkeeping): its bytes are held once.
 pub type Entry = (StoreKey, Blob);

@@ -477,12 +477,12 @@ impl Model {
                 outcome
             }
             Object::CiliumEndpoint(endpoint) => {
-                let (parsed, outcome) = split(endpoint::parse_cilium_endpoint(&endpoint));
+                let (parsed, outcome) = split(endpoint::parse_cilium_endpoint(&endpoint, &mut self.names));
                 self.set_endpoint(&key, parsed, &mut tx);
                 outcome
             }
             Object::CiliumEndpointSlice(slice) => {
-                let (parsed, outcome) = split(endpoint::parse_cilium_endpoint_slice(&slice));
+                let (parsed, outcome) = split(endpoint::parse_cilium_endpoint_slice(&slice, &mut self.names));
                 self.set_endpoint(&key, parsed, &mut tx);
                 outcome
             }
@@ -587,45 +587,41 @@ impl Model {
 
     /// Whether [`Model::objects`] of `kind` would list anything.
     pub fn knows_any(&self, kind: Kind) -> bool {
-        let found = match kind {
-            Kind::CiliumNode => !self.nodes.is_empty(),
-            Kind::CiliumIdentity => !self.identities.is_empty(),
-            Kind::Namespace => !self.namespaces.is_empty(),
-            Kind::CiliumEndpoint | Kind::CiliumEndpointSlice => self.endpoints.keys().any(|key| key.kind == kind),
-            Kind::Service => !self.services.is_empty(),
-            Kind::EndpointSlice => !self.slices.is_empty(),
-            Kind::ServiceExport => !self.exports.is_empty(),
-        };
-        found || self.invalid.keys().any(|key| key.kind == kind)
+        self.object_keys(kind).next().is_some()
     }
 
     /// Every object of `kind` given and not deleted since, valid or not: what a relist of the
     /// kind must find again (objects without a name, which have no keys, aside).
     pub fn objects(&self, kind: Kind) -> Vec<ObjectKey> {
-        let cluster_scoped = |name: &str| ObjectKey { kind, namespace: None, name: name.into() };
-        let namespaced = |(namespace, name): &NamespacedName| ObjectKey {
+        let mut keys: Vec<ObjectKey> = self.object_keys(kind).collect();
+        // A Service with an invalid global part is kept and listed as invalid too.
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// The keys behind [`Model::objects`], unsorted, possibly twice.
+    fn object_keys(&self, kind: Kind) -> Box<dyn Iterator<Item = ObjectKey> + '_> {
+        let cluster_scoped = move |name: &str| ObjectKey { kind, namespace: None, name: name.into() };
+        let namespaced = move |(namespace, name): &NamespacedName| ObjectKey {
             kind,
             namespace: Some(namespace.as_str().into()),
             name: name.as_str().into(),
         };
-        let mut keys: Vec<ObjectKey> = match kind {
+        let valid: Box<dyn Iterator<Item = ObjectKey>> = match kind {
             Kind::CiliumNode => {
-                self.nodes.iter().map(|name| ObjectKey { kind, namespace: None, name: name.clone() }).collect()
+                Box::new(self.nodes.iter().map(move |name| ObjectKey { kind, namespace: None, name: name.clone() }))
             }
-            Kind::CiliumIdentity => self.identities.keys().map(|name| cluster_scoped(name)).collect(),
-            Kind::Namespace => self.namespaces.keys().map(|name| cluster_scoped(name)).collect(),
+            Kind::CiliumIdentity => Box::new(self.identities.keys().map(move |name| cluster_scoped(name))),
+            Kind::Namespace => Box::new(self.namespaces.keys().map(move |name| cluster_scoped(name))),
             Kind::CiliumEndpoint | Kind::CiliumEndpointSlice => {
-                self.endpoints.keys().filter(|key| key.kind == kind).cloned().collect()
+                Box::new(self.endpoints.keys().filter(move |key| key.kind == kind).cloned())
             }
-            Kind::Service => self.services.keys().map(namespaced).collect(),
-            Kind::EndpointSlice => self.slices.keys().map(namespaced).collect(),
-            Kind::ServiceExport => self.exports.keys().map(namespaced).collect(),
+            Kind::Service => Box::new(self.services.keys().map(namespaced)),
+            Kind::EndpointSlice => Box::new(self.slices.keys().map(namespaced)),
+            Kind::ServiceExport => Box::new(self.exports.keys().map(namespaced)),
         };
-        // A Service with an invalid global part is kept and listed as invalid too.
-        keys.extend(self.invalid.keys().filter(|key| key.kind == kind).cloned());
-        keys.sort_unstable();
-        keys.dedup();
-        keys
+        Box::new(valid.chain(self.invalid.keys().filter(move |key| key.kind == kind).cloned()))
     }
 
     /// Turns pending writes into the minimal diff against `desired` and applies it.
@@ -662,10 +658,7 @@ impl Model {
         }
     }
 
-    fn set_endpoint(&mut self, key: &ObjectKey, mut entries: Option<EndpointEntries>, tx: &mut Tx) {
-        if let Some(entries) = &mut entries {
-            entries.namespace = self.names.get(&entries.namespace);
-        }
+    fn set_endpoint(&mut self, key: &ObjectKey, entries: Option<EndpointEntries>, tx: &mut Tx) {
         let old = claims(&self.endpoints, &self.namespaces, &self.settings, key).to_vec();
         store(&mut self.endpoints, key.clone(), entries);
         self.sync_endpoint(key, &old, tx);
