@@ -145,12 +145,13 @@ pub fn count(cache: &parking_lot::Mutex<CountCache>, keyspace: &Keyspace, range:
 mod tests {
     use super::*;
     use crate::blob::Blob;
+    use crate::etcd::store::packing::Value;
 
     /// Keys k00..k99 put at revisions 2..101, then every even one deleted at 102..151.
     fn keyspace() -> Keyspace {
         let mut ks = Keyspace::default();
         for i in 0..100 {
-            ks.put(format!("k{i:02}").as_bytes(), Blob::copy_from(b"v"), 0, i + 2);
+            ks.put(format!("k{i:02}").as_bytes(), Value::Plain(Blob::copy_from(b"v")), 0, i + 2);
         }
         for i in (0..100).step_by(2) {
             ks.delete(format!("k{i:02}").as_bytes(), 102 + i / 2);

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::Arc;
 
+use super::packing::{Packer, Value, group_of};
 use super::versions::{Version, Versions};
 use crate::blob::Blob;
 use crate::etcd::pb::mvccpb::KeyValue;
@@ -56,9 +58,12 @@ impl<'a> KeyRange<'a> {
 /// (at 284k keys; the store's lock is held), amortized 0.4 µs per key inserted.
 const REBUILD_FROM: usize = 4096;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Keyspace {
     keys: BTreeMap<Blob, Versions>,
+    /// Decodes packed values for every read; the store packs with it before it takes its
+    /// lock (see `packing.rs`).
+    packer: Arc<Packer>,
     live_keys: usize,
     /// Bytes of live keys and values.
     live_bytes: usize,
@@ -69,7 +74,24 @@ pub struct Keyspace {
     rebuild_at: usize,
 }
 
+impl Default for Keyspace {
+    fn default() -> Self {
+        Self {
+            keys: BTreeMap::new(),
+            packer: Packer::new(),
+            live_keys: 0,
+            live_bytes: 0,
+            retained_bytes: 0,
+            rebuild_at: 0,
+        }
+    }
+}
+
 impl Keyspace {
+    pub fn packer(&self) -> &Arc<Packer> {
+        &self.packer
+    }
+
     pub fn live_keys(&self) -> usize {
         self.live_keys
     }
@@ -89,7 +111,7 @@ impl Keyspace {
             return;
         }
         for (key, versions) in self.keys.range::<[u8], _>(range.bounds()) {
-            if let Some(kv) = at_revision(key, versions, revision)
+            if let Some(kv) = self.at_revision(key, versions, revision)
                 && !visit(kv)
             {
                 return;
@@ -115,7 +137,7 @@ impl Keyspace {
 
     /// Writes `key` at `revision`. Returns the keyspace's own handle of the key (allocated
     /// here for a key it never held) and the version it replaced, if that was live.
-    pub fn put(&mut self, key: &[u8], value: Blob, lease: i64, revision: i64) -> (Blob, Option<Version>) {
+    pub fn put(&mut self, key: &[u8], value: Value, lease: i64, revision: i64) -> (Blob, Option<Version>) {
         let added = key.len() + value.len();
         // Every version keeps its value until a compaction drops it; the key is held once.
         self.retained_bytes += value.len();
@@ -162,13 +184,13 @@ impl Keyspace {
     /// The key-value `key` held as of `revision`, if it was live then.
     pub fn get_at(&self, key: &[u8], revision: i64) -> Option<KeyValue> {
         let (key, versions) = self.keys.get_key_value(key)?;
-        at_revision(key, versions, revision)
+        self.at_revision(key, versions, revision)
     }
 
     /// What `key` was put with at exactly `revision` (see [`Versions::put_at`]), for watchers.
     pub fn put_at(&self, key: &[u8], revision: i64) -> Option<KeyValue> {
         let (key, versions) = self.keys.get_key_value(key)?;
-        versions.put_at(revision).and_then(|v| to_key_value(key, v))
+        versions.put_at(revision).and_then(|v| self.to_key_value(key, v))
     }
 
     /// The live keys of `range` now, for a delete or a range compare.
@@ -250,23 +272,43 @@ fn next_rebuild(len: usize) -> usize {
     (len + len / 4).max(REBUILD_FROM)
 }
 
-fn at_revision(key: &Blob, versions: &Versions, revision: i64) -> Option<KeyValue> {
-    versions.at(revision).and_then(|v| to_key_value(key, v))
-}
+impl Keyspace {
+    fn at_revision(&self, key: &Blob, versions: &Versions, revision: i64) -> Option<KeyValue> {
+        versions.at(revision).and_then(|v| self.to_key_value(key, v))
+    }
 
-fn to_key_value(key: &Blob, version: &Version) -> Option<KeyValue> {
-    version.is_live().then(|| key_value(key, version))
-}
+    fn to_key_value(&self, key: &Blob, version: &Version) -> Option<KeyValue> {
+        version.is_live().then(|| self.key_value(key, version))
+    }
 
-/// A live version as etcd's `KeyValue`, lending it the key's and the value's bytes.
-pub fn key_value(key: &Blob, version: &Version) -> KeyValue {
-    KeyValue {
-        key: key.to_bytes(),
-        create_revision: version.create_revision,
-        mod_revision: version.mod_revision,
-        version: version.version,
-        value: version.value.to_bytes(),
-        lease: version.lease,
+    /// A live version as etcd's `KeyValue`, lending it the key's bytes and the value's when
+    /// it is plain.
+    pub fn key_value(&self, key: &Blob, version: &Version) -> KeyValue {
+        KeyValue {
+            key: key.to_bytes(),
+            create_revision: version.create_revision,
+            mod_revision: version.mod_revision,
+            version: version.version,
+            value: self.packer.unpack(&version.value),
+            lease: version.lease,
+        }
+    }
+
+    /// Packs the plain values of `group`'s keys, once its dictionary has arrived; their
+    /// lengths as written, and so every count, stay the same.
+    pub fn repack(&mut self, group: &[u8]) {
+        let end = crate::etcd::auth::prefix_end(group);
+        let range = KeyRange::new(group, &end);
+        for (key, versions) in self.keys.range_mut::<[u8], _>(range.bounds()) {
+            if group_of(key) != group {
+                continue;
+            }
+            versions.for_each_mut(|version| {
+                if let Some(packed) = self.packer.repack(key, &version.value) {
+                    version.value = packed;
+                }
+            });
+        }
     }
 }
 
@@ -274,8 +316,8 @@ pub fn key_value(key: &Blob, version: &Version) -> KeyValue {
 mod tests {
     use super::*;
 
-    fn v(s: &str) -> Blob {
-        Blob::copy_from(s.as_bytes())
+    fn v(s: &str) -> Value {
+        Value::Plain(Blob::copy_from(s.as_bytes()))
     }
 
     fn keys_at(ks: &Keyspace, range: KeyRange<'_>, rev: i64) -> Vec<(String, String)> {

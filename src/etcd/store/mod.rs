@@ -10,6 +10,7 @@ mod counters;
 mod history;
 mod keyspace;
 mod lease;
+mod packing;
 mod persist;
 mod quota;
 mod txn;
@@ -49,8 +50,9 @@ use alarm::Alarms;
 use count::CountCache;
 use counters::Counters;
 use history::{Change, History};
-use keyspace::{Keyspace, key_value};
+use keyspace::Keyspace;
 use lease::Leases;
+use packing::{Packer, Value};
 use versions::Version;
 
 /// Identity of this store as clients see it in every response header.
@@ -157,6 +159,8 @@ pub struct Store {
     identity: Identity,
     limits: Limits,
     state: RwLock<State>,
+    /// The keyspace's: puts pack their values with it before they take the lock.
+    packer: Arc<Packer>,
     auth: RwLock<AuthStore>,
     /// Counts of ranges at committed revisions, for paged lists. Locked after `state`.
     counts: Mutex<CountCache>,
@@ -193,6 +197,7 @@ impl Store {
         Arc::new(Self {
             identity,
             limits,
+            packer: Arc::clone(state.keyspace.packer()),
             state: RwLock::new(state),
             auth: RwLock::new(auth),
             counts: Mutex::new(CountCache::default()),
@@ -344,29 +349,47 @@ impl Store {
     }
 
     pub fn put(&self, request: PutRequest) -> Result<PutResponse> {
-        self.put_with(request, None)
+        txn::check_put(&request)?;
+        // Packed before the lock is taken: compressing is most of a put's own time.
+        let value = (!request.ignore_value).then(|| self.packer.pack(&request.key, &request.value));
+        self.put_with(request, value)
     }
 
     /// A put from inside this process whose value is already a [`Blob`]: the store keeps that
     /// allocation rather than a copy, so the bytes are held once by the writer and the store.
     pub fn put_shared(&self, key: &[u8], value: Blob, lease: i64) -> Result<PutResponse> {
-        self.put_with(PutRequest { key: Bytes::copy_from_slice(key), lease, ..Default::default() }, Some(value))
+        let request =
+            PutRequest { key: Bytes::copy_from_slice(key), value: value.to_bytes(), lease, ..Default::default() };
+        txn::check_put(&request)?;
+        self.put_with(request, Some(Value::Plain(value)))
     }
 
-    /// `value`, when given, is the value, and the request's own is empty.
-    fn put_with(&self, request: PutRequest, value: Option<Blob>) -> Result<PutResponse> {
-        txn::check_put(&request)?;
+    /// `value`, when given, is how the store keeps the request's value (checked by the caller).
+    fn put_with(&self, request: PutRequest, value: Option<Value>) -> Result<PutResponse> {
         let mut state = self.state.write();
-        let cost = quota::put_cost(&state.keyspace, &request) + value.as_ref().map_or(0, |value| value.len());
+        let cost = quota::put_cost(&state.keyspace, &request);
         self.admit(&mut state, cost)?;
         let mut write = Write::begin(&mut state, self.logging());
         let mut response = write.put(request, value)?;
         let committed = write.commit(self);
         drop(state);
         self.durable(committed.logged);
+        self.repack_if_due();
         response.header = Some(self.header_at(committed.revision));
         self.counters.put();
         Ok(response)
+    }
+
+    /// Packs the values a group kept plain while its dictionary was being trained.
+    fn repack_if_due(&self) {
+        let groups = self.packer.take_repacks();
+        if groups.is_empty() {
+            return;
+        }
+        let mut state = self.state.write();
+        for group in groups {
+            state.keyspace.repack(&group);
+        }
     }
 
     pub fn delete_range(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
@@ -394,6 +417,7 @@ impl Store {
         let committed = write.commit(self);
         drop(state);
         self.durable(committed.logged);
+        self.repack_if_due();
         response.header = Some(self.header_at(committed.revision));
         self.counters.txn(writes, &response);
         Ok(response)
@@ -661,8 +685,9 @@ impl<'a> Write<'a> {
         self.state.compact_revision
     }
 
-    /// `value`, when given, is the value and the request's own is empty (see [`Store::put_shared`]).
-    fn put(&mut self, request: PutRequest, value: Option<Blob>) -> Result<PutResponse> {
+    /// `value`, when given, is how the store keeps the request's value (packed before the
+    /// lock, or shared with the writer); a txn's puts are packed here.
+    fn put(&mut self, request: PutRequest, value: Option<Value>) -> Result<PutResponse> {
         // etcd looks the lease up before the key (found by differential_prop).
         if request.lease != 0 && !self.state.leases.contains(request.lease) {
             return Err(Error::LeaseNotFound);
@@ -671,9 +696,14 @@ impl<'a> Write<'a> {
         if (request.ignore_value || request.ignore_lease) && existing.is_none() {
             return Err(Error::KeyNotFound);
         }
-        let value = match (existing, request.ignore_value) {
-            (Some(prev), true) => prev.value.clone(),
-            _ => value.unwrap_or_else(|| Blob::copy_from(&request.value)),
+        let (value, as_written) = match (existing, request.ignore_value) {
+            (Some(prev), true) => {
+                (prev.value.clone(), self.ops.is_some().then(|| self.keyspace().packer().unpack(&prev.value)))
+            }
+            _ => (
+                value.unwrap_or_else(|| self.keyspace().packer().pack(&request.key, &request.value)),
+                Some(request.value),
+            ),
         };
         let lease = match (existing, request.ignore_lease) {
             (Some(prev), true) => prev.lease,
@@ -682,17 +712,22 @@ impl<'a> Write<'a> {
         if lease != 0 && !self.state.leases.contains(lease) {
             return Err(Error::LeaseNotFound);
         }
-        let (key, previous) = self.apply_put(&request.key, value, lease);
-        let prev_kv = previous.filter(|_| request.prev_kv).map(|prev| key_value(&key, &prev));
+        let (key, previous) = self.apply_put(&request.key, value, as_written, lease);
+        let prev_kv = previous.filter(|_| request.prev_kv).map(|prev| self.keyspace().key_value(&key, &prev));
         Ok(PutResponse { header: None, prev_kv })
     }
 
     /// Writes `key` with what a put resolved (its lease known to exist): the part of a put
-    /// that log replay repeats.
-    fn apply_put(&mut self, key: &[u8], value: Blob, lease: i64) -> (Blob, Option<Version>) {
-        let logged = self.ops.is_some().then(|| value.clone());
+    /// that log replay repeats. `as_written` is the value for the log, when one is kept.
+    fn apply_put(
+        &mut self,
+        key: &[u8],
+        value: Value,
+        as_written: Option<Bytes>,
+        lease: i64,
+    ) -> (Blob, Option<Version>) {
         let (key, previous) = self.state.keyspace.put(key, value, lease, self.revision);
-        if let (Some(ops), Some(value)) = (&mut self.ops, logged) {
+        if let (Some(ops), Some(value)) = (&mut self.ops, as_written) {
             // The keyspace's own handle: the key is not copied for the log.
             ops.push(persist::Op::Put { key: key.clone(), value, lease });
         }
@@ -713,8 +748,11 @@ impl<'a> Write<'a> {
         let range = KeyRange::new(&request.key, &request.range_end);
         let doomed = self.state.keyspace.live_in(range);
         let deleted = doomed.len() as i64;
-        let prev_kvs =
-            if request.prev_kv { doomed.iter().map(|(key, v)| key_value(key, v)).collect() } else { Vec::new() };
+        let prev_kvs = if request.prev_kv {
+            doomed.iter().map(|(key, v)| self.keyspace().key_value(key, v)).collect()
+        } else {
+            Vec::new()
+        };
         for (key, _) in doomed {
             self.delete_key(key);
         }
@@ -1074,6 +1112,73 @@ mod tests {
         );
         let at = RangeRequest { key: b"k".to_vec().into(), revision: recreated, ..Default::default() };
         assert_eq!(store.range(&at).expect("readable at the compaction").kvs.len(), 1);
+    }
+
+    /// Values written over the API are packed once their group has a dictionary, those kept
+    /// plain meanwhile on the next write; every read sees them as written.
+    #[test]
+    fn packed_values_read_back_as_written_by_ranges_watches_prev_kv_and_compares() {
+        let store = store();
+        let key = |i: usize| format!("cilium/state/ip/v1/default/10.0.{}.{}", i / 250, i % 250);
+        let value = |i: usize| {
+            format!(
+                r#"{{"IP":"10.0.{}.{}","HostIP":"192.168.0.{}","ID":{},"K8sNamespace":"ns{}","K8sPodName":"pod-{i:x}"}}"#,
+                i / 250,
+                i % 250,
+                i % 9,
+                70000 + i % 500,
+                i % 13
+            )
+        };
+        let total = packing::SAMPLE_VALUES + 100;
+        let first = put(&store, &key(0), &value(0));
+        for i in 1..packing::SAMPLE_VALUES {
+            put(&store, &key(i), &value(i));
+        }
+        store.packer.trained();
+        for i in packing::SAMPLE_VALUES..total {
+            put(&store, &key(i), &value(i));
+        }
+        let plain = store.state.read().keyspace.entries().iter().filter(|(_, v)| !v.latest().value.is_packed()).count();
+        assert_eq!(plain, 0, "every value packed, the sampled ones on the first write after training");
+
+        let prefix = b"cilium/state/ip/v1/";
+        let all = RangeRequest {
+            key: prefix.to_vec().into(),
+            range_end: crate::etcd::auth::prefix_end(prefix).into(),
+            ..Default::default()
+        };
+        let response = store.range(&all).expect("range");
+        let mut listed: Vec<_> = response.kvs.iter().map(|kv| (kv.key.to_vec(), kv.value.to_vec())).collect();
+        listed.sort();
+        let mut written: Vec<_> = (0..total).map(|i| (key(i).into_bytes(), value(i).into_bytes())).collect();
+        written.sort();
+        assert_eq!(listed, written);
+        assert_eq!(store.stats().key_value_bytes, written.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>());
+
+        let read = store.history_from(first, false, |_, _, _| true).expect("not compacted");
+        assert_eq!(read.events.len(), total);
+        assert!(read.events.iter().enumerate().all(|(i, e)| e.kv.as_ref().is_some_and(|kv| kv.value == value(i))));
+
+        let replaced = store
+            .put(PutRequest {
+                key: key(3).into_bytes().into(),
+                value: value(4).into_bytes().into(),
+                prev_kv: true,
+                ..Default::default()
+            })
+            .expect("put");
+        assert_eq!(replaced.prev_kv.expect("prev_kv").value, value(3));
+        let compare = |v: String| Compare {
+            key: key(3).into_bytes().into(),
+            target: CompareTarget::Value as i32,
+            result: CompareResult::Equal as i32,
+            target_union: Some(TargetUnion::Value(v.into_bytes().into())),
+            ..Default::default()
+        };
+        let txn = |v| store.txn(TxnRequest { compare: vec![compare(v)], success: vec![], failure: vec![] });
+        assert!(txn(value(4)).expect("txn").succeeded);
+        assert!(!txn(value(3)).expect("txn").succeeded);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::history::Change;
+use super::packing::Packer;
 use super::versions::{Version, Versions};
 use super::{Identity, Limits, State, Store, Write};
 use crate::blob::Blob;
@@ -24,7 +25,12 @@ use crate::etcd::wal::{self, FsyncPolicy, Log, Owner, Replay, SnapshotSink, WalC
 /// One operation of a logged write, as the write applied it.
 #[derive(Debug)]
 pub(super) enum Op {
-    Put { key: Blob, value: Blob, lease: i64 },
+    /// The value as written.
+    Put {
+        key: Blob,
+        value: Bytes,
+        lease: i64,
+    },
     Delete(Blob),
     Revoke(i64),
 }
@@ -34,9 +40,7 @@ pub(super) fn commit(revision: i64, ops: Vec<Op>) -> record::Entry {
         .into_iter()
         .map(|op| record::Op {
             kind: Some(match op {
-                Op::Put { key, value, lease } => {
-                    op::Kind::Put(record::Put { key: key.to_bytes(), value: value.to_bytes(), lease })
-                }
+                Op::Put { key, value, lease } => op::Kind::Put(record::Put { key: key.to_bytes(), value, lease }),
                 Op::Delete(key) => op::Kind::Delete(key.to_bytes()),
                 Op::Revoke(id) => op::Kind::Revoke(id),
             }),
@@ -202,10 +206,12 @@ impl Store {
         for (id, ttl, owner) in image.leases {
             sink.lease(record::LeaseGrant { id, ttl, owner: owner.to_string() })?;
         }
+        // Values as written: a snapshot must not depend on this process's dictionaries.
+        let record = |v: Version| version_record(v, &self.packer);
         for (key, versions) in image.keys {
             let versions = match versions {
-                Versions::One(v) => vec![version_record(v)],
-                Versions::Many(vs) => vs.into_iter().map(version_record).collect(),
+                Versions::One(v) => vec![record(v)],
+                Versions::Many(vs) => vs.into_iter().map(record).collect(),
             };
             sink.key(record::KeyVersions { key: key.to_bytes(), versions })?;
         }
@@ -273,13 +279,13 @@ impl Store {
     }
 }
 
-fn version_record(v: Version) -> record::Version {
+fn version_record(v: Version, packer: &Packer) -> record::Version {
     record::Version {
         mod_revision: v.mod_revision,
         create_revision: v.create_revision,
         version: v.version,
         lease: v.lease,
-        value: v.value.to_bytes(),
+        value: packer.unpack(&v.value),
     }
 }
 
@@ -348,7 +354,8 @@ impl Restore {
                     if put.lease != 0 && !write.state.leases.contains(put.lease) {
                         return Err(format!("put of {:?} on lease {:x}, which does not exist", put.key, put.lease));
                     }
-                    write.apply_put(&put.key, Blob::copy_from(&put.value), put.lease);
+                    let value = write.keyspace().packer().pack(&put.key, &put.value);
+                    write.apply_put(&put.key, value, None, put.lease);
                 }
                 Some(op::Kind::Delete(key)) => {
                     if !write.delete_key(Blob::copy_from(&key)) {
@@ -382,7 +389,7 @@ impl Replay for Restore {
             create_revision: v.create_revision,
             version: v.version,
             lease: v.lease,
-            value: Blob::copy_from(&v.value),
+            value: self.state.keyspace.packer().pack(&key.key, &v.value),
         });
         let first = versions.next().ok_or_else(|| format!("key {:?} without versions", key.key))?;
         let mut all = Versions::One(first);
@@ -567,6 +574,49 @@ mod tests {
         assert_eq!(observe(&reopened), before);
         assert_eq!((before.revision, before.compact_revision), (9, 4));
         assert_eq!(put(&reopened, "f", "1", 0), 10, "the revision continues");
+    }
+
+    /// The log and snapshots hold values as written, so a restart, whose dictionaries are
+    /// new, reads every packed value back; it packs them again with dictionaries of its own.
+    #[test]
+    fn packed_values_are_logged_and_snapshotted_as_written_and_packed_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let key = |i: usize| format!("cilium/state/ip/v1/default/10.1.{}.{}", i / 250, i % 250);
+        let value = |i: usize| {
+            format!(r#"{{"IP":"10.1.{}.{}","ID":{},"K8sPodName":"pod-{i:x}"}}"#, i / 250, i % 250, 70000 + i % 300)
+        };
+        let total = super::super::packing::SAMPLE_VALUES + 100;
+        for i in 0..total - 50 {
+            put(&store, &key(i), &value(i), 0);
+        }
+        store.packer.trained();
+        store.snapshot().expect("snapshot");
+        for i in total - 50..total {
+            put(&store, &key(i), &value(i), 0);
+        }
+        drop(store);
+
+        let reopened = open(dir.path());
+        let all = RangeRequest { key: vec![0].into(), range_end: vec![0].into(), ..Default::default() };
+        let read = |store: &Store| -> Vec<(Bytes, Bytes)> {
+            store.range(&all).expect("range").kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
+        };
+        let mut written: Vec<_> = (0..total).map(|i| (Bytes::from(key(i)), Bytes::from(value(i)))).collect();
+        written.sort();
+        assert_eq!(read(&reopened), written);
+        reopened.packer.trained();
+        put(&reopened, "other", "1", 0);
+        let plain = reopened
+            .state
+            .read()
+            .keyspace
+            .entries()
+            .iter()
+            .filter(|(k, v)| k.starts_with(b"cilium/") && !v.latest().value.is_packed())
+            .count();
+        assert_eq!(plain, 0, "packed again after the restart");
+        assert_eq!(read(&reopened)[..total], written[..]);
     }
 
     #[test]

@@ -73,6 +73,7 @@ mod tests {
     use super::*;
     use crate::blob::Blob;
     use crate::etcd::pb::etcdserverpb::DeleteRangeRequest;
+    use crate::etcd::store::packing::Value;
 
     fn put(key: &str, value: &str) -> RequestOp {
         RequestOp {
@@ -115,7 +116,7 @@ mod tests {
     #[test]
     fn a_put_costs_its_key_and_the_value_it_will_hold() {
         let mut keyspace = Keyspace::default();
-        keyspace.put(b"k", Blob::copy_from(b"12345"), 0, 2);
+        keyspace.put(b"k", Value::Plain(Blob::copy_from(b"12345")), 0, 2);
         let Some(Request::RequestPut(mut request)) = put("k", "ab").request else { unreachable!() };
         assert_eq!(put_cost(&keyspace, &request), 3);
         request.value = Default::default();

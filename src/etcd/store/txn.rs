@@ -365,15 +365,16 @@ fn compare(keyspace: &Keyspace, compare: &Compare) -> bool {
     let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
     if live.is_empty() {
         // All zeroes: a tombstone's fields.
-        return target != CompareTarget::Value && compare_version(compare, target, &Version::tombstone(0));
+        return target != CompareTarget::Value && compare_version(compare, target, &Version::tombstone(0), keyspace);
     }
-    live.iter().all(|(_, version)| compare_version(compare, target, version))
+    live.iter().all(|(_, version)| compare_version(compare, target, version, keyspace))
 }
 
-fn compare_version(compare: &Compare, target: CompareTarget, kv: &Version) -> bool {
+fn compare_version(compare: &Compare, target: CompareTarget, kv: &Version, keyspace: &Keyspace) -> bool {
+    let value = || keyspace.packer().unpack(&kv.value);
     let ordering = match (target, &compare.target_union) {
-        (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.as_ref().cmp(v.as_ref()),
-        (CompareTarget::Value, _) => kv.value.as_ref().cmp(&[][..]),
+        (CompareTarget::Value, Some(TargetUnion::Value(v))) => value().as_ref().cmp(v.as_ref()),
+        (CompareTarget::Value, _) => value().as_ref().cmp(&[][..]),
         (CompareTarget::Version, Some(TargetUnion::Version(v))) => kv.version.cmp(v),
         (CompareTarget::Create, Some(TargetUnion::CreateRevision(v))) => kv.create_revision.cmp(v),
         (CompareTarget::Mod, Some(TargetUnion::ModRevision(v))) => kv.mod_revision.cmp(v),

@@ -6,7 +6,7 @@
 //! the allocator's header) on the first push; inline storage of the single version saves it
 //! (about 250 of the 1,000 bytes per key saved with the history's change, see `history.rs`).
 
-use crate::blob::Blob;
+use super::packing::Value;
 
 /// One version of a key: what it held from `mod_revision` until the next version.
 ///
@@ -18,12 +18,12 @@ pub struct Version {
     pub create_revision: i64,
     pub version: i64,
     pub lease: i64,
-    pub value: Blob,
+    pub value: Value,
 }
 
 impl Version {
     pub fn tombstone(mod_revision: i64) -> Self {
-        Self { mod_revision, create_revision: 0, version: 0, lease: 0, value: Blob::empty() }
+        Self { mod_revision, create_revision: 0, version: 0, lease: 0, value: Value::empty() }
     }
 
     pub fn is_live(&self) -> bool {
@@ -118,7 +118,14 @@ impl Versions {
         }
     }
 
-    /// Bytes of the values of every version held (a tombstone holds none).
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut Version)) {
+        match self {
+            Versions::One(v) => f(v),
+            Versions::Many(vs) => vs.iter_mut().for_each(f),
+        }
+    }
+
+    /// Bytes of the values of every version held, as written (a tombstone holds none).
     pub fn value_bytes(&self) -> usize {
         match self {
             Versions::One(v) => v.value.len(),
@@ -138,9 +145,10 @@ impl Versions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blob::Blob;
 
     fn live(mod_revision: i64, version: i64) -> Version {
-        Version { mod_revision, create_revision: 2, version, lease: 0, value: Blob::copy_from(b"v") }
+        Version { mod_revision, create_revision: 2, version, lease: 0, value: Value::Plain(Blob::copy_from(b"v")) }
     }
 
     #[test]
