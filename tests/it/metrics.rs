@@ -122,6 +122,9 @@ fn assert_etcds_basic_families(body: &str) {
     assert!(sample(body, "etcd_debugging_lease_granted_total ").is_some_and(|n| n >= 1.0), "{body}");
     assert!(!families(body).contains_key("etcd_debugging_lease_total"), "not an etcd name");
     assert!(families(body).contains_key("clustermesh_store_leases"), "its equivalent, under our prefix");
+    // The mirror's values are its own allocations, shared with the store and not packed.
+    assert!(sample(body, "clustermesh_store_value_held_bytes ").is_some_and(|n| n > 0.0), "{body}");
+    assert_eq!(sample(body, "clustermesh_store_value_dictionaries "), Some(0.0), "{body}");
     // Every method of every service from the start, every code, as etcd's gRPC server registers them.
     let started = body.lines().filter(|l| l.starts_with("grpc_server_started_total{")).count();
     assert_eq!(started, 41, "{body}");

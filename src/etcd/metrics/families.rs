@@ -184,8 +184,18 @@ impl Collector for StoreCollector {
         }
 
         // Ours (no etcd counterpart): what is held, and the memory bounds and when they bit.
-        let ours: [(&str, &str, Value); 11] = [
+        let ours: [(&str, &str, Value); 13] = [
             ("clustermesh_store_leases", "Leases held", Value::Gauge(stats.leases as i64)),
+            (
+                "clustermesh_store_value_held_bytes",
+                "Bytes the values of the database size take in memory, most of them packed",
+                Value::Gauge(stats.held_value_bytes as i64),
+            ),
+            (
+                "clustermesh_store_value_dictionaries",
+                "Dictionaries the store trained to pack values, one per key group",
+                Value::Gauge(stats.value_dictionaries as i64),
+            ),
             (
                 "clustermesh_store_watch_queued_bytes",
                 "Bytes of watch responses queued towards clients",

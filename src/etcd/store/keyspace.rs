@@ -70,6 +70,8 @@ pub struct Keyspace {
     /// Bytes of every key held and of the value of every version held, live or kept for the
     /// history until a compaction drops it: what the space quota counts (see `quota.rs`).
     retained_bytes: usize,
+    /// Bytes the values of `retained_bytes` take as held: packed or as written.
+    held_value_bytes: usize,
     /// The size of `keys` at which it is next rebuilt dense.
     rebuild_at: usize,
 }
@@ -82,6 +84,7 @@ impl Default for Keyspace {
             live_keys: 0,
             live_bytes: 0,
             retained_bytes: 0,
+            held_value_bytes: 0,
             rebuild_at: 0,
         }
     }
@@ -102,6 +105,10 @@ impl Keyspace {
 
     pub fn retained_bytes(&self) -> usize {
         self.retained_bytes
+    }
+
+    pub fn held_value_bytes(&self) -> usize {
+        self.held_value_bytes
     }
 
     /// Visits the live key-values of `range` as of `revision`, in key order, until `visit`
@@ -141,6 +148,7 @@ impl Keyspace {
         let added = key.len() + value.len();
         // Every version keeps its value until a compaction drops it; the key is held once.
         self.retained_bytes += value.len();
+        self.held_value_bytes += value.held();
         let new = |create_revision, version| Version { mod_revision: revision, create_revision, version, lease, value };
         let (handle, previous) = match self.keys.get_key_value(key) {
             Some((handle, versions)) => {
@@ -207,14 +215,16 @@ impl Keyspace {
     /// Forgets every version that no read at `revision` or later can see: per key, all but
     /// the newest version at or below `revision`, and that one too when it is a tombstone.
     pub fn compact(&mut self, revision: i64) {
-        let mut freed = 0;
+        let (mut freed, mut freed_held) = (0, 0);
         self.keys.retain(|key, versions| {
-            let before = versions.value_bytes();
+            let (before, held_before) = (versions.value_bytes(), versions.held_bytes());
             let kept = versions.compact(revision);
             freed += if kept { before - versions.value_bytes() } else { before + key.len() };
+            freed_held += if kept { held_before - versions.held_bytes() } else { held_before };
             kept
         });
         self.retained_bytes -= freed;
+        self.held_value_bytes -= freed_held;
         self.rebuild_at = next_rebuild(self.keys.len());
     }
 
@@ -231,6 +241,7 @@ impl Keyspace {
             self.live_bytes += key.len() + latest.value.len();
         }
         self.retained_bytes += key.len() + versions.value_bytes();
+        self.held_value_bytes += versions.held_bytes();
         self.keys.insert(handle.clone(), versions);
         self.grew();
         Ok(handle)
@@ -305,6 +316,7 @@ impl Keyspace {
             }
             versions.for_each_mut(|version| {
                 if let Some(packed) = self.packer.repack(key, &version.value) {
+                    self.held_value_bytes -= version.value.held() - packed.held();
                     version.value = packed;
                 }
             });

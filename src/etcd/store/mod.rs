@@ -144,6 +144,10 @@ pub struct Stats {
     /// Bytes of every key and value version held, history included: what the quota counts,
     /// and what `Status` and the metrics report as the database size.
     pub retained_bytes: usize,
+    /// Bytes the values of `retained_bytes` take in memory, packed or not (see `packing.rs`),
+    /// and the dictionaries packing them.
+    pub held_value_bytes: usize,
+    pub value_dictionaries: usize,
     pub history_events: usize,
     pub leases: usize,
     /// Bytes held by the paged-count cache, and how often its bound dropped entries.
@@ -256,6 +260,8 @@ impl Store {
             keys: state.keyspace.live_keys(),
             key_value_bytes: state.keyspace.live_bytes(),
             retained_bytes: state.keyspace.retained_bytes(),
+            held_value_bytes: state.keyspace.held_value_bytes(),
+            value_dictionaries: self.packer.dictionaries(),
             history_events: state.history.event_count(),
             leases: state.leases.len(),
             count_cache_bytes: counts.bytes,
@@ -1154,7 +1160,11 @@ mod tests {
         let mut written: Vec<_> = (0..total).map(|i| (key(i).into_bytes(), value(i).into_bytes())).collect();
         written.sort();
         assert_eq!(listed, written);
-        assert_eq!(store.stats().key_value_bytes, written.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>());
+        let stats = store.stats();
+        assert_eq!(stats.key_value_bytes, written.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>());
+        let values: usize = written.iter().map(|(_, v)| v.len()).sum();
+        assert!(stats.held_value_bytes * 2 < values, "{} bytes held for {values}", stats.held_value_bytes);
+        assert_eq!(stats.value_dictionaries, 1);
 
         let read = store.history_from(first, false, |_, _, _| true).expect("not compacted");
         assert_eq!(read.events.len(), total);
@@ -1179,6 +1189,12 @@ mod tests {
         let txn = |v| store.txn(TxnRequest { compare: vec![compare(v)], success: vec![], failure: vec![] });
         assert!(txn(value(4)).expect("txn").succeeded);
         assert!(!txn(value(3)).expect("txn").succeeded);
+
+        let everything = DeleteRangeRequest { key: vec![0].into(), range_end: vec![0].into(), ..Default::default() };
+        store.delete_range(everything).expect("delete");
+        store.compact(&CompactionRequest { revision: store.revision(), physical: false }).expect("compact");
+        let stats = store.stats();
+        assert_eq!((stats.retained_bytes, stats.held_value_bytes), (0, 0), "a compaction frees what it held");
     }
 
     #[tokio::test(start_paused = true)]

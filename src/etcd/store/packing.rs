@@ -74,6 +74,13 @@ impl Value {
         }
     }
 
+    /// The bytes held for it: the frame's when packed.
+    pub fn held(&self) -> usize {
+        match self {
+            Value::Plain(blob) | Value::Packed(blob) => blob.len(),
+        }
+    }
+
     #[cfg(test)]
     pub fn is_packed(&self) -> bool {
         matches!(self, Value::Packed(_))
@@ -141,8 +148,7 @@ pub struct Packer {
 
 impl std::fmt::Debug for Packer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ready = self.dictionaries.iter().filter(|d| d.get().is_some()).count();
-        f.debug_struct("Packer").field("dictionaries", &ready).finish_non_exhaustive()
+        f.debug_struct("Packer").field("dictionaries", &self.dictionaries()).finish_non_exhaustive()
     }
 }
 
@@ -324,6 +330,11 @@ impl Packer {
             }
         };
         groups.by_prefix.insert(prefix, state);
+    }
+
+    /// Dictionaries trained so far.
+    pub fn dictionaries(&self) -> usize {
+        self.dictionaries.iter().filter(|d| d.get().is_some()).count()
     }
 
     /// Waits for every training started so far.

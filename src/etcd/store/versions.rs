@@ -133,6 +133,14 @@ impl Versions {
         }
     }
 
+    /// Bytes the values of every version take as held (see [`Value::held`]).
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            Versions::One(v) => v.value.held(),
+            Versions::Many(vs) => vs.iter().map(|v| v.value.held()).sum(),
+        }
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         match self {
