@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         .map(|_| store.lease_grant(&LeaseGrantRequest { ttl: 3600, id: 0 }, None).expect("grant").id)
         .collect();
     let before = rss_kib();
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     for i in 0..sizes.total() {
         let (key, value) = shapes.item(&sizes, i);
         raw += key.len() + value.len();
@@ -71,14 +71,18 @@ fn main() -> anyhow::Result<()> {
         .map(|_| plain.lease_grant(&LeaseGrantRequest { ttl: 3600, id: 0 }, None).expect("grant").id)
         .collect();
     let before = rss_kib();
+    let start = Instant::now();
     for i in 0..sizes.total() {
         let (key, value) = shapes.item(&sizes, i);
         plain.put_shared(key.as_bytes(), Blob::from(value), plain_leases[i / 1000]).expect("put");
     }
+    let plain_elapsed = start.elapsed();
     let grown = rss_kib().saturating_sub(before) as f64 / 1024.0;
     println!(
-        "the same keys with their values plain: RSS grew {grown:.1} MiB ({:.0} B/key over raw)",
-        (grown * 1048576.0 - raw as f64) / sizes.total() as f64
+        "the same keys with their values plain: RSS grew {grown:.1} MiB ({:.0} B/key over raw); load {:.2} s (+{:.2} us a put to pack)",
+        (grown * 1048576.0 - raw as f64) / sizes.total() as f64,
+        plain_elapsed.as_secs_f64(),
+        (elapsed.as_secs_f64() - plain_elapsed.as_secs_f64()) * 1e6 / sizes.total() as f64
     );
     let list_all = |store: &Store| {
         let request = RangeRequest { key: vec![0].into(), range_end: vec![0].into(), ..Default::default() };
